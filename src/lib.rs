@@ -1,0 +1,9 @@
+//! pso: Pairwise Sample Optimization for timestep-distilled text-to-image diffusion models.
+//!
+//! The `pso` binary (src/main.rs) is a thin CLI over this library. Layout: docs/design.md.
+
+pub mod config;
+pub mod doctor;
+pub mod logging;
+pub mod models;
+pub mod pairs;

@@ -1,0 +1,233 @@
+//! The `pso` binary as users and scripts call it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use pso::pairs::{PairStoreWriter, WriterOptions};
+
+fn pso(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pso"))
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn binary_finds_libtorch_without_ld_library_path_and_keeps_libtorch_cuda() {
+    let out = Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_pso")])
+        .output()
+        .expect("readelf (binutils) is needed for this test");
+    let dynamic = text(&out.stdout);
+    assert!(
+        dynamic.contains("RUNPATH") || dynamic.contains("RPATH"),
+        "{dynamic}"
+    );
+    // Only when the libtorch in use ships CUDA (the pip build does) must it stay linked.
+    let torch_lib = std::env::var("LIBTORCH")
+        .map(|l| Path::new(&l).join("lib"))
+        .unwrap();
+    if torch_lib.join("libtorch_cuda.so").exists() {
+        assert!(
+            dynamic.contains("[libtorch_cuda.so]"),
+            "libtorch_cuda was dropped:\n{dynamic}"
+        );
+    }
+}
+
+#[test]
+fn doctor_reports_the_libtorch_it_loaded() {
+    let out = pso(&["doctor", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["libtorch_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("2.11.0"),
+        "{v}"
+    );
+    let loaded = v["libtorch_loaded_from"].as_str().unwrap();
+    assert!(
+        Path::new(loaded).join("libtorch_cpu.so").exists(),
+        "{loaded}"
+    );
+    assert!(v["torch_threads"].as_i64().unwrap() >= 1);
+    assert_eq!(
+        v["cuda_devices"].as_array().unwrap().len() as i64,
+        v["cuda_device_count"].as_i64().unwrap()
+    );
+    let human = text(&pso(&["doctor"]).stdout);
+    for line in [
+        "libtorch ",
+        "loaded from",
+        "CUDA available",
+        "bf16 on CPU",
+        "threads",
+    ] {
+        assert!(human.contains(line), "missing `{line}` in:\n{human}");
+    }
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = pso(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for cmd in [
+        "doctor", "sample", "score", "pairs", "online", "offline", "export", "reward", "config",
+    ] {
+        assert!(help.contains(cmd), "`{cmd}` missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn unimplemented_commands_exit_2_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.png");
+    std::fs::write(&img, common::png(0, 4, 4)).unwrap();
+    let img = img.to_str().unwrap();
+    for args in [
+        vec!["sample", "--model", "m", "--prompt", "p", "--out", "o"],
+        vec![
+            "score", "--scorer", "clip", "--model", "m", "--prompt", "p", img,
+        ],
+        vec!["export", "--run", "r", "--format", "merged", "--out", "o"],
+        vec!["reward", "serve", "--scorer", "clip", "--model", "m"],
+    ] {
+        let out = pso(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("not implemented yet") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_config_is_reported_with_file_and_key_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, "[optim]\nlr = 0.5\nbeta1 = 0.9\n").unwrap();
+    let out = pso(&["online", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("run.toml: key `optim.beta1`") && err.contains("unknown field"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[optim]\nlr = 0.5\n").unwrap();
+    let out = pso(&[
+        "config",
+        "show",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "optim.lr=7",
+    ]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("key `optim.lr` (set on the command line): 7 is not in (0, 1)"),
+        "{err}"
+    );
+
+    let out = pso(&[
+        "config",
+        "show",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "run.seed=42",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("seed = 42") && shown.contains("lr = 0.5") && shown.contains("[pairs]"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn pairs_commands_inspect_validate_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut w = PairStoreWriter::open(WriterOptions {
+        flush_every_pairs: 4,
+        ..WriterOptions::new(&store, "r")
+    })
+    .unwrap();
+    for i in 0..10 {
+        w.append(common::record("r", i)).unwrap();
+    }
+    w.close().unwrap();
+    let s = store.to_str().unwrap();
+
+    let out = pso(&["pairs", "inspect", s, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pairs"], 10);
+    assert_eq!(v["ties"], 2);
+    assert_eq!(v["schema_versions"]["1"], 1);
+    assert_eq!(v["runs"]["r"]["policy_version_max"], 2);
+    let human = text(&pso(&["pairs", "inspect", s]).stdout);
+    assert!(
+        human.contains("pairs          10") && human.contains("ties           2 (20.0%)"),
+        "{human}"
+    );
+
+    let out = pso(&["pairs", "validate", s]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("ok: 1 files, 10 pairs"));
+    std::fs::write(store.join("broken.parquet"), b"PAR1 not really").unwrap();
+    let out = pso(&["pairs", "validate", s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("broken.parquet: "),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let input = dir.path().join("pick.parquet");
+    common::oracle("make_pickapic.py", &[input.as_os_str(), "9".as_ref()]);
+    let out_dir = dir.path().join("imported");
+    let out = pso(&[
+        "pairs",
+        "import",
+        "--format",
+        "pickapic",
+        input.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("imported 6 pairs from 9 rows of 1 files"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = pso(&[
+        "pairs",
+        "import",
+        "--format",
+        "pickapic",
+        "/nonexistent.parquet",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/nonexistent.parquet") && err.contains("No such file"),
+        "{err}"
+    );
+}
