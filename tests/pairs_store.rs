@@ -196,7 +196,8 @@ fn projection_returns_only_the_asked_columns_in_order() {
 fn filters_keep_exactly_the_matching_pairs() {
     let dir = tempfile::tempdir().unwrap();
     let written = write_all(dir.path(), "r", 0..40, 7, 15);
-    let cases: Vec<(PairFilter, Box<dyn Fn(&PairRecord) -> bool>)> = vec![
+    type Keep = Box<dyn Fn(&PairRecord) -> bool>;
+    let cases: Vec<(PairFilter, Keep)> = vec![
         (
             PairFilter {
                 policy_version: Some((2, 5)),
@@ -574,7 +575,10 @@ fn recovered_copy_count(dir: &Path) -> usize {
     read_records(&[copy.path().to_owned()], ReadOptions::default()).len()
 }
 
-fn write_pickapic(path: &Path, rows: &[(&str, Vec<u8>, Vec<u8>, f64, f64)]) {
+/// caption, jpg_0, jpg_1, label_0, label_1
+type PickRow<'a> = (&'a str, Vec<u8>, Vec<u8>, f64, f64);
+
+fn write_pickapic(path: &Path, rows: &[PickRow]) {
     let schema = Arc::new(Schema::new(vec![
         Field::new("caption", DataType::Utf8, false),
         Field::new("jpg_0", DataType::Binary, false),
@@ -633,13 +637,17 @@ fn pickapic_import_keeps_winners_skips_ties_and_records_formats() {
         keep_ties: false,
         reencode_png: false,
     };
-    let report =
-        import_pickapic(&[input.clone()], &opts, &indicatif::ProgressBar::hidden()).unwrap();
+    let report = import_pickapic(
+        std::slice::from_ref(&input),
+        &opts,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
     assert_eq!(
         (report.rows, report.imported, report.ties_skipped),
         (4, 3, 1)
     );
-    let recs = read_records(&[out.clone()], ReadOptions::default());
+    let recs = read_records(std::slice::from_ref(&out), ReadOptions::default());
     let summary: Vec<_> = recs
         .iter()
         .map(|r| {
@@ -677,7 +685,7 @@ fn pickapic_import_keeps_winners_skips_ties_and_records_formats() {
         ..opts
     };
     import_pickapic(&[input], &opts, &indicatif::ProgressBar::hidden()).unwrap();
-    let recs = read_records(&[out.clone()], ReadOptions::default());
+    let recs = read_records(std::slice::from_ref(&out), ReadOptions::default());
     assert_eq!(
         recs.iter().map(|r| r.pair_id).collect::<Vec<_>>(),
         (0..7).collect::<Vec<_>>()
