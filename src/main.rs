@@ -116,7 +116,10 @@ struct ScoreArgs {
     /// Which scorer.
     #[arg(long, value_enum)]
     scorer: ScorerKind,
-    /// Model folder, hub id, or URL (http).
+    /// Model folder, or URL (http). clip, pickscore: an HF CLIPModel folder (config.json,
+    /// model.safetensors, preprocessor_config.json, and tokenizer.json or vocab.json +
+    /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)
+    /// plus aesthetic.safetensors, made by scripts/convert_aesthetic.py from the LAION .pth.
     #[arg(long)]
     model: String,
     /// Prompt the images are scored against.
@@ -365,7 +368,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return not_implemented("offline");
         }
         Command::Sample(_) => return not_implemented("sample"),
-        Command::Score(_) => return not_implemented("score"),
+        Command::Score(args) => {
+            let kind = match args.scorer {
+                ScorerKind::Clip => reward::LocalScorerKind::Clip,
+                ScorerKind::Pickscore => reward::LocalScorerKind::Pickscore,
+                ScorerKind::Aesthetic => reward::LocalScorerKind::Aesthetic,
+                ScorerKind::Http => return not_implemented("score --scorer http"),
+            };
+            let images = args
+                .images
+                .iter()
+                .map(|p| reward::open_image(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let device = tch::Device::cuda_if_available();
+            let scorer = reward::load_local(kind, std::path::Path::new(&args.model), device)
+                .with_context(|| format!("loading scorer model {}", args.model))?;
+            let items: Vec<reward::ScoreItem> = images
+                .iter()
+                .map(|image| reward::ScoreItem {
+                    prompt: &args.prompt,
+                    image,
+                })
+                .collect();
+            let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+            let mut scores = Vec::with_capacity(items.len());
+            // Bounded batches keep memory flat for long image lists.
+            for batch in items.chunks(16) {
+                scores.extend(runtime.block_on(reward::score_checked(scorer.as_ref(), batch))?);
+            }
+            if args.json {
+                println!("{}", serde_json::json!({ "scores": scores }));
+            } else {
+                for (score, path) in scores.iter().zip(&args.images) {
+                    println!("{score}\t{}", path.display());
+                }
+            }
+        }
         Command::Export(_) => return not_implemented("export"),
         Command::Reward(RewardCommand::Serve { .. }) => return not_implemented("reward serve"),
     }

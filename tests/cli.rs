@@ -98,7 +98,14 @@ fn unimplemented_commands_exit_2_without_panicking() {
     for args in [
         vec!["sample", "--model", "m", "--prompt", "p", "--out", "o"],
         vec![
-            "score", "--scorer", "clip", "--model", "m", "--prompt", "p", img,
+            "score",
+            "--scorer",
+            "http",
+            "--model",
+            "http://127.0.0.1:9",
+            "--prompt",
+            "p",
+            img,
         ],
         vec!["export", "--run", "r", "--format", "merged", "--out", "o"],
         vec!["reward", "serve", "--scorer", "clip", "--model", "m"],
@@ -228,6 +235,30 @@ fn pairs_commands_inspect_validate_and_import() {
     let err = text(&out.stderr);
     assert!(
         err.contains("/nonexistent.parquet") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn score_names_a_missing_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.png");
+    std::fs::write(&img, common::png(0, 4, 4)).unwrap();
+    let missing = dir.path().join("no-such-model");
+    let out = pso(&[
+        "score",
+        "--scorer",
+        "pickscore",
+        "--model",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "p",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no-such-model") && err.contains("not found"),
         "{err}"
     );
 }

@@ -106,7 +106,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("no weights in") && msg.contains("diffusion_pytorch_model.safetensors"),
+        msg.contains("two_level not found") && msg.contains("diffusion_pytorch_model.safetensors"),
         "{msg}"
     );
 

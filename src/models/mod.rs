@@ -1,7 +1,12 @@
 //! The diffusion stack in tch, laid out exactly like diffusers' modules so that diffusers'
-//! weights load by name: building blocks, the VAE, and the loaders.
+//! weights load by name: building blocks, the VAE and the UNet.
 
 pub mod attention;
-pub mod load;
+pub mod embeddings;
 pub mod resnet;
+pub mod transformer;
+pub mod unet;
 pub mod vae;
+
+/// Model-folder loading (configs, safetensors) is shared with the reward models.
+pub use reward::load;

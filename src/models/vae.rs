@@ -8,10 +8,10 @@ use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
-use super::load::{load_component, read_config, LoadError};
 use super::resnet::{
     group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D,
 };
+use reward::load::{build_and_load, read_config, weight_files, LoadError};
 
 /// `vae/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -390,7 +390,12 @@ impl AutoencoderKL {
                 why,
             });
         }
-        load_component(dir, device, variant, |vs| AutoencoderKL::new(vs, &config))
+        build_and_load(
+            &weight_files(dir, variant)?,
+            device,
+            tch::Kind::Float,
+            |vs| AutoencoderKL::new(vs, &config),
+        )
     }
 
     /// Encodes images in [-1, 1] ([B, 3, H, W]) to the latent posterior (unscaled).

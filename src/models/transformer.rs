@@ -1,0 +1,171 @@
+//! Diffusers' `Transformer2DModel` with `BasicTransformerBlock`s (models/transformers/
+//! transformer_2d.py, models/attention.py): the attention blocks of SD and SDXL UNets.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use super::attention::{Attention, AttentionConfig};
+use super::resnet::group_norm;
+
+/// `FeedForward` with a GEGLU input projection (`ff.net.0.proj`, `ff.net.2`).
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: nn::Linear,
+    proj_out: nn::Linear,
+}
+
+impl FeedForward {
+    fn new(vs: nn::Path, dim: i64) -> Self {
+        let inner = 4 * dim;
+        FeedForward {
+            proj_in: nn::linear(&vs / "net" / 0 / "proj", dim, 2 * inner, Default::default()),
+            proj_out: nn::linear(&vs / "net" / 2, inner, dim, Default::default()),
+        }
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let parts = self.proj_in.forward(x).chunk(2, -1);
+        self.proj_out.forward(&(&parts[0] * parts[1].gelu("none")))
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention and a feed-forward layer, each
+/// pre-normed with LayerNorm and added back.
+#[derive(Debug)]
+pub struct BasicTransformerBlock {
+    norm1: nn::LayerNorm,
+    attn1: Attention,
+    norm2: nn::LayerNorm,
+    attn2: Attention,
+    norm3: nn::LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vs: nn::Path, dim: i64, heads: i64, dim_head: i64, cross_attention_dim: i64) -> Self {
+        let ln = |name: &str| nn::layer_norm(&vs / name, vec![dim], Default::default());
+        let attn = |name: &str, cross: Option<i64>| {
+            Attention::new(
+                &vs / name,
+                AttentionConfig {
+                    query_dim: dim,
+                    cross_attention_dim: cross,
+                    heads,
+                    dim_head,
+                    bias: false,
+                    norm_num_groups: None,
+                    eps: 1e-5,
+                    residual_connection: false,
+                    rescale_output_factor: 1.0,
+                },
+            )
+        };
+        BasicTransformerBlock {
+            norm1: ln("norm1"),
+            attn1: attn("attn1", None),
+            norm2: ln("norm2"),
+            attn2: attn("attn2", Some(cross_attention_dim)),
+            norm3: ln("norm3"),
+            ff: FeedForward::new(&vs / "ff", dim),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+        let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + x;
+        self.ff.forward(&self.norm3.forward(&x)) + x
+    }
+}
+
+/// Construction options of [`Transformer2DModel`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transformer2DConfig {
+    /// Channels of the feature map.
+    pub in_channels: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Channels per head.
+    pub dim_head: i64,
+    /// Transformer blocks.
+    pub num_layers: i64,
+    /// Channels of the text embeddings.
+    pub cross_attention_dim: i64,
+    /// GroupNorm groups of the input norm.
+    pub norm_num_groups: i64,
+    /// Linear (SD 2 / SDXL) rather than 1×1-conv (SD 1) input and output projections.
+    pub use_linear_projection: bool,
+}
+
+#[derive(Debug)]
+enum Projection {
+    Linear(nn::Linear),
+    Conv(nn::Conv2D),
+}
+
+/// `Transformer2DModel` over a feature map: GroupNorm, projection to tokens, transformer
+/// blocks, projection back, residual.
+#[derive(Debug)]
+pub struct Transformer2DModel {
+    norm: nn::GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    /// Lays out the parameters under `vs`.
+    pub fn new(vs: nn::Path, cfg: Transformer2DConfig) -> Self {
+        let inner = cfg.heads * cfg.dim_head;
+        let proj = |name: &str, i: i64, o: i64| {
+            if cfg.use_linear_projection {
+                Projection::Linear(nn::linear(&vs / name, i, o, Default::default()))
+            } else {
+                Projection::Conv(nn::conv2d(&vs / name, i, o, 1, Default::default()))
+            }
+        };
+        Transformer2DModel {
+            norm: group_norm(&vs / "norm", cfg.norm_num_groups, cfg.in_channels, 1e-6),
+            proj_in: proj("proj_in", cfg.in_channels, inner),
+            transformer_blocks: (0..cfg.num_layers)
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        &vs / "transformer_blocks" / i,
+                        inner,
+                        cfg.heads,
+                        cfg.dim_head,
+                        cfg.cross_attention_dim,
+                    )
+                })
+                .collect(),
+            proj_out: proj("proj_out", inner, cfg.in_channels),
+        }
+    }
+
+    /// Applies the blocks to `x` [B, C, H, W] attending to `context` [B, T, D].
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let (b, _, h, w) = x.size4().expect("a [B, C, H, W] feature map");
+        let normed = self.norm.forward(x);
+        let to_tokens = |t: Tensor| {
+            let c = t.size()[1];
+            t.permute([0, 2, 3, 1]).reshape([b, h * w, c])
+        };
+        let from_tokens = |t: Tensor| {
+            let c = t.size()[2];
+            t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous()
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Linear(l) => l.forward(&to_tokens(normed)),
+            Projection::Conv(c) => to_tokens(c.forward(&normed)),
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(&tokens, context);
+        }
+        let out = match &self.proj_out {
+            Projection::Linear(l) => from_tokens(l.forward(&tokens)),
+            Projection::Conv(c) => c.forward(&from_tokens(tokens)),
+        };
+        out + x
+    }
+}
