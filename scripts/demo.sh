@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default. Until the online loop lands (issue: online loop), this
-# shows the parts that exist: the libtorch the binary runs on, and a round trip through the
+# The main job on the embedded default. Until the online loop and the embedded tiny model land,
+# this shows the parts that exist: the libtorch the binary runs on, text-to-image sampling
+# through a tiny random-weight SD pipeline (equal to diffusers'), and a round trip through the
 # durable pair store (import a Pick-a-Pic-layout dataset, inspect, validate, read with pyarrow).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,6 +19,11 @@ mkdir -p "$demo"
 
 say "pso doctor"
 $pso doctor
+
+say "pso sample on a tiny random-weight SD pipeline (built locally; its images are noise by design)"
+.venv/bin/python scripts/oracle/make_pipeline.py "$demo/tiny-pipelines" >/dev/null
+$pso sample --model "$demo/tiny-pipelines/sd" --prompt "a photo of a cat" --steps 4 --seed 1 \
+  --num-images 2 --out "$demo/samples"
 
 say "a Pick-a-Pic v2-layout dataset (48 rows, made locally)"
 .venv/bin/python scripts/oracle/make_pickapic.py "$demo/pickapic-sample.parquet" 48
@@ -41,4 +47,5 @@ print(f"{t.num_rows} pairs in {len(files)} shard(s)")
 PY
 
 say "done"
+echo "samples:    $root/$demo/samples"
 echo "pair store: $root/$demo/pairs"

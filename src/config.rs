@@ -58,7 +58,7 @@ pub enum ConfigError {
 }
 
 /// Numeric precision of the model weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// 32-bit float (CPU default).
@@ -175,8 +175,9 @@ impl Default for RewardSection {
 pub struct ObjectiveSection {
     /// `online_pso`, `offline_pso`, `pso_db`, `dpo` or `sft`.
     pub kind: String,
-    /// β of the sigmoid loss.
-    pub beta: f64,
+    /// β of the loss; unset means the kind's official default (50 for online_pso, 5000 for
+    /// offline_pso and dpo, 5 for pso_db).
+    pub beta: Option<f64>,
     /// Clamp of the likelihood ratio to [1 − ε, 1 + ε].
     pub epsilon: f64,
 }
@@ -185,7 +186,7 @@ impl Default for ObjectiveSection {
     fn default() -> Self {
         ObjectiveSection {
             kind: "online_pso".into(),
-            beta: 50.0,
+            beta: None,
             epsilon: 0.1,
         }
     }
@@ -421,11 +422,13 @@ impl RunConfig {
             ),
         );
         let o = &self.objective;
-        need(
-            o.beta.is_finite() && o.beta > 0.0,
-            "objective.beta",
-            format!("{} is not a positive number", o.beta),
-        );
+        if let Some(beta) = o.beta {
+            need(
+                beta.is_finite() && beta > 0.0,
+                "objective.beta",
+                format!("{beta} is not a positive number"),
+            );
+        }
         need(
             o.epsilon.is_finite() && o.epsilon > 0.0 && o.epsilon < 1.0,
             "objective.epsilon",
@@ -599,6 +602,34 @@ impl RunConfig {
         std::fs::write(&tmp, self.to_toml()).map_err(write(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(write(&path))?;
         Ok(path)
+    }
+}
+
+/// Resolves a device spec (`cpu`, `cuda`, `cuda:N`, `auto`) to a device that exists here.
+pub fn resolve_device(spec: &str) -> Result<tch::Device, String> {
+    let cuda = tch::Cuda::device_count();
+    match spec {
+        "cpu" => Ok(tch::Device::Cpu),
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cuda" => resolve_device("cuda:0"),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) if (n as i64) < cuda => Ok(tch::Device::Cuda(n)),
+            Some(Ok(n)) => Err(format!(
+                "device `{other}`: this machine has {cuda} CUDA device(s) (cuda:{n} does not exist); `pso doctor` lists them"
+            )),
+            _ => Err(format!("device `{other}` is not cpu, cuda, cuda:N or auto")),
+        },
+    }
+}
+
+impl DType {
+    /// The libtorch kind of this precision.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            DType::F32 => tch::Kind::Float,
+            DType::F16 => tch::Kind::Half,
+            DType::Bf16 => tch::Kind::BFloat16,
+        }
     }
 }
 

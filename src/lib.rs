@@ -6,5 +6,7 @@ pub mod config;
 pub mod doctor;
 pub mod logging;
 pub mod models;
+pub mod objective;
 pub mod pairs;
+pub mod pipeline;
 pub mod sampling;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use pso::config::RunConfig;
+use pso::config::{resolve_device, DType, RunConfig};
 use pso::logging::{self, LogFormat};
 use pso::pairs::import::{import_pickapic, ImportOptions};
 use pso::pairs::inspect;
@@ -42,7 +42,7 @@ enum Command {
         json: bool,
     },
     /// Generate images with a (distilled) diffusion model.
-    Sample(SampleArgs),
+    Sample(Box<SampleArgs>),
     /// Score images against a prompt with a reward model.
     Score(ScoreArgs),
     /// Inspect, validate and import pair stores (Parquet).
@@ -64,7 +64,10 @@ enum Command {
 
 #[derive(Args)]
 struct SampleArgs {
-    /// Diffusers folder or hub id.
+    /// Diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/), or a Hub id such as
+    /// stabilityai/sd-turbo, looked up in the Hugging Face cache (HF_HOME) and downloaded into it
+    /// unless HF_HUB_OFFLINE=1.
     #[arg(long)]
     model: String,
     /// Text prompt.
@@ -73,31 +76,49 @@ struct SampleArgs {
     /// Negative prompt (used only with --guidance > 1).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Denoising steps.
-    #[arg(long)]
-    steps: Option<u32>,
+    /// Denoising steps, spaced as the model's scheduler config says.
+    #[arg(long, default_value_t = 4, conflicts_with = "timesteps")]
+    steps: usize,
+    /// Explicit timesteps instead of --steps, noisiest first: --timesteps 999,749,499,249.
+    #[arg(long, value_delimiter = ',')]
+    timesteps: Option<Vec<u32>>,
     /// Classifier-free guidance scale; ≤ 1 means none (the distilled models' default).
-    #[arg(long)]
-    guidance: Option<f32>,
-    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Seed of the initial noise and of every noise the sampler draws (as diffusers'
+    /// `generator=torch.Generator("cpu").manual_seed(SEED)`).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Image height in pixels.
+    /// Image height in pixels (default: the UNet's training size).
     #[arg(long)]
-    height: Option<u32>,
-    /// Image width in pixels.
+    height: Option<i64>,
+    /// Image width in pixels (default: the UNet's training size).
     #[arg(long)]
-    width: Option<u32>,
-    /// Initial latents (safetensors, one f32 tensor `latents` [N, C, H/f, W/f]), as diffusers'
-    /// `latents=` argument.
+    width: Option<i64>,
+    /// Initial latents (safetensors, one f32 tensor `latents` [N, C, H/f, W/f]), exactly as
+    /// diffusers' `latents=` argument: the same file gives the same image in both.
     #[arg(long)]
     init_noise: Option<PathBuf>,
     /// Adapter to apply (LoRA, DiffFit).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Number of images.
-    #[arg(long, default_value_t = 1)]
-    num_images: u32,
+    /// Number of images (default 1, or N of --init-noise).
+    #[arg(long)]
+    num_images: Option<i64>,
+    /// Weight precision (default: f32 on CPU, f16 on CUDA). VAEs whose config sets
+    /// force_upcast (SDXL's) always run in f32.
+    #[arg(long, value_enum)]
+    dtype: Option<DType>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Weight-file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
+    #[arg(long)]
+    variant: Option<String>,
+    /// A safetensors file with the UNet's weights, replacing unet/'s (e.g. DMD2's distilled UNet
+    /// in an SDXL base folder); the layout comes from unet/config.json.
+    #[arg(long)]
+    unet: Option<PathBuf>,
     /// Output directory: 000000.png, 000001.png, …
     #[arg(long)]
     out: PathBuf,
@@ -258,6 +279,9 @@ enum RewardCommand {
         /// File holding the bearer token clients must send.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Most items in one scorer call; requests from concurrent clients are batched up to it.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
     },
 }
 
@@ -265,6 +289,16 @@ enum RewardCommand {
 enum ConfigCommand {
     /// Print the fully resolved config (defaults filled in, overrides applied).
     Show(ConfigArgs),
+}
+
+/// The local model behind a scorer kind; `None` for `http`.
+fn local_scorer_kind(kind: ScorerKind) -> Option<reward::LocalScorerKind> {
+    match kind {
+        ScorerKind::Clip => Some(reward::LocalScorerKind::Clip),
+        ScorerKind::Pickscore => Some(reward::LocalScorerKind::Pickscore),
+        ScorerKind::Aesthetic => Some(reward::LocalScorerKind::Aesthetic),
+        ScorerKind::Http => None,
+    }
 }
 
 /// A command the CLI knows but the library cannot run yet: exit 2, as for a usage error.
@@ -289,6 +323,82 @@ fn progress_bar(what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_owned());
     bar
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    use pso::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+    use pso::sampling::{SeededNoise, Timesteps};
+
+    if args.adapter.is_some() {
+        anyhow::bail!("--adapter: applying adapters is not implemented yet");
+    }
+    let device = resolve_device(&args.device).map_err(anyhow::Error::msg)?;
+    let dtype = args.dtype.unwrap_or(if device.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
+    });
+    let opts = LoadOptions {
+        device,
+        kind: dtype.kind(),
+        variant: args.variant.clone(),
+        unet_override: args.unet.clone(),
+    };
+    let root = pso::pipeline::hub::resolve_model(&args.model, args.variant.as_deref())?;
+    let pipeline =
+        Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    let init_latents = match &args.init_noise {
+        None => None,
+        Some(path) => {
+            let tensors = tch::Tensor::read_safetensors(path)
+                .with_context(|| format!("reading --init-noise {}", path.display()))?;
+            let latents = tensors
+                .into_iter()
+                .find(|(name, _)| name == "latents")
+                .map(|(_, t)| t)
+                .with_context(|| format!("{} holds no tensor named `latents`", path.display()))?;
+            Some(latents.to_kind(tch::Kind::Float))
+        }
+    };
+    let num_images = match (&init_latents, args.num_images) {
+        (Some(t), Some(n)) if t.size()[0] != n => anyhow::bail!(
+            "--num-images {n} disagrees with --init-noise, which holds {} latents",
+            t.size()[0]
+        ),
+        (Some(t), _) => t.size()[0],
+        (None, n) => n.unwrap_or(1),
+    };
+    let (default_h, default_w) = pipeline.default_size();
+    let timesteps = match args.timesteps {
+        Some(list) => Timesteps::Explicit(list),
+        None => Timesteps::Steps(args.steps),
+    };
+    let request = GenerateRequest {
+        prompt: &args.prompt,
+        negative_prompt: args.negative_prompt.as_deref(),
+        timesteps,
+        guidance: args.guidance,
+        height: args.height.unwrap_or(default_h),
+        width: args.width.unwrap_or(default_w),
+        num_images,
+        init_latents,
+        record: false,
+    };
+    let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let size = generated.images.size();
+    let (n, h, w) = (size[0], size[1] as u32, size[2] as u32);
+    for i in 0..n {
+        let pixels = Vec::<u8>::try_from(generated.images.get(i).flatten(0, -1))?;
+        let image = image::RgbImage::from_raw(w, h, pixels).context("image buffer size")?;
+        let path = args.out.join(format!("{i:06}.png"));
+        image
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -367,22 +477,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             load_config(&args.config)?;
             return not_implemented("offline");
         }
-        Command::Sample(_) => return not_implemented("sample"),
+        Command::Sample(args) => sample(*args)?,
         Command::Score(args) => {
-            let kind = match args.scorer {
-                ScorerKind::Clip => reward::LocalScorerKind::Clip,
-                ScorerKind::Pickscore => reward::LocalScorerKind::Pickscore,
-                ScorerKind::Aesthetic => reward::LocalScorerKind::Aesthetic,
-                ScorerKind::Http => return not_implemented("score --scorer http"),
-            };
             let images = args
                 .images
                 .iter()
                 .map(|p| reward::open_image(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let device = tch::Device::cuda_if_available();
-            let scorer = reward::load_local(kind, std::path::Path::new(&args.model), device)
-                .with_context(|| format!("loading scorer model {}", args.model))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let scorer: Box<dyn reward::Scorer> = match local_scorer_kind(args.scorer) {
+                Some(kind) => {
+                    let device = tch::Device::cuda_if_available();
+                    reward::load_local(kind, std::path::Path::new(&args.model), device)
+                        .with_context(|| format!("loading scorer model {}", args.model))?
+                }
+                None => {
+                    let options = reward::http::HttpScorerOptions {
+                        token: reward::http::load_token(args.token_file.as_deref())?,
+                        ..Default::default()
+                    };
+                    Box::new(
+                        runtime
+                            .block_on(reward::http::HttpScorer::connect(&args.model, options))?,
+                    )
+                }
+            };
             let items: Vec<reward::ScoreItem> = images
                 .iter()
                 .map(|image| reward::ScoreItem {
@@ -390,7 +511,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     image,
                 })
                 .collect();
-            let runtime = tokio::runtime::Builder::new_current_thread().build()?;
             let mut scores = Vec::with_capacity(items.len());
             // Bounded batches keep memory flat for long image lists.
             for batch in items.chunks(16) {
@@ -405,7 +525,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export(_) => return not_implemented("export"),
-        Command::Reward(RewardCommand::Serve { .. }) => return not_implemented("reward serve"),
+        Command::Reward(RewardCommand::Serve {
+            scorer,
+            model,
+            bind,
+            token_file,
+            max_batch,
+        }) => {
+            let Some(kind) = local_scorer_kind(scorer) else {
+                anyhow::bail!(
+                    "`pso reward serve` serves a local model: \
+                     use --scorer clip, pickscore or aesthetic"
+                );
+            };
+            // Read the token before loading the model: a bad token file fails fast.
+            let token = match &token_file {
+                Some(file) => reward::http::load_token(Some(file))?,
+                None => None,
+            };
+            let device = tch::Device::cuda_if_available();
+            let scorer = reward::load_local(kind, std::path::Path::new(&model), device)
+                .with_context(|| format!("loading scorer model {model}"))?;
+            let options = reward::http::ServerOptions {
+                token,
+                max_batch,
+                ..Default::default()
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let (listener, addr) = reward::http::bind(&bind).await?;
+                // Scripts and tests read this line to find the port when --bind asks for port 0.
+                println!("listening on http://{addr}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                tracing::info!(scorer = %scorer.info(), %addr, max_batch, "serving protocol v1");
+                reward::http::serve(listener, scorer, options, reward::http::shutdown_signal())
+                    .await?;
+                tracing::info!("reward server stopped");
+                anyhow::Ok(())
+            })?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -91,33 +91,14 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn unimplemented_commands_exit_2_without_panicking() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.png");
-    std::fs::write(&img, common::png(0, 4, 4)).unwrap();
-    let img = img.to_str().unwrap();
-    for args in [
-        vec!["sample", "--model", "m", "--prompt", "p", "--out", "o"],
-        vec![
-            "score",
-            "--scorer",
-            "http",
-            "--model",
-            "http://127.0.0.1:9",
-            "--prompt",
-            "p",
-            img,
-        ],
-        vec!["export", "--run", "r", "--format", "merged", "--out", "o"],
-        vec!["reward", "serve", "--scorer", "clip", "--model", "m"],
-    ] {
-        let out = pso(&args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let err = text(&out.stderr);
-        assert!(
-            err.contains("not implemented yet") && !err.contains("panicked"),
-            "{err}"
-        );
-    }
+    let args = ["export", "--run", "r", "--format", "merged", "--out", "o"];
+    let out = pso(&args);
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not implemented yet") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -260,5 +241,43 @@ fn score_names_a_missing_model_folder() {
     assert!(
         err.contains("no-such-model") && err.contains("not found"),
         "{err}"
+    );
+}
+
+#[test]
+fn sample_names_a_missing_model_folder_and_refuses_adapters_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-pipeline");
+    let out = pso(&[
+        "sample",
+        "--model",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--out",
+        "o",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no-such-pipeline") && err.contains("model_index.json"),
+        "{err}"
+    );
+    let out = pso(&[
+        "sample",
+        "--model",
+        "m",
+        "--prompt",
+        "p",
+        "--out",
+        "o",
+        "--adapter",
+        "a.safetensors",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--adapter"),
+        "{}",
+        text(&out.stderr)
     );
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use pso::models::unet::{AddedCond, UNet2DConditionModel};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[test]
 fn unet_matches_diffusers_on_sd1_sd2_sdxl_and_lcm_layouts() {
@@ -14,7 +14,8 @@ fn unet_matches_diffusers_on_sd1_sd2_sdxl_and_lcm_layouts() {
     common::oracle("make_unet.py", &[dir.path().as_os_str()]);
     for case in ["sd1", "sd2", "sdxl", "lcm"] {
         let folder = dir.path().join(case);
-        let (_vs, unet) = UNet2DConditionModel::load(&folder, Device::Cpu, None).unwrap();
+        let (_vs, unet) =
+            UNet2DConditionModel::load(&folder, Device::Cpu, Kind::Float, None).unwrap();
         let e: HashMap<String, Tensor> =
             Tensor::read_safetensors(folder.join("expected.safetensors"))
                 .unwrap()
@@ -63,7 +64,7 @@ fn unsupported_unet_configs_are_refused_with_the_key() {
         ),
     ] {
         std::fs::write(dir.path().join("config.json"), config).unwrap();
-        let msg = UNet2DConditionModel::load(dir.path(), Device::Cpu, None)
+        let msg = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None)
             .unwrap_err()
             .to_string();
         assert!(

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use pso::models::load::LoadError;
 use pso::models::vae::AutoencoderKL;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn expected(dir: &Path) -> std::collections::HashMap<String, Tensor> {
     Tensor::read_safetensors(dir.join("expected.safetensors"))
@@ -39,7 +39,7 @@ fn vae_matches_diffusers_for_several_layouts_and_weight_files() {
         ("two_level", Some("fp16"), 2e-2),
     ] {
         let folder = dir.path().join(case);
-        let (_vs, vae) = AutoencoderKL::load(&folder, Device::Cpu, variant).unwrap();
+        let (_vs, vae) = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, variant).unwrap();
         let e = expected(&folder);
         let _guard = tch::no_grad_guard();
         let post = vae.encode(&e["x"]);
@@ -71,7 +71,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
     Tensor::write_safetensors(&without, &weights).unwrap();
-    let err = AutoencoderKL::load(&folder, Device::Cpu, None).unwrap_err();
+    let err = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, None).unwrap_err();
     assert!(matches!(err, LoadError::MissingTensor { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -92,7 +92,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
         })
         .collect();
     Tensor::write_safetensors(&reshaped, &weights).unwrap();
-    let msg = AutoencoderKL::load(&folder, Device::Cpu, None)
+    let msg = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -102,7 +102,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
 
     std::fs::remove_file(&weights).unwrap();
     std::fs::remove_file(folder.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
-    let msg = AutoencoderKL::load(&folder, Device::Cpu, None)
+    let msg = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -111,7 +111,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
     );
 
     std::fs::write(folder.join("config.json"), r#"{"act_fn": "gelu"}"#).unwrap();
-    let msg = AutoencoderKL::load(&folder, Device::Cpu, None)
+    let msg = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -119,7 +119,7 @@ fn missing_and_misshapen_tensors_are_named_with_their_file() {
         "{msg}"
     );
     std::fs::write(folder.join("config.json"), r#"{"latent_channels": "four"}"#).unwrap();
-    let msg = AutoencoderKL::load(&folder, Device::Cpu, None)
+    let msg = AutoencoderKL::load(&folder, Device::Cpu, Kind::Float, None)
         .unwrap_err()
         .to_string();
     assert!(

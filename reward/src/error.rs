@@ -48,6 +48,9 @@ pub enum RewardError {
         /// The value.
         value: f32,
     },
+    /// The HTTP reward protocol failed: server unreachable, rejected request, bad reply.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     /// A scorer configuration is invalid.
     #[error("scorer config: {0}")]
     Config(String),

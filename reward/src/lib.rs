@@ -4,6 +4,7 @@
 
 pub mod clip;
 mod error;
+pub mod http;
 pub mod load;
 pub mod scorer;
 pub mod scorers;

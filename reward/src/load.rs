@@ -170,6 +170,17 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// variable's dtype and device. Tensors the model does not use (e.g. `position_ids` buffers, or
 /// the other tower of a CLIPModel) are ignored.
 pub fn load_safetensors(vs: &nn::VarStore, files: &[PathBuf]) -> Result<(), LoadError> {
+    load_safetensors_with_prefix(vs, files, None)
+}
+
+/// [`load_safetensors`], also accepting a variable `PREFIX.NAME` stored as `NAME`: transformers
+/// 5 saves a model without its `base_model_prefix` (e.g. `text_model.` of a `CLIPTextModel`),
+/// older versions with it, and both must load.
+pub fn load_safetensors_with_prefix(
+    vs: &nn::VarStore,
+    files: &[PathBuf],
+    optional_prefix: Option<&str>,
+) -> Result<(), LoadError> {
     let mut maps = Vec::with_capacity(files.len());
     for path in files {
         let file = File::open(path).map_err(|source| LoadError::Io {
@@ -195,10 +206,15 @@ pub fn load_safetensors(vs: &nn::VarStore, files: &[PathBuf]) -> Result<(), Load
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     let _guard = tch::no_grad_guard();
     for (name, mut var) in variables {
-        let Some((path, view)) = parsed
-            .iter()
-            .find_map(|(path, st)| st.tensor(&name).ok().map(|v| (*path, v)))
-        else {
+        let Some((path, view)) = parsed.iter().find_map(|(path, st)| {
+            let stripped = optional_prefix
+                .and_then(|p| name.strip_prefix(p))
+                .and_then(|rest| rest.strip_prefix('.'));
+            st.tensor(&name)
+                .or_else(|e| stripped.map_or(Err(e), |short| st.tensor(short)))
+                .ok()
+                .map(|v| (*path, v))
+        }) else {
             return Err(LoadError::MissingTensor {
                 name,
                 files: files

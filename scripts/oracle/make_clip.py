@@ -25,29 +25,7 @@ out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 
 
-def bytes_to_unicode():
-    """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
-# A small CLIP-style vocabulary: every byte char, alone and word-final, a few merges, and the two
-# special tokens last (as in CLIP, so the legacy argmax-of-ids pooling finds <|endoftext|>).
-alphabet = bytes_to_unicode()
-vocab_list = alphabet + [c + "</w>" for c in alphabet]
-merges = [("t", "h"), ("th", "e</w>"), ("a", "t</w>"), ("c", "at</w>"), ("o", "f</w>"), ("i", "n"), ("in", "g</w>"),
-          ("o", "n"), ("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("d", "o"), ("do", "g</w>")]
-vocab_list += ["".join(m) for m in merges]
-vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-vocab = {tok: i for i, tok in enumerate(vocab_list)}
-eos_id = vocab["<|endoftext|>"]
+from tiny_clip_vocab import EOS_ID as eos_id, MERGES as merges, VOCAB as vocab  # noqa: E402
 
 PROMPTS = [
     "a photo of a cat",

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn::{self, Module};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::resnet::{
@@ -39,6 +39,8 @@ impl<T: Clone> PerBlock<T> {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
+    /// Latent size it was trained at (one value, or [height, width]).
+    pub sample_size: Option<PerBlock<i64>>,
     /// Latent channels in.
     pub in_channels: i64,
     /// Channels out (the model's prediction).
@@ -113,6 +115,7 @@ pub struct UNet2DConditionConfig {
 impl Default for UNet2DConditionConfig {
     fn default() -> Self {
         UNet2DConditionConfig {
+            sample_size: None,
             in_channels: 4,
             out_channels: 4,
             center_input_sample: false,
@@ -312,6 +315,16 @@ impl UNet2DConditionConfig {
         }
         Ok(layout)
     }
+}
+
+fn check_layout(dir: &Path, config: &UNet2DConditionConfig) -> Result<(), LoadError> {
+    config
+        .layout()
+        .map(drop)
+        .map_err(|why| LoadError::Unsupported {
+            path: dir.join("config.json"),
+            why,
+        })
 }
 
 /// The SDXL added conditioning: pooled text embeddings and the six size/crop `time_ids`.
@@ -539,23 +552,35 @@ impl UNet2DConditionModel {
         }
     }
 
-    /// Loads a `unet/` folder (config.json + safetensors).
+    /// Loads a `unet/` folder (config.json + safetensors) with weights in `kind` on `device`.
     pub fn load(
         dir: &Path,
         device: Device,
+        kind: Kind,
         variant: Option<&str>,
     ) -> Result<(nn::VarStore, Self), LoadError> {
         let config: UNet2DConditionConfig = read_config(dir)?;
+        // An unsupported config is the more useful error when the weights are missing too.
+        check_layout(dir, &config)?;
+        Self::load_with_weights(dir, &config, &weight_files(dir, variant)?, device, kind)
+    }
+
+    /// Builds the UNet of `config` (read from `dir`) with weights from `files`, e.g. a
+    /// distilled UNet (DMD2) shipped as one safetensors file for a base pipeline's config.
+    pub fn load_with_weights(
+        dir: &Path,
+        config: &UNet2DConditionConfig,
+        files: &[std::path::PathBuf],
+        device: Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self), LoadError> {
         config.layout().map_err(|why| LoadError::Unsupported {
             path: dir.join("config.json"),
             why,
         })?;
-        build_and_load(
-            &weight_files(dir, variant)?,
-            device,
-            tch::Kind::Float,
-            |vs| UNet2DConditionModel::new(vs, &config),
-        )
+        build_and_load(files, device, kind, |vs| {
+            UNet2DConditionModel::new(vs, config)
+        })
     }
 
     /// Whether the model needs [`AddedCond`] (SDXL's `text_time`).

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn::{self, Module};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
 use super::resnet::{
@@ -377,10 +377,11 @@ impl AutoencoderKL {
         }
     }
 
-    /// Loads a `vae/` folder (config.json + safetensors).
+    /// Loads a `vae/` folder (config.json + safetensors) with weights in `kind` on `device`.
     pub fn load(
         dir: &Path,
         device: Device,
+        kind: Kind,
         variant: Option<&str>,
     ) -> Result<(nn::VarStore, Self), LoadError> {
         let config: AutoencoderKLConfig = read_config(dir)?;
@@ -390,12 +391,9 @@ impl AutoencoderKL {
                 why,
             });
         }
-        build_and_load(
-            &weight_files(dir, variant)?,
-            device,
-            tch::Kind::Float,
-            |vs| AutoencoderKL::new(vs, &config),
-        )
+        build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
+            AutoencoderKL::new(vs, &config)
+        })
     }
 
     /// Encodes images in [-1, 1] ([B, 3, H, W]) to the latent posterior (unscaled).

@@ -1,0 +1,399 @@
+//! Text-to-image pipelines as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionXLPipeline` run them: a diffusers folder loaded into the models of
+//! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
+//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images.
+
+pub mod hub;
+pub mod prompt;
+
+use std::path::{Path, PathBuf};
+
+use reward::load::{read_json, LoadError};
+use reward::RewardError;
+use serde::Deserialize;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::models::unet::{AddedCond, PerBlock, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::sampling::{
+    sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, Timesteps,
+    Trajectory,
+};
+use prompt::TextEncoders;
+
+/// Errors of a pipeline; each names the folder, file or argument involved.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A component could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A tokenizer or text encoder failed.
+    #[error(transparent)]
+    Text(#[from] RewardError),
+    /// The scheduler config or schedule is unusable.
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    /// The folder is not a pipeline this crate runs.
+    #[error("{path}: {why}")]
+    Folder {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// A generation request is inconsistent.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the models run.
+    pub device: Device,
+    /// Weight and activation precision of the UNet and text encoders.
+    pub kind: Kind,
+    /// Weight-file variant (e.g. `fp16`).
+    pub variant: Option<String>,
+    /// A safetensors file replacing the UNet's weights (e.g. DMD2's UNet in an SDXL folder).
+    pub unet_override: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// A loaded text-to-image pipeline.
+pub struct Pipeline {
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The UNet's parameters (what PEFT adapts).
+    pub unet_vs: nn::VarStore,
+    /// The autoencoder.
+    pub vae: AutoencoderKL,
+    _vae_vs: nn::VarStore,
+    vae_kind: Kind,
+    /// Tokenizers and text encoders.
+    pub text: TextEncoders,
+    /// `scheduler/scheduler_config.json`.
+    pub scheduler_config: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    device: Device,
+    kind: Kind,
+}
+
+/// Per-request conditioning, computed once and reused at every step.
+#[derive(Debug)]
+pub struct Conditioning {
+    /// Text embeddings, negative half first when guided.
+    embeds: Tensor,
+    added: Option<AddedCond>,
+    timestep_cond: Option<Tensor>,
+    /// The guidance scale, when classifier-free guidance runs.
+    cfg: Option<f64>,
+}
+
+/// What to generate.
+#[derive(Debug)]
+pub struct GenerateRequest<'a> {
+    /// The prompt.
+    pub prompt: &'a str,
+    /// Negative prompt (used only with guidance).
+    pub negative_prompt: Option<&'a str>,
+    /// Steps, or an explicit timestep list.
+    pub timesteps: Timesteps,
+    /// Guidance scale; ≤ 1 means none.
+    pub guidance: f64,
+    /// Image height in pixels.
+    pub height: i64,
+    /// Image width in pixels.
+    pub width: i64,
+    /// Images to generate.
+    pub num_images: i64,
+    /// Initial latents, as diffusers' `latents=` ([N, C, H/f, W/f]); drawn from the noise source
+    /// when absent.
+    pub init_latents: Option<Tensor>,
+    /// Record the trajectory (for PSO).
+    pub record: bool,
+}
+
+/// What a generation returns.
+#[derive(Debug)]
+pub struct Generated {
+    /// Images, [N, H, W, 3] uint8 on the CPU.
+    pub images: Tensor,
+    /// Final latents x0.
+    pub latents: Tensor,
+    /// The trajectory, when recorded.
+    pub trajectory: Option<Trajectory>,
+}
+
+/// LCM's `get_guidance_scale_embedding` of `w` ([N]) into `dim` channels.
+fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let scale = 10000f64.ln() / (half - 1) as f64;
+    let freqs = (Tensor::arange(half, (Kind::Float, w.device())) * -scale).exp();
+    let args = (w.to_kind(Kind::Float) * 1000.0).unsqueeze(1) * freqs.unsqueeze(0);
+    let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    }
+}
+
+impl Pipeline {
+    /// Loads a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/, and for SDXL text_encoder_2/, tokenizer_2/).
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
+        if !root.is_dir() {
+            return Err(PipelineError::Folder {
+                path: root.to_owned(),
+                why: "not a folder; expected a diffusers pipeline folder with model_index.json"
+                    .into(),
+            });
+        }
+        let index: ModelIndex = read_json(&root.join("model_index.json"))?;
+        let dual = match index.class_name.as_str() {
+            "StableDiffusionPipeline" => false,
+            "StableDiffusionXLPipeline" => true,
+            other => {
+                return Err(PipelineError::Folder {
+                    path: root.join("model_index.json"),
+                    why: format!(
+                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline or \
+                         StableDiffusionXLPipeline folder"
+                    ),
+                })
+            }
+        };
+        let variant = opts.variant.as_deref();
+        let (unet_vs, unet) = match &opts.unet_override {
+            None => {
+                UNet2DConditionModel::load(&root.join("unet"), opts.device, opts.kind, variant)?
+            }
+            Some(file) => {
+                let config = reward::load::read_config(&root.join("unet"))?;
+                UNet2DConditionModel::load_with_weights(
+                    &root.join("unet"),
+                    &config,
+                    std::slice::from_ref(file),
+                    opts.device,
+                    opts.kind,
+                )?
+            }
+        };
+        let vae_dir = root.join("vae");
+        let vae_config: crate::models::vae::AutoencoderKLConfig =
+            reward::load::read_config(&vae_dir)?;
+        // The model card of some VAEs (SDXL's) says they overflow in half precision.
+        let vae_kind = if vae_config.force_upcast {
+            Kind::Float
+        } else {
+            opts.kind
+        };
+        let (vae_vs, vae) = AutoencoderKL::load(&vae_dir, opts.device, vae_kind, variant)?;
+        let text = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        if unet.needs_added_cond() != dual {
+            return Err(PipelineError::Folder {
+                path: root.join("unet/config.json"),
+                why: "the UNet's addition_embed_type does not fit the pipeline (SDXL needs text_time)".into(),
+            });
+        }
+        Ok(Pipeline {
+            unet,
+            unet_vs,
+            vae,
+            _vae_vs: vae_vs,
+            vae_kind,
+            text,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            device: opts.device,
+            kind: opts.kind,
+        })
+    }
+
+    /// Pixels per latent pixel: 2^(VAE resolutions − 1).
+    pub fn vae_scale_factor(&self) -> i64 {
+        1 << (self.vae.config.block_out_channels.len() - 1)
+    }
+
+    /// The image size the UNet was trained at (height, width).
+    pub fn default_size(&self) -> (i64, i64) {
+        let f = self.vae_scale_factor();
+        match &self.unet.config.sample_size {
+            Some(PerBlock::Many(hw)) if hw.len() == 2 => (hw[0] * f, hw[1] * f),
+            Some(PerBlock::One(s)) => (s * f, s * f),
+            _ => (64 * f, 64 * f),
+        }
+    }
+
+    /// A scheduler for `timesteps` from the pipeline's scheduler config.
+    pub fn scheduler(&self, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
+        Scheduler::new(self.scheduler_config.clone(), timesteps)
+    }
+
+    /// Encodes `prompt` for `num_images` images, with guidance when `guidance > 1` (and the UNet
+    /// has no LCM guidance embedding, which takes the scale instead).
+    pub fn condition(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        guidance: f64,
+        height: i64,
+        width: i64,
+        num_images: i64,
+    ) -> Result<Conditioning, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let lcm_dim = self.unet.config.time_cond_proj_dim;
+        let cfg = (guidance > 1.0 && lcm_dim.is_none()).then_some(guidance);
+        let positive = self.text.encode(&[prompt], self.device)?;
+        let repeat = |t: &Tensor| {
+            let mut reps = vec![1i64; t.dim()];
+            reps[0] = num_images;
+            t.repeat(reps.as_slice())
+        };
+        let mut embeds = repeat(&positive.embeds);
+        let mut pooled = positive.pooled.as_ref().map(repeat);
+        if cfg.is_some() {
+            let zero = negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
+            let (neg_embeds, neg_pooled) = if zero {
+                (
+                    positive.embeds.zeros_like(),
+                    positive.pooled.as_ref().map(Tensor::zeros_like),
+                )
+            } else {
+                let n = self
+                    .text
+                    .encode(&[negative_prompt.unwrap_or("")], self.device)?;
+                (n.embeds, n.pooled)
+            };
+            embeds = Tensor::cat(&[repeat(&neg_embeds), embeds], 0);
+            pooled = match (neg_pooled, pooled) {
+                (Some(n), Some(p)) => Some(Tensor::cat(&[repeat(&n), p], 0)),
+                _ => None,
+            };
+        }
+        let rows = embeds.size()[0];
+        let added = pooled.map(|text_embeds| {
+            let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
+            AddedCond {
+                time_ids: Tensor::from_slice(&ids)
+                    .to_device(self.device)
+                    .to_kind(self.kind)
+                    .unsqueeze(0)
+                    .repeat([rows, 1]),
+                text_embeds,
+            }
+        });
+        let timestep_cond = lcm_dim.map(|dim| {
+            let w = Tensor::full([num_images], guidance - 1.0, (Kind::Float, self.device));
+            guidance_embedding(&w, dim).to_kind(self.kind)
+        });
+        Ok(Conditioning {
+            embeds: embeds.to_kind(self.kind),
+            added,
+            timestep_cond,
+            cfg,
+        })
+    }
+
+    /// The (guided) model output for scaled latents `model_input` at timestep `t`.
+    pub fn predict(&self, cond: &Conditioning, model_input: &Tensor, t: f64) -> Tensor {
+        let input = match cond.cfg {
+            Some(_) => Tensor::cat(&[model_input, model_input], 0),
+            None => model_input.shallow_clone(),
+        }
+        .to_kind(self.kind);
+        let timestep = Tensor::from(t as f32).to_device(self.device);
+        let out = self.unet.forward(
+            &input,
+            &timestep,
+            &cond.embeds,
+            cond.added.as_ref(),
+            cond.timestep_cond.as_ref(),
+        );
+        match cond.cfg {
+            Some(g) => {
+                let parts = out.chunk(2, 0);
+                &parts[0] + (&parts[1] - &parts[0]) * g
+            }
+            None => out,
+        }
+    }
+
+    /// Decodes final latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
+    /// `output_type="pil"` does.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let image = self.vae.decode_scaled(&latents.to_kind(self.vae_kind));
+        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .to_device(Device::Cpu)
+    }
+
+    /// Generates images for one prompt.
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Generated, PipelineError> {
+        let f = self.vae_scale_factor();
+        if req.height % f != 0 || req.width % f != 0 || req.height <= 0 || req.width <= 0 {
+            return Err(PipelineError::Request(format!(
+                "height and width must be positive multiples of {f}, got {}x{}",
+                req.height, req.width
+            )));
+        }
+        let shape = vec![
+            req.num_images,
+            self.unet.config.in_channels,
+            req.height / f,
+            req.width / f,
+        ];
+        let initial = match req.init_latents {
+            Some(t) => {
+                if t.size() != shape {
+                    return Err(PipelineError::Request(format!(
+                        "initial latents have shape {:?}, expected {shape:?} for {} images of {}x{}",
+                        t.size(),
+                        req.num_images,
+                        req.height,
+                        req.width
+                    )));
+                }
+                InitialLatents::Given(t.to_device(self.device).to_kind(self.kind))
+            }
+            None => InitialLatents::Draw {
+                shape,
+                kind: self.kind,
+                device: self.device,
+            },
+        };
+        let scheduler = self.scheduler(req.timesteps)?;
+        let cond = self.condition(
+            req.prompt,
+            req.negative_prompt,
+            req.guidance,
+            req.height,
+            req.width,
+            req.num_images,
+        )?;
+        let mut denoiser = |x: &Tensor, t: f64| self.predict(&cond, x, t);
+        let out = sample(&scheduler, &mut denoiser, initial, noise, req.record)?;
+        Ok(Generated {
+            images: self.decode(&out.latents),
+            latents: out.latents,
+            trajectory: out.trajectory,
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! `pso reward serve` and `pso score --scorer http` end to end on loopback, with a tiny random
+//! CLIPModel from scripts/oracle/make_clip.py: remote scores equal local PickScore scores.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn pso() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pso"));
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("PSO_REWARD_TOKEN");
+    command
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Builds the tiny CLIP models; `DIR/quick` is a full HF CLIPModel folder.
+fn tiny_clip() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_clip.py", &[dir.path().as_os_str()]);
+    dir
+}
+
+/// A `pso reward serve` child, stopped with SIGTERM (or killed) when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = pso()
+            .args(["reward", "serve", "--scorer", "pickscore", "--model"])
+            .arg(model)
+            .args(["--bind", "127.0.0.1:0", "--max-batch", "3"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            url: String::new(),
+        };
+        server.url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("`pso reward serve` prints `listening on URL` within 60 s");
+        server
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn scores(out: &Output) -> Vec<f64> {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn remote_pickscore_equals_local_pickscore() {
+    let models = tiny_clip();
+    let model = models.path().join("quick");
+    let images = tempfile::tempdir().unwrap();
+    // Seven images: more than --max-batch 3, so the client splits and the server batches.
+    let paths: Vec<PathBuf> = (0..7)
+        .map(|i| {
+            let path = images.path().join(format!("{i}.png"));
+            std::fs::write(&path, common::png(i, 20 + i as u32 * 9, 31)).unwrap();
+            path
+        })
+        .collect();
+    let local = scores(
+        &pso()
+            .args(["score", "--scorer", "pickscore", "--model"])
+            .arg(&model)
+            .args(["--prompt", "a photo of a cat", "--json"])
+            .args(&paths)
+            .output()
+            .unwrap(),
+    );
+    let server = Server::start(&model, &[]);
+    let remote = scores(
+        &pso()
+            .args(["score", "--scorer", "http", "--model", &server.url])
+            .args(["--prompt", "a photo of a cat", "--json"])
+            .args(&paths)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(remote.len(), 7);
+    for (r, l) in remote.iter().zip(&local) {
+        assert!(
+            (r - l).abs() <= 1e-5 * l.abs().max(1.0),
+            "remote {remote:?}\nlocal {local:?}"
+        );
+    }
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM should shut down cleanly: {status}"
+    );
+}
+
+#[test]
+fn token_file_guards_the_server_and_errors_are_clear() {
+    let models = tiny_clip();
+    let model = models.path().join("quick");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let image = dir.path().join("a.png");
+    std::fs::write(&image, common::png(3, 16, 16)).unwrap();
+    let server = Server::start(&model, &["--token-file", token.to_str().unwrap()]);
+    let score = |token: Option<&str>| {
+        let mut command = pso();
+        command
+            .args(["score", "--scorer", "http", "--model", &server.url])
+            .args(["--prompt", "p", "--json"])
+            .arg(&image);
+        if let Some(t) = token {
+            command.env("PSO_REWARD_TOKEN", t);
+        }
+        command.output().unwrap()
+    };
+    let out = score(None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("401") && err.contains("missing bearer token") && err.contains("--token-file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = score(Some("nope"));
+    assert!(text(&out.stderr).contains("wrong bearer token"));
+    assert_eq!(scores(&score(Some("t0ken"))).len(), 1);
+    let out = pso()
+        .args(["score", "--scorer", "http", "--model", &server.url])
+        .args(["--token-file"])
+        .arg(&token)
+        .args(["--prompt", "p", "--json"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(scores(&out).len(), 1);
+    drop(server);
+
+    // A missing token file is reported before any model is loaded.
+    let out = pso()
+        .args(["reward", "serve", "--scorer", "clip", "--model", "nowhere"])
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--token-file",
+            "/nonexistent/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/token"));
+    let out = pso()
+        .args(["reward", "serve", "--scorer", "http", "--model", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("serves a local model"));
+}

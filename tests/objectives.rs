@@ -1,0 +1,373 @@
+//! The objectives against the official formulas (scripts/oracle/objectives.py, PyTorch autograd,
+//! CPU): loss values, gradients with respect to the policy's inputs and diagnostics for online PSO
+//! (ratios inside, on and beyond the clamp edges, ties, small and large s), Diffusion-DPO and
+//! offline PSO (ε and v targets, ties, saturation), `pso_db` and SFT; plus the noising and targets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use pso::objective::{
+    add_noise, noise_pair, regression_target, sft_loss, Diagnostics, Dpo, Loss, OnlinePso,
+    PairPredictions, PsoDb, Transitions,
+};
+use pso::sampling::PredictionType;
+use serde::Deserialize;
+use tch::Tensor;
+
+/// Relative tolerance of fp32 results.
+const TOL: f64 = 1e-5;
+
+#[derive(Debug, Deserialize)]
+struct Index {
+    alphas_cumprod_file: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    objective: String,
+    #[serde(default)]
+    beta: f64,
+    #[serde(default)]
+    epsilon: f64,
+    #[serde(default)]
+    lambda: f64,
+    #[serde(default)]
+    prior_weight: f64,
+    #[serde(default)]
+    std_w: Vec<f64>,
+    #[serde(default)]
+    std_l: Vec<f64>,
+    counted: Option<Vec<bool>>,
+    #[serde(default)]
+    timesteps: Vec<u32>,
+    prediction: Option<String>,
+    diagnostics: ExpectedDiagnostics,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExpectedDiagnostics {
+    loss: f64,
+    counted: usize,
+    skipped: usize,
+    margin: Option<f64>,
+    accuracy: Option<f64>,
+    log_ratio_winner: Option<f64>,
+    log_ratio_loser: Option<f64>,
+    clamped_fraction: Option<f64>,
+    mse_policy: Option<f64>,
+    mse_reference: Option<f64>,
+}
+
+struct Oracle {
+    dir: tempfile::TempDir,
+    index: Index,
+}
+
+fn oracle() -> &'static Oracle {
+    static ORACLE: OnceLock<Oracle> = OnceLock::new();
+    ORACLE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        common::oracle("objectives.py", &[dir.path().as_os_str()]);
+        let index =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("index.json")).unwrap())
+                .unwrap();
+        Oracle { dir, index }
+    })
+}
+
+fn load(dir: &Path, file: &str) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join(file))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn alphas_cumprod() -> Vec<f64> {
+    let o = oracle();
+    let t = &load(o.dir.path(), &o.index.alphas_cumprod_file)["alphas_cumprod"];
+    Vec::<f32>::try_from(t)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+fn cases(objectives: &[&str]) -> Vec<(&'static Case, HashMap<String, Tensor>)> {
+    let o = oracle();
+    let found: Vec<_> = o
+        .index
+        .cases
+        .iter()
+        .filter(|c| objectives.contains(&c.objective.as_str()))
+        .map(|c| (c, load(o.dir.path(), &format!("{}.safetensors", c.name))))
+        .collect();
+    assert!(!found.is_empty(), "the oracle wrote no {objectives:?} case");
+    found
+}
+
+fn get<'a>(t: &'a HashMap<String, Tensor>, case: &str, name: &str) -> &'a Tensor {
+    t.get(name)
+        .unwrap_or_else(|| panic!("{case}: the oracle output lacks `{name}`"))
+}
+
+/// A leaf copy of an oracle input that records its gradient.
+fn leaf(t: &Tensor) -> Tensor {
+    t.copy().set_requires_grad(true)
+}
+
+/// max |got − want| ≤ TOL · max(max |want|, floor).
+fn assert_close(case: &str, what: &str, got: &Tensor, want: &Tensor, floor: f64) {
+    assert_eq!(got.size(), want.size(), "{case}: {what} shape");
+    let scale = want.abs().max().double_value(&[]).max(floor);
+    let err = (got - want).abs().max().double_value(&[]);
+    assert!(
+        err <= TOL * scale,
+        "{case}: {what} differs by {err:e} (scale {scale:e})"
+    );
+}
+
+fn assert_scalar(case: &str, what: &str, got: Option<f64>, want: Option<f64>) {
+    match (got, want) {
+        (Some(g), Some(w)) => assert!(
+            (g - w).abs() <= TOL * w.abs().max(1.0),
+            "{case}: {what} is {g}, the oracle says {w}"
+        ),
+        (g, w) => assert_eq!(g.is_some(), w.is_some(), "{case}: {what} {g:?} vs {w:?}"),
+    }
+}
+
+fn check_diagnostics(case: &str, got: &Diagnostics, want: &ExpectedDiagnostics) {
+    assert_scalar(case, "loss", Some(got.loss), Some(want.loss));
+    assert_eq!(
+        (got.counted, got.skipped),
+        (want.counted, want.skipped),
+        "{case}"
+    );
+    assert_scalar(case, "margin", got.margin, want.margin);
+    assert_scalar(case, "accuracy", got.accuracy, want.accuracy);
+    assert_scalar(
+        case,
+        "log_ratio_winner",
+        got.log_ratio_winner,
+        want.log_ratio_winner,
+    );
+    assert_scalar(
+        case,
+        "log_ratio_loser",
+        got.log_ratio_loser,
+        want.log_ratio_loser,
+    );
+    assert_scalar(
+        case,
+        "clamped_fraction",
+        got.clamped_fraction,
+        want.clamped_fraction,
+    );
+    assert_scalar(case, "mse_policy", got.mse_policy, want.mse_policy);
+    assert_scalar(case, "mse_reference", got.mse_reference, want.mse_reference);
+}
+
+/// Checks the loss value, then backpropagates it and checks each (leaf, expected gradient).
+fn check_loss(case: &Case, t: &HashMap<String, Tensor>, out: Loss, grads: &[(&Tensor, &str)]) {
+    let name = case.name.as_str();
+    assert_close(name, "loss", &out.loss, get(t, name, "loss"), 1e-3);
+    check_diagnostics(name, &out.diagnostics, &case.diagnostics);
+    out.loss.backward();
+    for (leaf, key) in grads {
+        let want = get(t, name, key);
+        let got = leaf.grad();
+        assert_close(name, key, &got, want, 1e-6);
+        // Clamped ratios and masked pairs must get exactly no gradient, as in PyTorch.
+        let zero_where_expected = got.masked_select(&want.eq(0.0)).abs().sum(tch::Kind::Float);
+        assert_eq!(
+            zero_where_expected.double_value(&[]),
+            0.0,
+            "{name}: {key} is non-zero where the oracle's gradient is exactly zero"
+        );
+    }
+}
+
+fn prediction(case: &Case) -> PredictionType {
+    match case.prediction.as_deref() {
+        Some("epsilon") => PredictionType::Epsilon,
+        Some("v_prediction") => PredictionType::VPrediction,
+        Some("sample") => PredictionType::Sample,
+        other => panic!("{}: unknown prediction type {other:?}", case.name),
+    }
+}
+
+#[test]
+fn online_pso_matches_the_official_loss_and_gradients() {
+    for (case, t) in cases(&["online_pso"]) {
+        let name = case.name.as_str();
+        let (pw, pl) = (
+            leaf(get(&t, name, "policy_w")),
+            leaf(get(&t, name, "policy_l")),
+        );
+        let winner = Transitions {
+            next: get(&t, name, "next_w"),
+            mean_policy: &pw,
+            mean_reference: get(&t, name, "ref_w"),
+            std: &case.std_w,
+        };
+        let loser = Transitions {
+            next: get(&t, name, "next_l"),
+            mean_policy: &pl,
+            mean_reference: get(&t, name, "ref_l"),
+            std: &case.std_l,
+        };
+        let objective = OnlinePso::new(case.beta, case.epsilon).unwrap();
+        let out = objective
+            .loss(&winner, &loser, case.counted.as_deref())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_loss(
+            case,
+            &t,
+            out,
+            &[(&pw, "grad_policy_w"), (&pl, "grad_policy_l")],
+        );
+    }
+}
+
+#[test]
+fn online_pso_edge_case_covers_both_sides_of_both_edges() {
+    // The oracle put pairs 0 and 1 exactly on 1 + ε and 1 − ε, pairs 2 and 3 just beyond them.
+    let (case, t) = cases(&["online_pso"])
+        .into_iter()
+        .find(|(c, _)| c.name == "online_edges")
+        .expect("the oracle wrote no online_edges case");
+    let norm = |key: &str, pair: i64| {
+        get(&t, &case.name, key)
+            .get(pair)
+            .abs()
+            .max()
+            .double_value(&[])
+    };
+    assert!(norm("grad_policy_w", 0) > 0.0 && norm("grad_policy_l", 1) > 0.0);
+    assert_eq!(norm("grad_policy_w", 2), 0.0);
+    assert_eq!(norm("grad_policy_l", 3), 0.0);
+}
+
+#[test]
+fn dpo_and_offline_pso_match_diffusion_dpo() {
+    let ac = alphas_cumprod();
+    for (case, t) in cases(&["dpo", "offline_pso"]) {
+        let name = case.name.as_str();
+        let pred = prediction(case);
+        let pair = noise_pair(
+            get(&t, name, "x0_w"),
+            get(&t, name, "x0_l"),
+            get(&t, name, "noise"),
+            &case.timesteps,
+            &ac,
+            pred,
+        )
+        .unwrap();
+        assert_close(
+            name,
+            "noisy_w",
+            &pair.noisy_winner,
+            get(&t, name, "noisy_w"),
+            1.0,
+        );
+        assert_close(
+            name,
+            "noisy_l",
+            &pair.noisy_loser,
+            get(&t, name, "noisy_l"),
+            1.0,
+        );
+        assert_close(
+            name,
+            "target_w",
+            &pair.target_winner,
+            get(&t, name, "target_w"),
+            1.0,
+        );
+        assert_close(
+            name,
+            "target_l",
+            &pair.target_loser,
+            get(&t, name, "target_l"),
+            1.0,
+        );
+
+        let objective = if case.objective == "dpo" {
+            Dpo::diffusion_dpo(ac.len(), case.beta).unwrap()
+        } else {
+            Dpo::offline_pso(&[999, 749, 499, 249], case.beta).unwrap()
+        };
+        let (pw, pl) = (
+            leaf(get(&t, name, "policy_w")),
+            leaf(get(&t, name, "policy_l")),
+        );
+        let predictions = PairPredictions {
+            policy_winner: &pw,
+            policy_loser: &pl,
+            reference_winner: get(&t, name, "ref_w"),
+            reference_loser: get(&t, name, "ref_l"),
+            target_winner: get(&t, name, "target_w"),
+            target_loser: get(&t, name, "target_l"),
+        };
+        let out = objective
+            .loss(&predictions, &case.timesteps, case.counted.as_deref())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_loss(
+            case,
+            &t,
+            out,
+            &[(&pw, "grad_policy_w"), (&pl, "grad_policy_l")],
+        );
+    }
+}
+
+#[test]
+fn pso_db_matches_the_official_edm_style_loss() {
+    for (case, t) in cases(&["pso_db"]) {
+        let name = case.name.as_str();
+        let objective = PsoDb {
+            beta: case.beta,
+            lambda: case.lambda,
+            prior_weight: case.prior_weight,
+        };
+        let (pw, pl) = (
+            leaf(get(&t, name, "policy_w")),
+            leaf(get(&t, name, "policy_l")),
+        );
+        let out = objective
+            .loss(
+                &pw,
+                &pl,
+                get(&t, name, "target_w"),
+                get(&t, name, "target_l"),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_loss(
+            case,
+            &t,
+            out,
+            &[(&pw, "grad_policy_w"), (&pl, "grad_policy_l")],
+        );
+    }
+}
+
+#[test]
+fn sft_matches_mse_on_eps_v_and_x0_targets() {
+    let ac = alphas_cumprod();
+    for (case, t) in cases(&["sft"]) {
+        let name = case.name.as_str();
+        let (x0, noise) = (get(&t, name, "x0"), get(&t, name, "noise"));
+        let noisy = add_noise(x0, noise, &case.timesteps, &ac).unwrap();
+        assert_close(name, "noisy", &noisy, get(&t, name, "noisy"), 1.0);
+        let target = regression_target(x0, noise, &case.timesteps, &ac, prediction(case)).unwrap();
+        assert_close(name, "target", &target, get(&t, name, "target"), 1.0);
+        let p = leaf(get(&t, name, "policy"));
+        let out = sft_loss(&p, &target).unwrap();
+        check_loss(case, &t, out, &[(&p, "grad_policy")]);
+    }
+}
