@@ -21,7 +21,8 @@ say "pso doctor"
 $pso doctor
 
 say "pso sample on a tiny random-weight SD pipeline (built locally; its images are noise by design)"
-.venv/bin/python scripts/oracle/make_pipeline.py "$demo/tiny-pipelines" >/dev/null
+.venv/bin/python scripts/oracle/make_pipeline.py "$demo/tiny-pipelines" >"$demo/make_pipeline.log" 2>&1 \
+  || { cat "$demo/make_pipeline.log"; exit 1; }
 $pso sample --model "$demo/tiny-pipelines/sd" --prompt "a photo of a cat" --steps 4 --seed 1 \
   --num-images 2 --out "$demo/samples"
 

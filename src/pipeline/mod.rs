@@ -371,11 +371,13 @@ impl Pipeline {
                         req.width
                     )));
                 }
-                InitialLatents::Given(t.to_device(self.device).to_kind(self.kind))
+                InitialLatents::Given(t.to_device(self.device).to_kind(Kind::Float))
             }
+            // Latents and the scheduler's step stay in fp32 whatever the model's precision (as
+            // diffusers' schedulers upcast): only the UNet's input and output change kind.
             None => InitialLatents::Draw {
                 shape,
-                kind: self.kind,
+                kind: Kind::Float,
                 device: self.device,
             },
         };
