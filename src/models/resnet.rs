@@ -44,7 +44,8 @@ pub struct ResnetConfig {
     pub time_embedding_norm: TimeEmbeddingNorm,
 }
 
-fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+/// A k×k convolution with bias, as `nn.Conv2d(c_in, c_out, k, stride, padding)`.
+pub fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
         padding,

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::resnet::{
-    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D,
+    conv, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D,
 };
 use super::transformer::{Transformer2DConfig, Transformer2DModel};
 use reward::load::{build_and_load, read_config, weight_files, LoadError};
@@ -377,19 +377,6 @@ pub struct UNet2DConditionModel {
     pub config: UNet2DConditionConfig,
 }
 
-fn conv3(vs: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    nn::conv2d(
-        vs,
-        c_in,
-        c_out,
-        3,
-        nn::ConvConfig {
-            padding: 1,
-            ..Default::default()
-        },
-    )
-}
-
 impl UNet2DConditionModel {
     /// Lays out the parameters under `vs`. Panics on a config that [`UNet2DConditionModel::load`]
     /// would reject as unsupported.
@@ -537,7 +524,7 @@ impl UNet2DConditionModel {
                     None,
                 )
             }),
-            conv_in: conv3(&vs / "conv_in", cfg.in_channels, ch[0]),
+            conv_in: conv(&vs / "conv_in", cfg.in_channels, ch[0], 3, 1, 1),
             down_blocks,
             mid_block,
             up_blocks,
@@ -547,7 +534,7 @@ impl UNet2DConditionModel {
                 ch[0],
                 cfg.norm_eps,
             ),
-            conv_out: conv3(&vs / "conv_out", ch[0], cfg.out_channels),
+            conv_out: conv(&vs / "conv_out", ch[0], cfg.out_channels, 3, 1, 1),
             config: cfg.clone(),
         }
     }

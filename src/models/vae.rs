@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
 use super::resnet::{
-    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D,
+    conv, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm, Upsample2D,
 };
 use reward::load::{build_and_load, read_config, weight_files, LoadError};
 
@@ -203,19 +203,6 @@ pub struct Encoder {
     conv_out: nn::Conv2D,
 }
 
-fn conv3(vs: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    nn::conv2d(
-        vs,
-        c_in,
-        c_out,
-        3,
-        nn::ConvConfig {
-            padding: 1,
-            ..Default::default()
-        },
-    )
-}
-
 impl Encoder {
     fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
         let ch = &cfg.block_out_channels;
@@ -247,11 +234,11 @@ impl Encoder {
             .collect();
         let top = *ch.last().expect("checked non-empty");
         Encoder {
-            conv_in: conv3(&vs / "conv_in", cfg.in_channels, ch[0]),
+            conv_in: conv(&vs / "conv_in", cfg.in_channels, ch[0], 3, 1, 1),
             down_blocks,
             mid_block: MidBlock::new(&vs / "mid_block", top, g, cfg.mid_block_add_attention),
             conv_norm_out: group_norm(&vs / "conv_norm_out", g, top, EPS),
-            conv_out: conv3(&vs / "conv_out", top, 2 * cfg.latent_channels),
+            conv_out: conv(&vs / "conv_out", top, 2 * cfg.latent_channels, 3, 1, 1),
         }
     }
 }
@@ -308,14 +295,17 @@ impl Decoder {
             })
             .collect();
         Decoder {
-            conv_in: conv3(&vs / "conv_in", cfg.latent_channels, rev[0]),
+            conv_in: conv(&vs / "conv_in", cfg.latent_channels, rev[0], 3, 1, 1),
             mid_block: MidBlock::new(&vs / "mid_block", rev[0], g, cfg.mid_block_add_attention),
             up_blocks,
             conv_norm_out: group_norm(&vs / "conv_norm_out", g, cfg.block_out_channels[0], EPS),
-            conv_out: conv3(
+            conv_out: conv(
                 &vs / "conv_out",
                 cfg.block_out_channels[0],
                 cfg.out_channels,
+                3,
+                1,
+                1,
             ),
         }
     }
@@ -365,7 +355,7 @@ impl AutoencoderKL {
     pub fn new(vs: nn::Path, config: &AutoencoderKLConfig) -> Self {
         assert!(config.unsupported().is_none(), "unsupported VAE config");
         let l2 = 2 * config.latent_channels;
-        let one = |vs: nn::Path, c: i64| nn::conv2d(vs, c, c, 1, Default::default());
+        let one = |vs: nn::Path, c: i64| conv(vs, c, c, 1, 1, 0);
         AutoencoderKL {
             encoder: Encoder::new(&vs / "encoder", config),
             decoder: Decoder::new(&vs / "decoder", config),
