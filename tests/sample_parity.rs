@@ -280,3 +280,53 @@ fn a_unet_override_file_replaces_the_folder_weights() {
         base
     );
 }
+
+/// The half-precision paths (UNet and text encoders in bf16/f16, latents and the scheduler in
+/// fp32, SDXL's VAE kept in fp32 by force_upcast) run and stay close to fp32. libtorch runs both
+/// kinds on the CPU, so this checks the dtype plumbing the CUDA path uses.
+#[test]
+fn half_precision_pipelines_stay_close_to_f32() {
+    let dir = oracle_dir();
+    let e = expected(dir, "sd_euler_1");
+    for folder in ["sd", "sdxl"] {
+        let images = |kind: Kind| {
+            let opts = LoadOptions {
+                device: Device::Cpu,
+                kind,
+                variant: None,
+                unet_override: None,
+            };
+            let pipeline = Pipeline::load(&dir.join(folder), &opts).unwrap();
+            let request = GenerateRequest {
+                prompt: "a photo of a cat on the moon",
+                negative_prompt: None,
+                timesteps: Timesteps::Steps(2),
+                guidance: 0.0,
+                height: 32,
+                width: 32,
+                num_images: 1,
+                init_latents: Some(e["latents"].shallow_clone()),
+                record: false,
+            };
+            let out = pipeline
+                .generate(request, &mut SeededNoise::new(0))
+                .unwrap();
+            assert_eq!(
+                out.latents.kind(),
+                Kind::Float,
+                "{folder} {kind:?}: latents stay fp32"
+            );
+            out.images.to_kind(Kind::Float)
+        };
+        let reference = images(Kind::Float);
+        for (kind, mean_bound) in [(Kind::BFloat16, 2.0), (Kind::Half, 0.5)] {
+            let diff = (images(kind) - &reference).abs();
+            let mean = diff.mean(Kind::Float).double_value(&[]);
+            let max = diff.max().double_value(&[]);
+            assert!(
+                mean < mean_bound && max < 32.0,
+                "{folder} {kind:?}: mean |Δ| {mean}, max {max}"
+            );
+        }
+    }
+}
