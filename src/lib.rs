@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod logging;
 pub mod models;
 pub mod objective;
+pub mod optim;
 pub mod pairs;
 pub mod pipeline;
 pub mod sampling;
