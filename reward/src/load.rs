@@ -251,10 +251,21 @@ pub fn build_and_load<T>(
     kind: Kind,
     build: impl FnOnce(nn::Path) -> T,
 ) -> Result<(nn::VarStore, T), LoadError> {
+    build_and_load_with_prefix(files, device, kind, None, build)
+}
+
+/// [`build_and_load`] through [`load_safetensors_with_prefix`].
+pub fn build_and_load_with_prefix<T>(
+    files: &[PathBuf],
+    device: tch::Device,
+    kind: Kind,
+    optional_prefix: Option<&str>,
+    build: impl FnOnce(nn::Path) -> T,
+) -> Result<(nn::VarStore, T), LoadError> {
     let mut vs = nn::VarStore::new(device);
     let model = build(vs.root());
     vs.set_kind(kind);
-    load_safetensors(&vs, files)?;
+    load_safetensors_with_prefix(&vs, files, optional_prefix)?;
     vs.freeze();
     Ok((vs, model))
 }

@@ -8,7 +8,7 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use super::config::{ClipTextConfig, ConfigFile};
 use super::encoder::{ClipEncoder, EncoderSpec, Mask};
-use crate::load::{check_dir, load_safetensors_with_prefix, read_json, weight_files};
+use crate::load::{build_and_load_with_prefix, check_dir, read_json, weight_files};
 use crate::RewardError;
 
 /// The `eos_token_id` of configs saved before transformers PR #24773; with it the pooled token is
@@ -170,12 +170,13 @@ impl ClipTextModel {
             .iter()
             .any(|a| a == "CLIPTextModelWithProjection")
             .then_some(file.config.projection_dim);
-        let mut vs = nn::VarStore::new(device);
-        let model = ClipTextModel::new(vs.root(), &file.config, projection);
-        vs.set_kind(kind);
-        load_safetensors_with_prefix(&vs, &weight_files(dir, variant)?, Some("text_model"))?;
-        vs.freeze();
-        Ok((vs, model))
+        Ok(build_and_load_with_prefix(
+            &weight_files(dir, variant)?,
+            device,
+            kind,
+            Some("text_model"),
+            |p| ClipTextModel::new(p, &file.config, projection),
+        )?)
     }
 
     /// Whether `forward` fills `text_embeds`.
