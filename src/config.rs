@@ -202,8 +202,15 @@ pub struct PeftSection {
     pub rank: u32,
     /// LoRA alpha (scale = alpha / rank).
     pub alpha: f64,
-    /// Module-name patterns that get LoRA adapters.
+    /// Names of the linear layers that get LoRA adapters: a layer matches a pattern equal to its
+    /// dotted name or to a suffix of it after a dot (as peft's `target_modules`).
     pub targets: Vec<String>,
+    /// LoRA A initialisation: `gaussian` (std 1/rank, diffusers' training scripts) or `kaiming`
+    /// (peft's default); B starts at zero either way.
+    pub init: String,
+    /// DiffFit: transformer blocks [first, last) that get γ, counted in module order over the
+    /// whole UNet; unset means every block.
+    pub gamma_blocks: Option<[u32; 2]>,
 }
 
 impl Default for PeftSection {
@@ -215,6 +222,8 @@ impl Default for PeftSection {
             targets: ["to_q", "to_k", "to_v", "to_out.0"]
                 .map(String::from)
                 .to_vec(),
+            init: "gaussian".into(),
+            gamma_blocks: None,
         }
     }
 }
@@ -269,6 +278,11 @@ pub struct LearnerSection {
     pub checkpoint_every: u64,
     /// Checkpoints kept (older ones are deleted).
     pub keep_checkpoints: u32,
+    /// Decay of an exponential moving average of the trainable tensors; 0 keeps none.
+    pub ema_decay: f64,
+    /// Abort (after a checkpoint) when this many optimizer steps in a row had a non-finite loss
+    /// or gradient.
+    pub max_nonfinite_steps: u32,
 }
 
 impl Default for LearnerSection {
@@ -280,6 +294,8 @@ impl Default for LearnerSection {
             max_steps: 1000,
             checkpoint_every: 100,
             keep_checkpoints: 3,
+            ema_decay: 0.0,
+            max_nonfinite_steps: 10,
         }
     }
 }
@@ -479,8 +495,21 @@ impl RunConfig {
             ("learner.max_steps", l.max_steps),
             ("learner.checkpoint_every", l.checkpoint_every),
             ("learner.keep_checkpoints", l.keep_checkpoints as u64),
+            ("learner.max_nonfinite_steps", l.max_nonfinite_steps as u64),
         ] {
             need(v >= 1, key, format!("{v} is below 1"));
+        }
+        need(
+            (0.0..1.0).contains(&l.ema_decay),
+            "learner.ema_decay",
+            format!("{} is not in [0, 1) (0 disables the EMA)", l.ema_decay),
+        );
+        if let Some([first, last]) = self.peft.gamma_blocks {
+            need(
+                first < last,
+                "peft.gamma_blocks",
+                format!("[{first}, {last}] is not a range [first, last) with first < last"),
+            );
         }
         let q = &self.pairs;
         for (key, v) in [
@@ -519,6 +548,11 @@ impl RunConfig {
             "peft.kind",
             &self.peft.kind,
             &["lora", "difffit", "full"],
+        ));
+        out.extend(one_of(
+            "peft.init",
+            &self.peft.init,
+            &["gaussian", "kaiming"],
         ));
         out.extend(one_of(
             "optim.schedule",
@@ -588,6 +622,25 @@ impl RunConfig {
     /// The config as TOML, every default filled in.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a config always serializes")
+    }
+
+    /// A hash of everything that changes what training computes (so not the run's name and
+    /// place, its length under a schedule that does not depend on it, or checkpoint cadence);
+    /// a resume refuses a checkpoint written under another hash.
+    pub fn training_hash(&self) -> String {
+        let mut c = self.clone();
+        c.run.name.clear();
+        c.run.out = PathBuf::new();
+        c.learner.checkpoint_every = 0;
+        c.learner.keep_checkpoints = 0;
+        if c.optim.schedule != "cosine" {
+            c.learner.max_steps = 0;
+        }
+        // FNV-1a, 64 bit: stable across builds and platforms.
+        let hash = c.to_toml().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{hash:016x}")
     }
 
     /// Writes the resolved config as `dir/config.toml` (atomically).

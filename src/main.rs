@@ -99,7 +99,8 @@ struct SampleArgs {
     /// diffusers' `latents=` argument: the same file gives the same image in both.
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Adapter to apply (LoRA, DiffFit).
+    /// Trained weights to apply: a diffusers LoRA file, a DiffFit file, or a merged UNet folder
+    /// (what `pso export` writes).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Number of images (default 1, or N of --init-noise).
@@ -228,28 +229,40 @@ struct OnlineArgs {
     resume: bool,
 }
 
+/// Replays pairs with objective.kind = offline_pso (default β 5000), dpo or sft; LoRA, DiffFit
+/// or full fine-tuning as peft.kind says. Writes RUN/config.toml, RUN/metrics.jsonl (one JSON
+/// object per step) and RUN/checkpoints/step-N/; Ctrl-C finishes the step and checkpoints.
 #[derive(Args)]
+#[command(
+    after_help = "Example: pso offline --config configs/sd-turbo-pickscore.toml \\\n  --set \
+                  objective.kind=offline_pso --pairs runs/a/pairs --out runs/b --max-steps 500"
+)]
 struct OfflineArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Pair shards or store directories.
-    #[arg(long, required = true)]
+    /// Pair shards or store directories (a run's pairs/, or `pso pairs import` output).
+    #[arg(long, required = true, num_args = 1..)]
     pairs: Vec<PathBuf>,
     /// Run directory (default: run.out/run.name).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Stop after this many optimizer steps.
+    /// Train this many optimizer steps in total (sets learner.max_steps).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Continue from the run directory's latest checkpoint (same config required).
+    #[arg(long)]
+    resume: bool,
+    /// Label every pair again as it is read, with SCORER:MODEL (scorer clip, pickscore,
+    /// aesthetic or http; MODEL a model folder or URL), e.g. aesthetic:models/aesthetic.
+    #[arg(long, value_name = "SCORER:MODEL")]
+    relabel_with: Option<String>,
+    /// Bearer-token file of an http --relabel-with scorer.
+    #[arg(long)]
+    relabel_token_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ExportFormat {
-    DiffusersLora,
-    Difffit,
-    Merged,
-}
-
+/// Writes a run's trained tensors (latest checkpoint unless --checkpoint) as a diffusers LoRA
+/// file, a DiffFit file, or a merged diffusers UNet folder; `pso sample --adapter` loads each.
 #[derive(Args)]
 struct ExportArgs {
     /// Run directory.
@@ -257,10 +270,16 @@ struct ExportArgs {
     run: PathBuf,
     /// What to write.
     #[arg(long, value_enum)]
-    format: ExportFormat,
-    /// Output file or folder.
+    format: pso::peft::export::ExportFormat,
+    /// Output file (diffusers-lora, difffit) or folder (merged).
     #[arg(long)]
     out: PathBuf,
+    /// A checkpoint directory of the run (default: the one RUN/checkpoints/latest names).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Export the EMA of the trainable tensors (runs with learner.ema_decay > 0).
+    #[arg(long)]
+    ema: bool,
 }
 
 #[derive(Subcommand)]
@@ -325,13 +344,124 @@ fn progress_bar(what: &str) -> ProgressBar {
     bar
 }
 
+fn offline(args: OfflineArgs) -> Result<()> {
+    use pso::run::offline::{run, run_path, OfflineOptions};
+    let mut config = load_config(&args.config)?;
+    if let Some(n) = args.max_steps {
+        anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
+        config.learner.max_steps = n;
+    }
+    let out = run_path(&config, args.out.as_deref());
+    let relabel_with = match &args.relabel_with {
+        None => None,
+        Some(spec) => {
+            let scorer = load_scorer(spec, args.relabel_token_file.as_deref())
+                .with_context(|| format!("--relabel-with {spec}"))?;
+            Some(pso::run::relabel::Relabeler::new(scorer)?)
+        }
+    };
+    let summary = run(
+        &config,
+        OfflineOptions {
+            pairs: args.pairs,
+            relabel_with,
+            out: out.clone(),
+            resume: args.resume,
+            progress: std::io::stderr().is_terminal(),
+        },
+    )
+    .with_context(|| format!("offline run {}", out.display()))?;
+    let checkpoint = summary
+        .checkpoint
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "{} after {} steps (last loss {}); checkpoint {checkpoint}",
+        if summary.stopped { "stopped" } else { "done" },
+        summary.steps,
+        summary
+            .last_loss
+            .map_or("n/a".to_string(), |l| format!("{l:.5}")),
+    );
+    Ok(())
+}
+
+/// A scorer from `KIND:MODEL` (a model folder, or a URL for `http`).
+fn load_scorer(
+    spec: &str,
+    token_file: Option<&std::path::Path>,
+) -> Result<Box<dyn reward::Scorer>> {
+    let (kind, model) = spec
+        .split_once(':')
+        .context("expected SCORER:MODEL, e.g. pickscore:models/PickScore_v1")?;
+    let kind =
+        ScorerKind::from_str(kind, true).map_err(|e| anyhow::anyhow!("scorer {kind}: {e}"))?;
+    Ok(match local_scorer_kind(kind) {
+        Some(local) => {
+            let root = pso::pipeline::hub::resolve_model(model, None)?;
+            reward::load_local(local, &root, tch::Device::cuda_if_available())
+                .with_context(|| format!("loading scorer model {model}"))?
+        }
+        None => {
+            let options = reward::http::HttpScorerOptions {
+                token: reward::http::load_token(token_file)?,
+                ..Default::default()
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Box::new(runtime.block_on(reward::http::HttpScorer::connect(model, options))?)
+        }
+    })
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    use pso::checkpoint;
+    let config_path = args.run.join("config.toml");
+    let config = RunConfig::load(&config_path, &[])
+        .with_context(|| format!("{} is not a run directory", args.run.display()))?;
+    let dir = match args.checkpoint {
+        Some(dir) => dir,
+        None => checkpoint::latest(&args.run.join("checkpoints"))?.with_context(|| {
+            format!(
+                "{} has no checkpoint yet; train first (pso offline / pso online)",
+                args.run.display()
+            )
+        })?,
+    };
+    let state = checkpoint::load(&dir)?.state;
+    let tensors = checkpoint::load_trainable(&dir, args.ema)?;
+    let written = pso::peft::export::export(
+        &config,
+        tensors,
+        state.counters.step,
+        args.format,
+        &args.out,
+    )?;
+    println!("{}", written.display());
+    Ok(())
+}
+
 fn sample(args: SampleArgs) -> Result<()> {
     use pso::pipeline::{GenerateRequest, LoadOptions, Pipeline};
     use pso::sampling::{SeededNoise, Timesteps};
 
-    if args.adapter.is_some() {
-        anyhow::bail!("--adapter: applying adapters is not implemented yet");
-    }
+    use pso::peft::export::{apply_file, open_adapter, AdapterSource};
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(|p| open_adapter(p).with_context(|| format!("--adapter {}", p.display())))
+        .transpose()?;
+    let unet_override = match &adapter {
+        Some(AdapterSource::MergedUnet(weights)) => {
+            anyhow::ensure!(
+                args.unet.is_none(),
+                "--unet and a merged --adapter folder both replace the UNet; give one"
+            );
+            Some(weights.clone())
+        }
+        _ => args.unet.clone(),
+    };
     let device = resolve_device(&args.device).map_err(anyhow::Error::msg)?;
     let dtype = args.dtype.unwrap_or(if device.is_cuda() {
         DType::F16
@@ -342,11 +472,16 @@ fn sample(args: SampleArgs) -> Result<()> {
         device,
         kind: dtype.kind(),
         variant: args.variant.clone(),
-        unet_override: args.unet.clone(),
+        unet_override,
     };
     let root = pso::pipeline::hub::resolve_model(&args.model, args.variant.as_deref())?;
     let pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
+        let what = apply_file(&pipeline.unet, &pipeline.unet_vs, file, path)
+            .with_context(|| format!("--adapter {}", path.display()))?;
+        tracing::info!(adapter = %path.display(), "applied {what}");
+    }
     let init_latents = match &args.init_noise {
         None => None,
         Some(path) => {
@@ -473,10 +608,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             load_config(&args.config)?;
             return not_implemented("online");
         }
-        Command::Offline(args) => {
-            load_config(&args.config)?;
-            return not_implemented("offline");
-        }
+        Command::Offline(args) => offline(args)?,
         Command::Sample(args) => sample(*args)?,
         Command::Score(args) => {
             let images = args
@@ -524,7 +656,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Export(_) => return not_implemented("export"),
+        Command::Export(args) => export(args)?,
         Command::Reward(RewardCommand::Serve {
             scorer,
             model,

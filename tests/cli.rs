@@ -91,7 +91,11 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn unimplemented_commands_exit_2_without_panicking() {
-    let args = ["export", "--run", "r", "--format", "merged", "--out", "o"];
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/sd-turbo-pickscore.toml"
+    );
+    let args = ["online", "--config", config];
     let out = pso(&args);
     assert_eq!(out.status.code(), Some(2), "{args:?}");
     let err = text(&out.stderr);
@@ -99,6 +103,16 @@ fn unimplemented_commands_exit_2_without_panicking() {
         err.contains("not implemented yet") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+#[test]
+fn export_of_a_folder_that_is_no_run_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().to_str().unwrap();
+    let out = pso(&["export", "--run", run, "--format", "merged", "--out", "o"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("is not a run directory"), "{err}");
 }
 
 #[test]
@@ -245,7 +259,7 @@ fn score_names_a_missing_model_folder() {
 }
 
 #[test]
-fn sample_names_a_missing_model_folder_and_refuses_adapters_for_now() {
+fn sample_names_a_missing_model_folder_and_a_missing_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-pipeline");
     let out = pso(&[
@@ -275,9 +289,9 @@ fn sample_names_a_missing_model_folder_and_refuses_adapters_for_now() {
         "a.safetensors",
     ]);
     assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("--adapter"),
-        "{}",
-        text(&out.stderr)
+        err.contains("--adapter a.safetensors") && err.contains("a.safetensors:"),
+        "{err}"
     );
 }

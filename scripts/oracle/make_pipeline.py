@@ -11,73 +11,29 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import tiny_clip_vocab
+from tiny_models import TRAILING, text_encoder, tokenizer, unet, vae
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 
-
-def randomize(model, scale):
-    """Random values everywhere (default inits zero biases): every weight must matter."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(scale * torch.randn_like(p))
-    return model.eval()
-
-
-def text_encoder(with_projection):
-    config = CLIPTextConfig(vocab_size=len(tiny_clip_vocab.VOCAB), hidden_size=32, intermediate_size=48,
-                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-                            eos_token_id=tiny_clip_vocab.EOS_ID, bos_token_id=tiny_clip_vocab.BOS_ID,
-                            pad_token_id=1, projection_dim=16, hidden_act="gelu")
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return randomize(cls(config), 0.1)
-
-
-def tokenizer(pad_token):
-    vocab, merges = tiny_clip_vocab.write(out / "vocab")
-    return CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), pad_token=pad_token, model_max_length=77)
-
-
-def vae(force_upcast):
-    return randomize(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                   sample_size=32, force_upcast=force_upcast), 0.2)
-
-
-def unet(**kwargs):
-    return randomize(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8,
-                                          block_out_channels=(32, 64), layers_per_block=1,
-                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                          use_linear_projection=True, **kwargs), 0.05)
-
-
-TRAILING = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
-                steps_offset=1)
-
 torch.manual_seed(0)
 pipelines = {
-    "sd": StableDiffusionPipeline(vae=vae(False), text_encoder=text_encoder(False), tokenizer=tokenizer("<|endoftext|>"),
+    "sd": StableDiffusionPipeline(vae=vae(False), text_encoder=text_encoder(False), tokenizer=tokenizer(out, "<|endoftext|>"),
                                   unet=unet(attention_head_dim=[2, 4], cross_attention_dim=32),
                                   scheduler=EulerDiscreteScheduler(**TRAILING), safety_checker=None,
                                   feature_extractor=None, requires_safety_checker=False),
-    "lcm": StableDiffusionPipeline(vae=vae(False), text_encoder=text_encoder(False), tokenizer=tokenizer("<|endoftext|>"),
+    "lcm": StableDiffusionPipeline(vae=vae(False), text_encoder=text_encoder(False), tokenizer=tokenizer(out, "<|endoftext|>"),
                                    unet=unet(attention_head_dim=[2, 4], cross_attention_dim=32, time_cond_proj_dim=16),
                                    scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012,
                                                           beta_schedule="scaled_linear"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False),
     "sdxl": StableDiffusionXLPipeline(vae=vae(True), text_encoder=text_encoder(False),
-                                      text_encoder_2=text_encoder(True), tokenizer=tokenizer("<|endoftext|>"),
-                                      tokenizer_2=tokenizer("!"),
+                                      text_encoder_2=text_encoder(True), tokenizer=tokenizer(out, "<|endoftext|>"),
+                                      tokenizer_2=tokenizer(out, "!"),
                                       unet=unet(attention_head_dim=[2, 4], cross_attention_dim=64,
                                                 transformer_layers_per_block=[1, 2],
                                                 addition_embed_type="text_time", addition_time_embed_dim=8,

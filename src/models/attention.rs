@@ -5,6 +5,7 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::linear::Linear;
 use super::resnet::group_norm;
 
 /// Construction options of [`Attention`].
@@ -35,10 +36,10 @@ pub struct AttentionConfig {
 #[derive(Debug)]
 pub struct Attention {
     group_norm: Option<nn::GroupNorm>,
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: i64,
     residual_connection: bool,
     rescale_output_factor: f64,
@@ -49,17 +50,7 @@ impl Attention {
     pub fn new(vs: nn::Path, cfg: AttentionConfig) -> Self {
         let inner = cfg.heads * cfg.dim_head;
         let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
-        let lin = |name: &str, i: i64, o: i64, bias: bool| {
-            nn::linear(
-                &vs / name,
-                i,
-                o,
-                nn::LinearConfig {
-                    bias,
-                    ..Default::default()
-                },
-            )
-        };
+        let lin = |name: &str, i: i64, o: i64, bias: bool| Linear::new(&vs / name, i, o, bias);
         Attention {
             group_norm: cfg
                 .norm_num_groups
@@ -67,16 +58,16 @@ impl Attention {
             to_q: lin("to_q", cfg.query_dim, inner, cfg.bias),
             to_k: lin("to_k", kv_dim, inner, cfg.bias),
             to_v: lin("to_v", kv_dim, inner, cfg.bias),
-            to_out: nn::linear(
-                &vs / "to_out" / "0",
-                inner,
-                cfg.query_dim,
-                Default::default(),
-            ),
+            to_out: Linear::new(&vs / "to_out" / "0", inner, cfg.query_dim, true),
             heads: cfg.heads,
             residual_connection: cfg.residual_connection,
             rescale_output_factor: cfg.rescale_output_factor,
         }
+    }
+
+    /// The projections to_q, to_k, to_v, to_out.0 (the default LoRA targets).
+    pub fn linears(&self) -> [&Linear; 4] {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
     }
 
     /// Attends `x` ([B, N, C] tokens or a [B, C, H, W] map) to `context` (or to itself).

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod embeddings;
+pub mod linear;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;

@@ -1,33 +1,57 @@
 //! Diffusers' `Transformer2DModel` with `BasicTransformerBlock`s (models/transformers/
 //! transformer_2d.py, models/attention.py): the attention blocks of SD and SDXL UNets.
 
+use std::sync::Mutex;
+
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
+use super::linear::Linear;
 use super::resnet::group_norm;
 
 /// `FeedForward` with a GEGLU input projection (`ff.net.0.proj`, `ff.net.2`).
 #[derive(Debug)]
 struct FeedForward {
-    proj_in: nn::Linear,
-    proj_out: nn::Linear,
+    proj_in: Linear,
+    proj_out: Linear,
 }
 
 impl FeedForward {
     fn new(vs: nn::Path, dim: i64) -> Self {
         let inner = 4 * dim;
         FeedForward {
-            proj_in: nn::linear(&vs / "net" / 0 / "proj", dim, 2 * inner, Default::default()),
-            proj_out: nn::linear(&vs / "net" / 2, inner, dim, Default::default()),
+            proj_in: Linear::new(&vs / "net" / 0 / "proj", dim, 2 * inner, true),
+            proj_out: Linear::new(&vs / "net" / 2, inner, dim, true),
         }
     }
-}
 
-impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Tensor {
         let parts = self.proj_in.forward(x).chunk(2, -1);
         self.proj_out.forward(&(&parts[0] * parts[1].gelu("none")))
+    }
+}
+
+/// DiffFit's per-channel scale factors of a block's three residual branches (init 1.0), applied
+/// to each branch's output before it is added back.
+#[derive(Debug)]
+pub struct BranchScales {
+    /// γ of the self-attention branch, [dim].
+    pub attn1: Tensor,
+    /// γ of the cross-attention branch, [dim].
+    pub attn2: Tensor,
+    /// γ of the feed-forward branch, [dim].
+    pub ff: Tensor,
+}
+
+impl BranchScales {
+    /// The three γ with their names relative to the block (`gamma_attn1`, …).
+    pub fn named(&self) -> [(&'static str, &Tensor); 3] {
+        [
+            ("gamma_attn1", &self.attn1),
+            ("gamma_attn2", &self.attn2),
+            ("gamma_ff", &self.ff),
+        ]
     }
 }
 
@@ -35,6 +59,9 @@ impl Module for FeedForward {
 /// pre-normed with LayerNorm and added back.
 #[derive(Debug)]
 pub struct BasicTransformerBlock {
+    name: String,
+    dim: i64,
+    gamma: Mutex<Option<BranchScales>>,
     norm1: nn::LayerNorm,
     attn1: Attention,
     norm2: nn::LayerNorm,
@@ -63,6 +90,9 @@ impl BasicTransformerBlock {
             )
         };
         BasicTransformerBlock {
+            name: vs.components().collect::<Vec<_>>().join("."),
+            dim,
+            gamma: Mutex::new(None),
             norm1: ln("norm1"),
             attn1: attn("attn1", None),
             norm2: ln("norm2"),
@@ -72,10 +102,78 @@ impl BasicTransformerBlock {
         }
     }
 
+    /// The block's dotted name, e.g. `mid_block.attentions.0.transformer_blocks.0`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Channels of the block's tokens (the length of each γ).
+    pub fn dim(&self) -> i64 {
+        self.dim
+    }
+
+    /// Every linear layer: attn1's and attn2's projections, then ff.net.0.proj and ff.net.2.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = self.attn1.linears().into();
+        out.extend(self.attn2.linears());
+        out.extend([&self.ff.proj_in, &self.ff.proj_out]);
+        out
+    }
+
+    /// Attaches (or with `None` removes) DiffFit's branch scales.
+    pub fn set_branch_scales(&self, gamma: Option<BranchScales>) {
+        *self
+            .gamma
+            .lock()
+            .expect("the γ slot lock is never poisoned") = gamma;
+    }
+
+    /// The attached branch scales (sharing their tensors), if any.
+    pub fn branch_scales(&self) -> Option<BranchScales> {
+        self.gamma
+            .lock()
+            .expect("the γ slot lock is never poisoned")
+            .as_ref()
+            .map(|g| BranchScales {
+                attn1: g.attn1.shallow_clone(),
+                attn2: g.attn2.shallow_clone(),
+                ff: g.ff.shallow_clone(),
+            })
+    }
+
+    /// Folds attached branch scales into the layers that end each branch (attn1/attn2's
+    /// to_out.0, ff.net.2) and removes them; the block computes the same function after.
+    pub fn merge_branch_scales(&self) {
+        let taken = self
+            .gamma
+            .lock()
+            .expect("the γ slot lock is never poisoned")
+            .take();
+        if let Some(g) = taken {
+            self.attn1.linears()[3].scale_outputs(&g.attn1);
+            self.attn2.linears()[3].scale_outputs(&g.attn2);
+            self.ff.proj_out.scale_outputs(&g.ff);
+        }
+    }
+
     fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
-        let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + x;
-        self.ff.forward(&self.norm3.forward(&x)) + x
+        let gamma = self.branch_scales();
+        // γ may be fp32 while the block runs in bf16/fp16: scale in the branch's dtype.
+        let scale = |branch: Tensor, pick: fn(&BranchScales) -> &Tensor| match &gamma {
+            Some(g) => {
+                let kind: Kind = branch.kind();
+                branch * pick(g).to_kind(kind)
+            }
+            None => branch,
+        };
+        let x = scale(self.attn1.forward(&self.norm1.forward(x), None), |g| {
+            &g.attn1
+        }) + x;
+        let x = scale(
+            self.attn2.forward(&self.norm2.forward(&x), Some(context)),
+            |g| &g.attn2,
+        ) + x;
+        scale(self.ff.forward(&self.norm3.forward(&x)), |g| &g.ff) + x
     }
 }
 
@@ -100,7 +198,7 @@ pub struct Transformer2DConfig {
 
 #[derive(Debug)]
 enum Projection {
-    Linear(nn::Linear),
+    Linear(Linear),
     Conv(nn::Conv2D),
 }
 
@@ -120,7 +218,7 @@ impl Transformer2DModel {
         let inner = cfg.heads * cfg.dim_head;
         let proj = |name: &str, i: i64, o: i64| {
             if cfg.use_linear_projection {
-                Projection::Linear(nn::linear(&vs / name, i, o, Default::default()))
+                Projection::Linear(Linear::new(&vs / name, i, o, true))
             } else {
                 Projection::Conv(nn::conv2d(&vs / name, i, o, 1, Default::default()))
             }
@@ -141,6 +239,24 @@ impl Transformer2DModel {
                 .collect(),
             proj_out: proj("proj_out", inner, cfg.in_channels),
         }
+    }
+
+    /// The transformer blocks, in order.
+    pub fn blocks(&self) -> &[BasicTransformerBlock] {
+        &self.transformer_blocks
+    }
+
+    /// Every linear layer: proj_in (when linear), the blocks' layers, proj_out (when linear).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        if let Projection::Linear(l) = &self.proj_in {
+            out.push(l);
+        }
+        out.extend(self.transformer_blocks.iter().flat_map(|b| b.linears()));
+        if let Projection::Linear(l) = &self.proj_out {
+            out.push(l);
+        }
+        out
     }
 
     /// Applies the blocks to `x` [B, C, H, W] attending to `context` [B, T, D].

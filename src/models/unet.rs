@@ -575,6 +575,14 @@ impl UNet2DConditionModel {
         self.add_embedding.is_some()
     }
 
+    /// Every transformer in diffusers' module order: down blocks, mid block, up blocks.
+    pub fn transformers(&self) -> Vec<&Transformer2DModel> {
+        let down = self.down_blocks.iter().flat_map(|b| &b.attentions);
+        let mid = self.mid_block.rest.iter().map(|(t, _)| t);
+        let up = self.up_blocks.iter().flat_map(|b| &b.attentions);
+        down.chain(mid).chain(up).collect()
+    }
+
     /// Predicts the model output for `sample` [B, C, H, W] at `timestep` (a scalar or [B]),
     /// conditioned on the text embeddings [B, T, D] (and SDXL's added conditioning).
     ///

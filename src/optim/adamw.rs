@@ -1,5 +1,8 @@
 //! AdamW exactly as `torch.optim.AdamW` (single-tensor path), with fp32 state that can be
 //! saved and loaded, and `torch.nn.utils.clip_grad_norm_`.
+//!
+//! A parameter stored in bf16/fp16 gets an fp32 master copy: updates accumulate there and are
+//! rounded into the parameter after each step, so small updates are not lost to rounding.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -67,6 +70,7 @@ struct State {
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Tensor)>,
+    masters: Vec<Option<Tensor>>,
     state: Vec<Option<State>>,
 }
 
@@ -105,11 +109,65 @@ impl AdamW {
     /// An optimizer over `params` (each with requires_grad), with empty state.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
         let state = params.iter().map(|_| None).collect();
+        let masters = params
+            .iter()
+            .map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float)))
+            .collect();
         AdamW {
             config,
             params,
+            masters,
             state,
         }
+    }
+
+    /// The fp32 value of every parameter (its master copy where it has one), by name.
+    pub fn fp32_params(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(&self.masters)
+            .map(|((name, p), master)| {
+                let value = match master {
+                    Some(m) => m.shallow_clone(),
+                    None => p.detach(),
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
+
+    /// Sets every parameter (and master copy) to `values`, as [`AdamW::fp32_params`] returns
+    /// them; a name that is missing or unknown, or a shape that differs, is refused before
+    /// anything changes.
+    pub fn set_params(&mut self, values: Vec<(String, Tensor)>) -> Result<(), OptimError> {
+        let mut map: HashMap<String, Tensor> = values.into_iter().collect();
+        let mut ordered = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            let v = map
+                .remove(name)
+                .ok_or_else(|| OptimError::Missing(name.clone()))?;
+            if v.size() != p.size() {
+                return Err(OptimError::Shape {
+                    name: name.clone(),
+                    got: v.size(),
+                    want: p.size(),
+                });
+            }
+            ordered.push(v.to_device(p.device()).to_kind(Kind::Float));
+        }
+        if let Some(k) = map.keys().min() {
+            return Err(OptimError::Unknown(k.clone()));
+        }
+        tch::no_grad(|| {
+            for (((_, p), master), v) in self.params.iter_mut().zip(&mut self.masters).zip(ordered)
+            {
+                p.copy_(&v);
+                if let Some(m) = master {
+                    m.copy_(&v);
+                }
+            }
+        });
+        Ok(())
     }
 
     /// The hyper-parameters.
@@ -143,7 +201,12 @@ impl AdamW {
             weight_decay,
         } = self.config;
         tch::no_grad(|| {
-            for ((_, p), st) in self.params.iter_mut().zip(self.state.iter_mut()) {
+            for (((_, p), st), master) in self
+                .params
+                .iter_mut()
+                .zip(self.state.iter_mut())
+                .zip(&self.masters)
+            {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
@@ -155,11 +218,9 @@ impl AdamW {
                     step: 0,
                 });
                 st.step += 1;
-                let fp32 = p.kind() == Kind::Float;
-                let mut w = if fp32 {
-                    p.shallow_clone()
-                } else {
-                    p.to_kind(Kind::Float)
+                let mut w = match master {
+                    Some(m) => m.shallow_clone(),
+                    None => p.shallow_clone(),
                 };
                 let _ = w.g_mul_scalar_(1.0 - lr * weight_decay);
                 let _ = st.exp_avg.lerp_(&g, 1.0 - beta1);
@@ -171,7 +232,7 @@ impl AdamW {
                 let step_size = lr / bc1;
                 let denom = st.exp_avg_sq.sqrt() / bc2_sqrt + eps;
                 let _ = w.g_sub_(&(&st.exp_avg / &denom * step_size));
-                if !fp32 {
+                if master.is_some() {
                     p.copy_(&w);
                 }
             }

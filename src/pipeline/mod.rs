@@ -97,6 +97,71 @@ pub struct Conditioning {
     cfg: Option<f64>,
 }
 
+impl Conditioning {
+    /// Stacks the conditioning of several unguided requests along the batch (a training batch
+    /// of different prompts).
+    pub fn cat(parts: &[Conditioning]) -> Result<Conditioning, PipelineError> {
+        if parts.is_empty() || parts.iter().any(|c| c.cfg.is_some()) {
+            return Err(PipelineError::Request(
+                "batched conditioning needs at least one request, all without classifier-free \
+                 guidance"
+                    .into(),
+            ));
+        }
+        let cat = |f: &dyn Fn(&Conditioning) -> Option<&Tensor>| {
+            let all: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
+            all.map(|v| Tensor::cat(&v, 0))
+        };
+        Ok(Conditioning {
+            embeds: cat(&|c| Some(&c.embeds)).expect("every part has embeddings"),
+            added: cat(&|c| c.added.as_ref().map(|a| &a.text_embeds)).map(|text_embeds| {
+                AddedCond {
+                    text_embeds,
+                    time_ids: cat(&|c| c.added.as_ref().map(|a| &a.time_ids))
+                        .expect("added conditioning has time ids"),
+                }
+            }),
+            timestep_cond: cat(&|c| c.timestep_cond.as_ref()),
+            cfg: None,
+        })
+    }
+
+    /// The tensors as diffusers' UNet arguments name them: `encoder_hidden_states`, and for
+    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "encoder_hidden_states".to_string(),
+            self.embeds.shallow_clone(),
+        )];
+        if let Some(a) = &self.added {
+            out.push(("text_embeds".into(), a.text_embeds.shallow_clone()));
+            out.push(("time_ids".into(), a.time_ids.shallow_clone()));
+        }
+        if let Some(c) = &self.timestep_cond {
+            out.push(("timestep_cond".into(), c.shallow_clone()));
+        }
+        out
+    }
+
+    /// The same conditioning repeated `times` along the batch (rows in order 0..n, 0..n, …).
+    pub fn repeat(&self, times: i64) -> Conditioning {
+        let rep = |t: &Tensor| {
+            let mut reps = vec![1i64; t.dim()];
+            reps[0] = times;
+            t.repeat(reps.as_slice())
+        };
+        Conditioning {
+            embeds: rep(&self.embeds),
+            added: self.added.as_ref().map(|a| AddedCond {
+                text_embeds: rep(&a.text_embeds),
+                time_ids: rep(&a.time_ids),
+            }),
+            timestep_cond: self.timestep_cond.as_ref().map(rep),
+            cfg: self.cfg,
+        }
+    }
+}
+
 /// What to generate.
 #[derive(Debug)]
 pub struct GenerateRequest<'a> {
@@ -305,6 +370,11 @@ impl Pipeline {
         })
     }
 
+    /// The device the models run on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// The (guided) model output for scaled latents `model_input` at timestep `t`.
     pub fn predict(&self, cond: &Conditioning, model_input: &Tensor, t: f64) -> Tensor {
         let input = match cond.cfg {
@@ -327,6 +397,38 @@ impl Pipeline {
             }
             None => out,
         }
+    }
+
+    /// The unguided output of `unet` (the pipeline's, its frozen copy, …) for scaled latents `x`
+    /// [B, C, h, w] at one timestep per sample (`timesteps` [B]), as training needs it.
+    pub fn predict_batch(
+        &self,
+        unet: &UNet2DConditionModel,
+        cond: &Conditioning,
+        x: &Tensor,
+        timesteps: &Tensor,
+    ) -> Tensor {
+        unet.forward(
+            &x.to_kind(self.kind),
+            timesteps,
+            &cond.embeds,
+            cond.added.as_ref(),
+            cond.timestep_cond.as_ref(),
+        )
+    }
+
+    /// Encodes [N, H, W, 3] uint8 images to the UNet's latent space (the posterior mean, scaled
+    /// as the pipelines scale), fp32.
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let x = images
+            .to_device(self.device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 127.5
+            - 1.0;
+        let posterior = self.vae.encode(&x.to_kind(self.vae_kind));
+        self.vae.scale_latents(&posterior.mean).to_kind(Kind::Float)
     }
 
     /// Decodes final latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'

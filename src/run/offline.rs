@@ -1,0 +1,443 @@
+//! `pso offline`: trains on logged or imported pairs (method.md §3 sources a and b) with
+//! offline PSO, Diffusion-DPO or SFT, under the run-directory, metrics and checkpoint contracts
+//! of the online loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::data::{image_tensor, stored_latent, PairStream};
+use super::relabel::Relabeler;
+use super::{step_seed, stop_flag, Metrics, RunDir, RunError};
+use crate::checkpoint;
+use crate::config::{resolve_device, RunConfig};
+use crate::learner::{Learner, LearnerError};
+use crate::objective::{noise_pair, sft_loss, Dpo, Loss, Objective, PairPredictions};
+use crate::pairs::schema::{Label, PairRecord};
+use crate::peft::Adapter;
+use crate::pipeline::{Conditioning, LoadOptions, Pipeline};
+use crate::sampling::{PredictionType, Timesteps};
+
+/// What to train on and where.
+pub struct OfflineOptions {
+    /// Pair shards or directories of shards (the store of a run, or an import).
+    pub pairs: Vec<PathBuf>,
+    /// Label every pair again with this scorer as it is read (`--relabel-with`).
+    pub relabel_with: Option<Relabeler>,
+    /// The run directory.
+    pub out: PathBuf,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The run directory.
+    pub run: PathBuf,
+    /// Optimizer steps done in total.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub last_loss: Option<f64>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Whether a stop request ended it early.
+    pub stopped: bool,
+}
+
+/// The model, its trainable tensors and what a micro-batch needs.
+pub struct Trainer {
+    /// The pipeline (its UNet carries the adapter).
+    pub pipeline: Pipeline,
+    /// The trainable tensors and the reference model.
+    pub adapter: Adapter,
+    objective: Objective,
+    alphas_cumprod: Vec<f64>,
+    prediction: PredictionType,
+    height: u32,
+    width: u32,
+}
+
+impl Trainer {
+    /// Loads `config.model` and attaches `config.peft`.
+    pub fn load(config: &RunConfig) -> Result<Trainer, RunError> {
+        let device = resolve_device(&config.model.device).map_err(RunError::Config)?;
+        let root = crate::pipeline::hub::resolve_model(&config.model.id, None)?;
+        let pipeline = Pipeline::load(
+            &root,
+            &LoadOptions {
+                device,
+                kind: config.model.dtype.kind(),
+                variant: None,
+                unet_override: None,
+            },
+        )?;
+        let timesteps = if config.sampler.timesteps.is_empty() {
+            Timesteps::Steps(config.sampler.steps as usize)
+        } else {
+            Timesteps::Explicit(config.sampler.timesteps.clone())
+        };
+        let scheduler = pipeline.scheduler(timesteps)?;
+        let distilled: Vec<u32> = scheduler.timesteps().iter().map(|&t| t as u32).collect();
+        let num_train = scheduler.config().num_train_timesteps;
+        let objective = Objective::from_section(&config.objective, &distilled, num_train)?;
+        match objective {
+            Objective::OnlinePso(_) => {
+                return Err(RunError::Config(
+                    "objective.kind = online_pso needs trajectories sampled by the current \
+                     policy: run `pso online`, or replay stored pairs with objective.kind = \
+                     offline_pso (or dpo, sft)"
+                        .into(),
+                ))
+            }
+            Objective::PsoDb(_) => {
+                return Err(RunError::Config(
+                    "objective.kind = pso_db trains on a folder of training images against \
+                     fresh reference samples, which `pso offline --pairs` does not provide; use \
+                     offline_pso, dpo or sft with pairs"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        let adapter = Adapter::new(
+            &pipeline.unet,
+            &pipeline.unet_vs,
+            &config.peft,
+            config.run.seed,
+        )?;
+        Ok(Trainer {
+            alphas_cumprod: scheduler.alphas_cumprod().to_vec(),
+            prediction: scheduler.config().prediction_type,
+            pipeline,
+            adapter,
+            objective,
+            height: config.sampler.height,
+            width: config.sampler.width,
+        })
+    }
+
+    /// The latent of one side: the stored one when it fits the configured size, else the image
+    /// encoded by the VAE.
+    fn latent(&self, record: &PairRecord, side: usize) -> Result<Tensor, RunError> {
+        let f = self.pipeline.vae_scale_factor();
+        let want = [
+            self.pipeline.unet.config.in_channels,
+            self.height as i64 / f,
+            self.width as i64 / f,
+        ];
+        if let Some(t) = stored_latent(record, side).filter(|t| t.size() == want) {
+            return Ok(t.to_device(self.pipeline.device()));
+        }
+        let what = format!(
+            "pair {} of run `{}`, side {side}",
+            record.pair_id, record.run_id
+        );
+        let image = image_tensor(&record.sides[side].image, self.height, self.width, &what)?;
+        Ok(self.pipeline.encode(&image.unsqueeze(0)).squeeze_dim(0))
+    }
+
+    /// The model-side inputs of a micro-batch of pairs: latents of winners and losers (stored,
+    /// or encoded from the images) and the prompts' conditioning.
+    pub fn batch(&self, records: &[PairRecord]) -> Result<Batch, RunError> {
+        let (mut winners, mut losers, mut conds) = (Vec::new(), Vec::new(), Vec::new());
+        for r in records {
+            let w = if r.label == Label::Side1 { 1 } else { 0 };
+            winners.push(self.latent(r, w)?);
+            losers.push(self.latent(r, 1 - w)?);
+            conds.push(self.pipeline.condition(
+                &r.prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        Ok(Batch {
+            x0_winner: Tensor::stack(&winners, 0),
+            x0_loser: Tensor::stack(&losers, 0),
+            cond: Conditioning::cat(&conds)?,
+        })
+    }
+
+    /// The loss of one micro-batch of pairs; every random draw comes from `seed`.
+    pub fn loss(&self, records: &[PairRecord], seed: u64) -> Result<Loss, RunError> {
+        self.batch_loss(&self.batch(records)?, seed)
+    }
+
+    /// The loss of a prepared micro-batch; every random draw comes from `seed`.
+    pub fn batch_loss(&self, batch: &Batch, seed: u64) -> Result<Loss, RunError> {
+        let Batch {
+            x0_winner: x0_w,
+            x0_loser: x0_l,
+            cond,
+        } = batch;
+        let pairs = x0_w.size()[0] as usize;
+        let device = x0_w.device();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        tch::manual_seed(seed as i64);
+        // Drawn on the CPU so that a run draws the same noise on every device.
+        let noise = Tensor::randn(x0_w.size(), (Kind::Float, Device::Cpu)).to_device(device);
+        let to_tensor = |ts: &[u32]| {
+            Tensor::from_slice(&ts.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device)
+        };
+        let dpo = match &self.objective {
+            Objective::OfflinePso(d) | Objective::Dpo(d) => d,
+            Objective::Sft => {
+                let policy = Dpo::diffusion_dpo(self.alphas_cumprod.len(), 1.0)?;
+                let ts = policy.timesteps.draw(&mut rng, pairs);
+                let p = noise_pair(
+                    x0_w,
+                    x0_w,
+                    &noise,
+                    &ts,
+                    &self.alphas_cumprod,
+                    self.prediction,
+                )?;
+                let unet = &self.pipeline.unet;
+                let pred =
+                    self.pipeline
+                        .predict_batch(unet, cond, &p.noisy_winner, &to_tensor(&ts));
+                return Ok(sft_loss(&pred, &p.target_winner)?);
+            }
+            other => unreachable!("Trainer::load refuses {}", other.kind()),
+        };
+        let ts = dpo.timesteps.draw(&mut rng, pairs);
+        let p = noise_pair(
+            x0_w,
+            x0_l,
+            &noise,
+            &ts,
+            &self.alphas_cumprod,
+            self.prediction,
+        )?;
+        let x = Tensor::cat(&[&p.noisy_winner, &p.noisy_loser], 0);
+        let both = cond.repeat(2);
+        let t = to_tensor(&[ts.as_slice(), ts.as_slice()].concat());
+        let reference = self.adapter.reference(&self.pipeline.unet, |unet| {
+            self.pipeline.predict_batch(unet, &both, &x, &t)
+        });
+        let policy = self
+            .pipeline
+            .predict_batch(&self.pipeline.unet, &both, &x, &t);
+        let (pw, pl) = halves(&policy);
+        let (rw, rl) = halves(&reference);
+        Ok(dpo.loss(
+            &PairPredictions {
+                policy_winner: &pw,
+                policy_loser: &pl,
+                reference_winner: &rw,
+                reference_loser: &rl,
+                target_winner: &p.target_winner,
+                target_loser: &p.target_loser,
+            },
+            &ts,
+            None,
+        )?)
+    }
+}
+
+/// What a micro-batch feeds the models.
+pub struct Batch {
+    /// Winners' latents [B, C, h, w] (fp32, UNet space).
+    pub x0_winner: Tensor,
+    /// Losers' latents.
+    pub x0_loser: Tensor,
+    /// The prompts' conditioning, one row per pair.
+    pub cond: Conditioning,
+}
+
+fn halves(t: &Tensor) -> (Tensor, Tensor) {
+    let parts = t.chunk(2, 0);
+    (parts[0].shallow_clone(), parts[1].shallow_clone())
+}
+
+/// Mean score of the pairs' sides, when a scorer (not humans) labelled them.
+fn reward_mean(records: &[PairRecord]) -> Value {
+    let scored: Vec<f64> = records
+        .iter()
+        .filter(|r| r.scorer != "human")
+        .flat_map(|r| r.sides.iter().map(|s| s.score as f64))
+        .filter(|s| s.is_finite())
+        .collect();
+    if scored.is_empty() {
+        Value::Null
+    } else {
+        (scored.iter().sum::<f64>() / scored.len() as f64).into()
+    }
+}
+
+fn save(
+    dir: &RunDir,
+    learner: &Learner,
+    config: &RunConfig,
+    cursor: u64,
+) -> Result<PathBuf, RunError> {
+    let state = checkpoint::State {
+        pso_version: env!("CARGO_PKG_VERSION").into(),
+        counters: learner.counters(),
+        data_cursor: cursor,
+        config_hash: config.training_hash(),
+        peft: config.peft.kind.clone(),
+    };
+    Ok(checkpoint::save(
+        &dir.checkpoints(),
+        learner,
+        &state,
+        config.learner.keep_checkpoints,
+    )?)
+}
+
+/// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
+/// run has no checkpoint yet).
+pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {
+    let Some(latest) = checkpoint::latest(&dir.checkpoints())? else {
+        return Ok(0);
+    };
+    let loaded = checkpoint::load(&latest)?;
+    if loaded.state.config_hash != config.training_hash() {
+        return Err(RunError::RunDir {
+            path: latest,
+            why: "was written under a different training config; resume with the run's own \
+                  config.toml"
+                .into(),
+        });
+    }
+    learner.restore(
+        loaded.trainable,
+        loaded.optimizer,
+        loaded.ema,
+        loaded.state.counters,
+    )?;
+    tracing::info!(
+        checkpoint = %latest.display(),
+        step = loaded.state.counters.step,
+        "resumed"
+    );
+    Ok(loaded.state.data_cursor)
+}
+
+/// Trains until `config.learner.max_steps` (or a stop request), checkpointing as configured.
+pub fn run(config: &RunConfig, opts: OfflineOptions) -> Result<Summary, RunError> {
+    let trainer = Trainer::load(config)?;
+    run_with(&trainer, config, opts)
+}
+
+/// [`run`] with a loaded trainer.
+pub fn run_with(
+    trainer: &Trainer,
+    config: &RunConfig,
+    opts: OfflineOptions,
+) -> Result<Summary, RunError> {
+    let dir = RunDir::prepare(&opts.out, config, opts.resume)?;
+    let mut learner = Learner::new(
+        trainer.adapter.params_shallow(),
+        &config.optim,
+        &config.learner,
+    )?;
+    let cursor = if opts.resume {
+        resume(&dir, &mut learner, config)?
+    } else {
+        0
+    };
+    let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?;
+    stream.skip(cursor)?;
+    let mut metrics = Metrics::open(&dir, learner.counters().step)?;
+    tracing::info!(
+        run = %dir.path.display(),
+        objective = trainer.objective.kind(),
+        peft = %config.peft.kind,
+        trainable = trainer.adapter.numel(),
+        "training"
+    );
+    let stop = stop_flag();
+    let bar = progress(
+        opts.progress,
+        config.learner.max_steps,
+        learner.counters().step,
+    );
+    let (batch, seed) = (config.learner.batch_size, config.run.seed);
+    let mut summary = Summary {
+        run: dir.path.clone(),
+        steps: learner.counters().step,
+        last_loss: None,
+        checkpoint: None,
+        stopped: false,
+    };
+    while learner.counters().step < config.learner.max_steps {
+        if stop.load(Ordering::SeqCst) {
+            summary.stopped = true;
+            break;
+        }
+        let step = learner.counters().step;
+        let mut seen = Vec::new();
+        let outcome = learner.step(|micro| {
+            let records = (0..batch)
+                .map(|_| stream.next_pair())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| LearnerError::Batch(Box::new(e)))?;
+            let loss = trainer
+                .loss(&records, step_seed(seed, step, micro))
+                .map_err(|e| LearnerError::Batch(Box::new(e)))?;
+            seen.extend(records);
+            Ok(loss)
+        });
+        let report = match outcome {
+            Ok(r) => r,
+            Err(e @ LearnerError::NonFinite { .. }) => {
+                let at = save(&dir, &learner, config, stream.consumed())?;
+                tracing::error!(checkpoint = %at.display(), "aborting: {e}");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        metrics.write(&report, &[("reward_mean", reward_mean(&seen))])?;
+        summary.last_loss = Some(report.diagnostics.loss);
+        summary.steps = report.step;
+        bar.set_position(report.step);
+        bar.set_message(format!("loss {:.4}", report.diagnostics.loss));
+        if report.step % config.learner.checkpoint_every == 0 {
+            summary.checkpoint = Some(save(&dir, &learner, config, stream.consumed())?);
+        }
+    }
+    bar.finish_and_clear();
+    let last = checkpoint::latest(&dir.checkpoints())?;
+    let up_to_date = last
+        .as_ref()
+        .is_some_and(|p| p.ends_with(checkpoint::dir_name(learner.counters().step)));
+    summary.checkpoint = if up_to_date {
+        last
+    } else {
+        Some(save(&dir, &learner, config, stream.consumed())?)
+    };
+    Ok(summary)
+}
+
+fn progress(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] step {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(done);
+    bar
+}
+
+/// `RUN` for a config: `--out` when given, else `run.out/run.name`.
+pub fn run_path(config: &RunConfig, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_owned)
+        .unwrap_or_else(|| config.run.out.join(&config.run.name))
+}

@@ -1,0 +1,342 @@
+//! `pso offline` and `pso export` end to end on a tiny random-weight pipeline and a tiny pair
+//! store: exact resume, a loss that goes down, and exports that `pso sample --adapter` loads.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use pso::config::RunConfig;
+use pso::learner::Learner;
+use pso::pairs::schema::PairRecord;
+use pso::pairs::writer::{PairStoreWriter, WriterOptions};
+use pso::run::offline::Trainer;
+use serde_json::Value;
+
+/// The tiny pipelines (scripts/oracle/peft_oracle.py make), once per test binary.
+fn models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("offline-models");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        common::oracle("peft_oracle.py", &["make".as_ref(), dir.as_os_str()]);
+        dir
+    })
+}
+
+/// Pairs without stored latents (images are encoded by the VAE), none tied.
+fn records(ids: impl Iterator<Item = i64>) -> Vec<PairRecord> {
+    ids.filter(|id| id % 5 != 0)
+        .map(|id| {
+            let mut r = common::record("src", id);
+            r.latents = None;
+            r
+        })
+        .collect()
+}
+
+fn store(dir: &Path, records: Vec<PairRecord>) -> PathBuf {
+    let path = dir.join("pairs");
+    let mut w = PairStoreWriter::open(WriterOptions::new(&path, "src")).unwrap();
+    for r in records {
+        w.append(r).unwrap();
+    }
+    w.close().unwrap();
+    path
+}
+
+/// A run config for the tiny SD pipeline, with `--set`-style overrides applied.
+fn config(dir: &Path, peft: &str, sets: &[&str]) -> PathBuf {
+    let path = dir.join(format!("{peft}.toml"));
+    let text = format!(
+        r#"
+[run]
+name = "t"
+seed = 3
+[model]
+id = "{}"
+device = "cpu"
+[sampler]
+name = "euler"
+steps = 4
+height = 16
+width = 16
+[objective]
+kind = "offline_pso"
+[peft]
+kind = "{peft}"
+rank = 4
+alpha = 4.0
+[optim]
+lr = 1e-3
+[learner]
+batch_size = 2
+grad_accumulation = 2
+max_steps = 6
+checkpoint_every = 3
+"#,
+        models().join("sd").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let resolved = RunConfig::load(&path, &sets).unwrap();
+    std::fs::write(&path, resolved.to_toml()).unwrap();
+    path
+}
+
+fn pso(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pso"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = pso(args);
+    assert!(
+        out.status.success(),
+        "pso {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// (step, loss) of each metrics line.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn six_steps_equal_three_then_three_more_after_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = store(dir.path(), records(1..12));
+    let cfg = config(dir.path(), "lora", &[]);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let common_args = ["offline", "--config", s(&cfg), "--pairs", s(&pairs)];
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = common_args.to_vec();
+        args.extend(["--out", s(out)]);
+        args.extend(extra);
+        ok(&args)
+    };
+    run(&a, &[]);
+    let printed = run(&b, &["--max-steps", "3"]);
+    assert!(printed.contains("after 3 steps"), "{printed}");
+    // A second start without --resume must not overwrite the run.
+    let mut args = common_args.to_vec();
+    args.extend(["--out", s(&b)]);
+    let refused = pso(&args);
+    assert_eq!(refused.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(e.contains("--resume"), "{e}");
+    run(&b, &["--resume"]);
+
+    for file in [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        let read = |run: &Path| std::fs::read(run.join("checkpoints/step-00000006").join(file));
+        assert!(
+            read(&a).unwrap() == read(&b).unwrap(),
+            "{file} differs between 6 steps and 3 + 3 resumed"
+        );
+    }
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb, "metrics of the resumed run differ");
+    assert!(la.iter().all(|(_, l)| l.is_finite()));
+    // keep_checkpoints = 3 by default; checkpoints at 3 and 6, `latest` at 6.
+    let latest = std::fs::read_to_string(b.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000006");
+    // A different training config refuses to resume.
+    let mut args = common_args.to_vec();
+    args.extend(["--out", s(&b), "--resume", "--set", "optim.lr=0.5"]);
+    let refused = pso(&args);
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(e.contains("different config"), "{e}");
+}
+
+#[test]
+fn offline_pso_lowers_its_own_loss_on_a_fixed_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = records(1..3);
+    let cfg = config(
+        dir.path(),
+        "lora",
+        &["learner.grad_accumulation=1", "optim.lr=1e-3"],
+    );
+    let config = RunConfig::load(&cfg, &[]).unwrap();
+    let trainer = Trainer::load(&config).unwrap();
+    let mut learner = Learner::new(
+        trainer.adapter.params_shallow(),
+        &config.optim,
+        &config.learner,
+    )
+    .unwrap();
+    // The same pairs, noise and timesteps at every step.
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let r = learner
+            .step(|_| Ok(trainer.loss(&batch, 42).unwrap()))
+            .unwrap();
+        losses.push(r.diagnostics.loss);
+    }
+    let last = trainer.loss(&batch, 42).unwrap().diagnostics;
+    // At the start the policy is the reference: margin 0, loss log 2.
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-6,
+        "{losses:?}"
+    );
+    assert!(
+        last.loss < losses[0] - 0.1 && last.margin.unwrap() > 0.0 && last.accuracy == Some(1.0),
+        "{losses:?} then {last:?}"
+    );
+}
+
+#[test]
+fn exports_load_back_into_pso_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = store(dir.path(), records(1..8));
+    let model = models().join("sd");
+    let sample = |out: &Path, adapter: Option<&Path>| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        ok(&args);
+        image::open(out.join("000000.png")).unwrap().to_rgb8()
+    };
+    let base = sample(&dir.path().join("base"), None);
+    for (peft, file_format) in [("lora", "diffusers-lora"), ("difffit", "difffit")] {
+        let cfg = config(dir.path(), peft, &["learner.max_steps=2"]);
+        let run = dir.path().join(format!("run-{peft}"));
+        ok(&[
+            "offline",
+            "--config",
+            s(&cfg),
+            "--pairs",
+            s(&pairs),
+            "--out",
+            s(&run),
+            "--set",
+            "optim.lr=0.05",
+        ]);
+        let file = dir.path().join(format!("{peft}.safetensors"));
+        let merged = dir.path().join(format!("{peft}-merged"));
+        for (format, out) in [(file_format, &file), ("merged", &merged)] {
+            ok(&[
+                "export",
+                "--run",
+                s(&run),
+                "--format",
+                format,
+                "--out",
+                s(out),
+            ]);
+        }
+        let wrong = if peft == "lora" {
+            "difffit"
+        } else {
+            "diffusers-lora"
+        };
+        let refused = pso(&["export", "--run", s(&run), "--format", wrong, "--out", "x"]);
+        assert!(!refused.status.success());
+        let from_file = sample(&dir.path().join(format!("{peft}-file")), Some(&file));
+        let from_merged = sample(&dir.path().join(format!("{peft}-m")), Some(&merged));
+        let max_diff = |a: &image::RgbImage, b: &image::RgbImage| {
+            a.as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(x, y)| x.abs_diff(*y))
+                .max()
+                .unwrap()
+        };
+        assert!(
+            max_diff(&from_file, &from_merged) <= 1,
+            "{peft}: file vs merged"
+        );
+        assert!(
+            max_diff(&from_file, &base) > 1,
+            "{peft}: training changed nothing"
+        );
+    }
+}
+
+#[test]
+fn relabel_with_scores_the_pairs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = store(dir.path(), records(1..8));
+    let clip = dir.path().join("clip");
+    common::oracle("make_clip.py", &[clip.as_os_str()]);
+    let cfg = config(dir.path(), "lora", &["learner.max_steps=1"]);
+    let reward_mean = |run: &Path, relabel: Option<&str>| {
+        let mut args = vec![
+            "offline",
+            "--config",
+            s(&cfg),
+            "--pairs",
+            s(&pairs),
+            "--out",
+            s(run),
+        ];
+        if let Some(r) = relabel {
+            args.extend(["--relabel-with", r]);
+        }
+        ok(&args);
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let v: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        v["reward_mean"].as_f64().unwrap()
+    };
+    let stored = reward_mean(&dir.path().join("stored"), None);
+    let spec = format!("pickscore:{}", clip.join("quick").display());
+    let relabelled = reward_mean(&dir.path().join("relabelled"), Some(&spec));
+    // The stored scores of common::record lie in [-3, 1.5]; PickScore-style scores are
+    // logit_scale · cos, far from their mean here.
+    assert!(
+        (stored - relabelled).abs() > 1e-3,
+        "{stored} vs {relabelled}"
+    );
+    let bad = pso(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--pairs",
+        s(&pairs),
+        "--out",
+        "x",
+        "--relabel-with",
+        "nope",
+    ]);
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(e.contains("SCORER:MODEL"), "{e}");
+}

@@ -1,0 +1,336 @@
+//! PEFT on tiny random-weight pipelines (scripts/oracle/peft_oracle.py): which tensors train,
+//! what the reference model is, and that exports load back — LoRA into diffusers'
+//! `load_lora_weights` with the same UNet output.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use pso::config::PeftSection;
+use pso::peft::export::{apply_file, merge};
+use pso::peft::{lora, Adapter};
+use pso::pipeline::{LoadOptions, Pipeline};
+use pso::tensor_file;
+use tch::{Device, Kind, Tensor};
+
+fn oracle_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("peft");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        common::oracle("peft_oracle.py", &["make".as_ref(), dir.as_os_str()]);
+        dir
+    })
+}
+
+fn load(name: &str, kind: Kind) -> Pipeline {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind,
+        variant: None,
+        unet_override: None,
+    };
+    Pipeline::load(&oracle_dir().join(name), &opts).unwrap()
+}
+
+fn section(kind: &str) -> PeftSection {
+    PeftSection {
+        kind: kind.into(),
+        rank: 4,
+        alpha: 8.0,
+        ..PeftSection::default()
+    }
+}
+
+/// Fixed UNet inputs for a batch of 2 at timesteps 999 and 499.
+struct Inputs {
+    x: Tensor,
+    t: Tensor,
+    cond: pso::pipeline::Conditioning,
+}
+
+fn inputs(p: &Pipeline) -> Inputs {
+    tch::manual_seed(5);
+    Inputs {
+        x: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+        t: Tensor::from_slice(&[999i64, 499]),
+        cond: p
+            .condition("a cat on the moon", None, 0.0, 16, 16, 1)
+            .unwrap()
+            .repeat(2),
+    }
+}
+
+fn output(p: &Pipeline, i: &Inputs) -> Tensor {
+    tch::no_grad(|| p.predict_batch(&p.unet, &i.cond, &i.x, &i.t))
+}
+
+/// Gives every LoRA B (initialised to zero) random values, so that the adapters matter.
+fn randomize_up(adapter: &Adapter) {
+    tch::no_grad(|| {
+        for (name, t) in adapter.params() {
+            if name.ends_with(lora::UP) {
+                t.shallow_clone().copy_(&(t.randn_like() * 0.2));
+            }
+        }
+    });
+}
+
+fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    let diff = (a - b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]).max(1e-6);
+    assert!(
+        diff / scale < 1e-4,
+        "{what}: max |Δ| = {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn gradients_reach_exactly_the_trainable_tensors() {
+    for kind in ["lora", "difffit", "full"] {
+        let p = load("sdxl", Kind::Float);
+        let adapter = Adapter::new(&p.unet, &p.unet_vs, &section(kind), 0).unwrap();
+        let i = inputs(&p);
+        p.predict_batch(&p.unet, &i.cond, &i.x, &i.t)
+            .square()
+            .mean(Kind::Float)
+            .backward();
+        let trainable: HashMap<&str, &Tensor> = adapter
+            .params()
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        for (name, t) in adapter.params() {
+            let g = t.grad();
+            assert!(g.defined(), "{kind}: `{name}` got no gradient");
+            assert!(
+                g.isfinite().all().int64_value(&[]) == 1,
+                "{kind}: `{name}` has a non-finite gradient"
+            );
+        }
+        // LoRA's B starts at zero, so A's gradient is zero at init; B's must not be.
+        let nonzero = adapter
+            .params()
+            .iter()
+            .filter(|(_, t)| t.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0)
+            .count();
+        assert!(
+            nonzero * 2 >= adapter.params().len(),
+            "{kind}: {nonzero} nonzero"
+        );
+        for (name, t) in p.unet_vs.variables() {
+            if !trainable.contains_key(name.as_str()) {
+                assert!(!t.requires_grad(), "{kind}: frozen `{name}` requires grad");
+                assert!(
+                    !t.grad().defined(),
+                    "{kind}: frozen `{name}` got a gradient"
+                );
+            }
+        }
+        match kind {
+            "lora" => {
+                assert!(adapter.params().iter().all(|(n, _)| n.contains(".lora_")));
+                let blocks = pso::peft::difffit::blocks(&p.unet).len();
+                assert_eq!(
+                    adapter.params().len(),
+                    blocks * 2 * 4 * 2,
+                    "2 attns × 4 × A, B"
+                );
+            }
+            "difffit" => {
+                let names: Vec<&str> = adapter.params().iter().map(|(n, _)| n.as_str()).collect();
+                assert!(names.iter().any(|n| n.ends_with("gamma_ff")));
+                assert!(names.iter().any(|n| n.starts_with("add_embedding.")));
+                assert!(names.iter().all(|n| !n.ends_with("to_q.weight")));
+                let fraction = adapter.numel() as f64
+                    / p.unet_vs
+                        .variables()
+                        .values()
+                        .map(|t| t.numel() as f64)
+                        .sum::<f64>();
+                assert!(fraction < 0.2, "DiffFit trains {fraction:.3} of the UNet");
+            }
+            _ => assert_eq!(adapter.params().len(), p.unet_vs.variables().len()),
+        }
+    }
+}
+
+#[test]
+fn the_reference_model_is_the_base_model() {
+    for kind in ["lora", "difffit", "full"] {
+        let p = load("sd", Kind::Float);
+        let i = inputs(&p);
+        let base = output(&p, &i);
+        let adapter = Adapter::new(&p.unet, &p.unet_vs, &section(kind), 0).unwrap();
+        assert!(
+            output(&p, &i).equal(&base),
+            "{kind}: a fresh adapter changes nothing"
+        );
+        // Train-like change of every trainable tensor.
+        randomize_up(&adapter);
+        if kind != "lora" {
+            tch::no_grad(|| {
+                for (_, t) in adapter.params() {
+                    let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
+                }
+            });
+        }
+        let tuned = output(&p, &i);
+        assert!(
+            !tuned.allclose(&base, 1e-4, 1e-5, false),
+            "{kind}: adapter has no effect"
+        );
+        let reference = adapter.reference(&p.unet, |u| p.predict_batch(u, &i.cond, &i.x, &i.t));
+        assert_close(&reference, &base, kind);
+        assert!(
+            output(&p, &i).equal(&tuned),
+            "{kind}: the policy is restored after the reference pass"
+        );
+    }
+}
+
+#[test]
+fn bf16_models_keep_fp32_adapters() {
+    let p = load("sd", Kind::BFloat16);
+    let adapter = Adapter::new(&p.unet, &p.unet_vs, &section("lora"), 0).unwrap();
+    assert!(adapter
+        .params()
+        .iter()
+        .all(|(_, t)| t.kind() == Kind::Float));
+    let i = inputs(&p);
+    let out = p.predict_batch(&p.unet, &i.cond, &i.x, &i.t);
+    assert_eq!(out.kind(), Kind::BFloat16);
+    out.to_kind(Kind::Float).mean(Kind::Float).backward();
+    assert!(adapter
+        .params()
+        .iter()
+        .all(|(_, t)| t.grad().kind() == Kind::Float));
+}
+
+#[test]
+fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
+    let dir = oracle_dir();
+    for name in ["sd", "sdxl"] {
+        let p = load(name, Kind::Float);
+        let base = output(&p, &inputs(&p));
+        let mut s = section("lora");
+        s.targets.push("ff.net.2".into());
+        let adapter = Adapter::new(&p.unet, &p.unet_vs, &s, 3).unwrap();
+        randomize_up(&adapter);
+        let i = inputs(&p);
+        let ours = output(&p, &i);
+        assert!(
+            !ours.allclose(&base, 1e-3, 1e-4, false),
+            "{name}: the adapter matters"
+        );
+        let lora_file = dir.join(format!("{name}-lora.safetensors"));
+        tensor_file::write(
+            &lora_file,
+            &lora::to_diffusers(&adapter.tensors(), s.alpha / s.rank as f64),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let mut feed = vec![
+            ("sample".to_string(), i.x.shallow_clone()),
+            ("timestep".to_string(), i.t.shallow_clone()),
+        ];
+        feed.extend(i.cond.tensors());
+        let inputs_file = dir.join(format!("{name}-inputs.safetensors"));
+        tensor_file::write(&inputs_file, &feed, &HashMap::new()).unwrap();
+        let out_file = dir.join(format!("{name}-out.safetensors"));
+        common::oracle(
+            "peft_oracle.py",
+            &[
+                "lora".as_ref(),
+                dir.join(name).as_os_str(),
+                lora_file.as_os_str(),
+                inputs_file.as_os_str(),
+                out_file.as_os_str(),
+            ],
+        );
+        let theirs = tensor_file::read(&out_file).unwrap().tensors.remove(0).1;
+        assert_close(&ours, &theirs, name);
+
+        // The same file through `pso sample --adapter`'s loader, on a fresh pipeline.
+        let fresh = load(name, Kind::Float);
+        let file = tensor_file::read(&lora_file).unwrap();
+        apply_file(&fresh.unet, &fresh.unet_vs, file, &lora_file).unwrap();
+        assert_close(&output(&fresh, &i), &ours, "reloaded");
+        // Merged into the base weights: the same function without adapters.
+        merge(&fresh.unet);
+        assert!(lora::candidates(&fresh.unet)
+            .iter()
+            .all(|l| l.lora().is_none()));
+        assert_close(&output(&fresh, &i), &ours, "merged");
+    }
+}
+
+#[test]
+fn difffit_files_and_merges_reproduce_the_tuned_unet() {
+    let p = load("sd", Kind::Float);
+    let adapter = Adapter::new(&p.unet, &p.unet_vs, &section("difffit"), 0).unwrap();
+    tch::no_grad(|| {
+        for (_, t) in adapter.params() {
+            let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
+        }
+    });
+    let i = inputs(&p);
+    let tuned = output(&p, &i);
+    let path = oracle_dir().join("difffit.safetensors");
+    let meta = HashMap::from([(
+        pso::peft::export::FORMAT_KEY.to_string(),
+        "difffit".to_string(),
+    )]);
+    tensor_file::write(&path, &adapter.tensors(), &meta).unwrap();
+    let fresh = load("sd", Kind::Float);
+    assert!(!output(&fresh, &i).allclose(&tuned, 1e-4, 1e-5, false));
+    apply_file(
+        &fresh.unet,
+        &fresh.unet_vs,
+        tensor_file::read(&path).unwrap(),
+        &path,
+    )
+    .unwrap();
+    assert_close(&output(&fresh, &i), &tuned, "difffit file");
+    merge(&fresh.unet);
+    assert_close(&output(&fresh, &i), &tuned, "γ merged");
+    let e = apply_file(
+        &fresh.unet,
+        &fresh.unet_vs,
+        tensor_file::read(&path)
+            .map(|mut f| {
+                f.metadata.clear();
+                f
+            })
+            .unwrap(),
+        &path,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("neither LoRA entries"), "{e}");
+}
+
+#[test]
+fn lora_targets_that_match_nothing_are_named() {
+    let p = load("sd", Kind::Float);
+    let mut s = section("lora");
+    s.targets = vec!["to_qq".into()];
+    let e = Adapter::new(&p.unet, &p.unet_vs, &s, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`to_qq` matches no linear layer"), "{e}");
+    assert!(e.contains("down_blocks.0.attentions.0"), "{e}");
+    let mut s = section("difffit");
+    s.gamma_blocks = Some([0, 99]);
+    let e = Adapter::new(&p.unet, &p.unet_vs, &s, 0)
+        .unwrap_err()
+        .to_string();
+    let blocks = pso::peft::difffit::blocks(&p.unet).len();
+    assert!(
+        e.contains(&format!("has {blocks} transformer blocks")),
+        "{e}"
+    );
+}
