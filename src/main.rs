@@ -241,8 +241,16 @@ struct OfflineArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// Pair shards or store directories (a run's pairs/, or `pso pairs import` output).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, num_args = 1.., required_unless_present = "train_images")]
     pairs: Vec<PathBuf>,
+    /// Instead of --pairs: a folder of training images (style or subject; prompt in NAME.txt
+    /// beside each, or --prompt), each paired against a fresh sample of the current model
+    /// (objective.kind = pso_db or offline_pso).
+    #[arg(long, conflicts_with_all = ["pairs", "relabel_with"])]
+    train_images: Option<PathBuf>,
+    /// Prompt of training images that have no NAME.txt.
+    #[arg(long, requires = "train_images")]
+    prompt: Option<String>,
     /// Run directory (default: run.out/run.name).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -364,6 +372,8 @@ fn offline(args: OfflineArgs) -> Result<()> {
         &config,
         OfflineOptions {
             pairs: args.pairs,
+            train_images: args.train_images,
+            prompt: args.prompt,
             relabel_with,
             out: out.clone(),
             resume: args.resume,

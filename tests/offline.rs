@@ -340,3 +340,51 @@ fn relabel_with_scores_the_pairs_again() {
     let e = String::from_utf8_lossy(&bad.stderr);
     assert!(e.contains("SCORER:MODEL"), "{e}");
 }
+
+#[test]
+fn training_images_against_fresh_samples_train_pso_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("subject");
+    std::fs::create_dir_all(&images).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(images.join(format!("{i}.png")), common::png(i, 20, 20)).unwrap();
+    }
+    std::fs::write(images.join("0.txt"), "a photo of sks circle").unwrap();
+    let cfg = config(
+        dir.path(),
+        "lora",
+        &["objective.kind=pso_db", "learner.max_steps=2"],
+    );
+    let run = dir.path().join("run");
+    let args = [
+        "offline",
+        "--config",
+        s(&cfg),
+        "--train-images",
+        s(&images),
+        "--prompt",
+        "a photo of a circle",
+        "--out",
+        s(&run),
+    ];
+    ok(&args);
+    let l = losses(&run);
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|(_, x)| x.is_finite() && *x > 0.0), "{l:?}");
+    assert!(run
+        .join("checkpoints/step-00000002/trainable.safetensors")
+        .exists());
+    // pso_db needs training images, not pairs.
+    let pairs = store(dir.path(), records(1..4));
+    let out = pso(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--pairs",
+        s(&pairs),
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--train-images"), "{e}");
+}

@@ -2,6 +2,7 @@
 //! checkpoints and resume, shared by `pso offline` and `pso online`.
 
 pub mod data;
+pub mod images;
 pub mod offline;
 pub mod relabel;
 

@@ -11,21 +11,29 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::data::{image_tensor, stored_latent, PairStream};
+use super::images::{TrainingImage, TrainingImages};
 use super::relabel::Relabeler;
 use super::{step_seed, stop_flag, Metrics, RunDir, RunError};
 use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::{Learner, LearnerError};
-use crate::objective::{noise_pair, sft_loss, Dpo, Loss, Objective, PairPredictions};
+use crate::objective::{
+    noise_pair, sft_loss, Dpo, Loss, Objective, PairPredictions, TimestepPolicy,
+};
 use crate::pairs::schema::{Label, PairRecord};
 use crate::peft::Adapter;
-use crate::pipeline::{Conditioning, LoadOptions, Pipeline};
-use crate::sampling::{PredictionType, Timesteps};
+use crate::pipeline::{Conditioning, GenerateRequest, LoadOptions, Pipeline};
+use crate::sampling::{PredictionType, SeededNoise, Timesteps};
 
 /// What to train on and where.
 pub struct OfflineOptions {
     /// Pair shards or directories of shards (the store of a run, or an import).
     pub pairs: Vec<PathBuf>,
+    /// Or: a folder of training images (+ `NAME.txt` prompts), each paired with a fresh sample
+    /// of the current model (method.md §3 source c; `pso_db` or `offline_pso`).
+    pub train_images: Option<PathBuf>,
+    /// Prompt of training images without a `NAME.txt`.
+    pub prompt: Option<String>,
     /// Label every pair again with this scorer as it is read (`--relabel-with`).
     pub relabel_with: Option<Relabeler>,
     /// The run directory.
@@ -58,6 +66,8 @@ pub struct Trainer {
     /// The trainable tensors and the reference model.
     pub adapter: Adapter,
     objective: Objective,
+    timesteps: Timesteps,
+    distilled: Vec<u32>,
     alphas_cumprod: Vec<f64>,
     prediction: PredictionType,
     height: u32,
@@ -83,28 +93,17 @@ impl Trainer {
         } else {
             Timesteps::Explicit(config.sampler.timesteps.clone())
         };
-        let scheduler = pipeline.scheduler(timesteps)?;
+        let scheduler = pipeline.scheduler(timesteps.clone())?;
         let distilled: Vec<u32> = scheduler.timesteps().iter().map(|&t| t as u32).collect();
         let num_train = scheduler.config().num_train_timesteps;
         let objective = Objective::from_section(&config.objective, &distilled, num_train)?;
-        match objective {
-            Objective::OnlinePso(_) => {
-                return Err(RunError::Config(
-                    "objective.kind = online_pso needs trajectories sampled by the current \
-                     policy: run `pso online`, or replay stored pairs with objective.kind = \
-                     offline_pso (or dpo, sft)"
-                        .into(),
-                ))
-            }
-            Objective::PsoDb(_) => {
-                return Err(RunError::Config(
-                    "objective.kind = pso_db trains on a folder of training images against \
-                     fresh reference samples, which `pso offline --pairs` does not provide; use \
-                     offline_pso, dpo or sft with pairs"
-                        .into(),
-                ))
-            }
-            _ => {}
+        if let Objective::OnlinePso(_) = objective {
+            return Err(RunError::Config(
+                "objective.kind = online_pso needs trajectories sampled by the current policy: \
+                 run `pso online`, or replay stored pairs with objective.kind = offline_pso (or \
+                 dpo, sft)"
+                    .into(),
+            ));
         }
         let adapter = Adapter::new(
             &pipeline.unet,
@@ -118,6 +117,8 @@ impl Trainer {
             pipeline,
             adapter,
             objective,
+            timesteps,
+            distilled,
             height: config.sampler.height,
             width: config.sampler.width,
         })
@@ -167,6 +168,46 @@ impl Trainer {
         })
     }
 
+    /// A micro-batch of source c (method.md §3): each training image is the preferred side,
+    /// against a reference image sampled now from the current model for its prompt (noise from
+    /// `seed`).
+    pub fn image_batch(&self, images: &[&TrainingImage], seed: u64) -> Result<Batch, RunError> {
+        let _no_grad = tch::no_grad_guard();
+        let pixels: Vec<&Tensor> = images.iter().map(|i| &i.pixels).collect();
+        let x0_winner = self.pipeline.encode(&Tensor::stack(&pixels, 0));
+        let (mut losers, mut conds) = (Vec::new(), Vec::new());
+        for (i, image) in images.iter().enumerate() {
+            let generated = self.pipeline.generate(
+                GenerateRequest {
+                    prompt: &image.prompt,
+                    negative_prompt: None,
+                    timesteps: self.timesteps.clone(),
+                    guidance: 0.0,
+                    height: self.height as i64,
+                    width: self.width as i64,
+                    num_images: 1,
+                    init_latents: None,
+                    record: false,
+                },
+                &mut SeededNoise::new(step_seed(seed, i as u64, u32::MAX)),
+            )?;
+            losers.push(generated.latents);
+            conds.push(self.pipeline.condition(
+                &image.prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        Ok(Batch {
+            x0_winner,
+            x0_loser: Tensor::cat(&losers, 0),
+            cond: Conditioning::cat(&conds)?,
+        })
+    }
+
     /// The loss of one micro-batch of pairs; every random draw comes from `seed`.
     pub fn loss(&self, records: &[PairRecord], seed: u64) -> Result<Loss, RunError> {
         self.batch_loss(&self.batch(records)?, seed)
@@ -207,7 +248,25 @@ impl Trainer {
                         .predict_batch(unet, cond, &p.noisy_winner, &to_tensor(&ts));
                 return Ok(sft_loss(&pred, &p.target_winner)?);
             }
-            other => unreachable!("Trainer::load refuses {}", other.kind()),
+            Objective::PsoDb(db) => {
+                let ts = TimestepPolicy::Distilled(self.distilled.clone()).draw(&mut rng, pairs);
+                let p = noise_pair(
+                    x0_w,
+                    x0_l,
+                    &noise,
+                    &ts,
+                    &self.alphas_cumprod,
+                    self.prediction,
+                )?;
+                let x = Tensor::cat(&[&p.noisy_winner, &p.noisy_loser], 0);
+                let t = to_tensor(&[ts.as_slice(), ts.as_slice()].concat());
+                let policy =
+                    self.pipeline
+                        .predict_batch(&self.pipeline.unet, &cond.repeat(2), &x, &t);
+                let (train, reference) = halves(&policy);
+                return Ok(db.loss(&train, &reference, &p.target_winner, &p.target_loser)?);
+            }
+            Objective::OnlinePso(_) => unreachable!("Trainer::load refuses online_pso"),
         };
         let ts = dpo.timesteps.draw(&mut rng, pairs);
         let p = noise_pair(
@@ -252,6 +311,23 @@ pub struct Batch {
     pub x0_loser: Tensor,
     /// The prompts' conditioning, one row per pair.
     pub cond: Conditioning,
+}
+
+/// Where a run's micro-batches come from.
+enum Source {
+    /// Labelled pairs (sources a and b).
+    Pairs(Box<PairStream>),
+    /// Training images against fresh samples (source c).
+    Images(TrainingImages),
+}
+
+impl Source {
+    fn consumed(&self) -> u64 {
+        match self {
+            Source::Pairs(s) => s.consumed(),
+            Source::Images(i) => i.consumed(),
+        }
+    }
 }
 
 fn halves(t: &Tensor) -> (Tensor, Tensor) {
@@ -347,8 +423,31 @@ pub fn run_with(
     } else {
         0
     };
-    let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?;
-    stream.skip(cursor)?;
+    let mut source = match &opts.train_images {
+        Some(dir) => {
+            let mut images = TrainingImages::open(
+                dir,
+                opts.prompt.as_deref(),
+                config.sampler.height,
+                config.sampler.width,
+                config.run.seed,
+            )?;
+            images.skip(cursor);
+            Source::Images(images)
+        }
+        None => {
+            if let Objective::PsoDb(_) = trainer.objective {
+                return Err(RunError::Config(
+                    "objective.kind = pso_db pairs training images with fresh samples: give \
+                     --train-images DIR instead of --pairs"
+                        .into(),
+                ));
+            }
+            let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?;
+            stream.skip(cursor)?;
+            Source::Pairs(Box::new(stream))
+        }
+    };
     let mut metrics = Metrics::open(&dir, learner.counters().step)?;
     tracing::info!(
         run = %dir.path.display(),
@@ -379,20 +478,32 @@ pub fn run_with(
         let step = learner.counters().step;
         let mut seen = Vec::new();
         let outcome = learner.step(|micro| {
-            let records = (0..batch)
-                .map(|_| stream.next_pair())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| LearnerError::Batch(Box::new(e)))?;
-            let loss = trainer
-                .loss(&records, step_seed(seed, step, micro))
-                .map_err(|e| LearnerError::Batch(Box::new(e)))?;
-            seen.extend(records);
-            Ok(loss)
+            let micro_seed = step_seed(seed, step, micro);
+            let loss = match &mut source {
+                Source::Pairs(stream) => {
+                    let records = (0..batch)
+                        .map(|_| stream.next_pair())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| LearnerError::Batch(Box::new(e)))?;
+                    let loss = trainer.loss(&records, micro_seed);
+                    seen.extend(records);
+                    loss
+                }
+                Source::Images(images) => {
+                    let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
+                    let chosen: Vec<&TrainingImage> =
+                        picked.iter().map(|&i| images.get(i)).collect();
+                    trainer
+                        .image_batch(&chosen, micro_seed)
+                        .and_then(|b| trainer.batch_loss(&b, micro_seed))
+                }
+            };
+            loss.map_err(|e| LearnerError::Batch(Box::new(e)))
         });
         let report = match outcome {
             Ok(r) => r,
             Err(e @ LearnerError::NonFinite { .. }) => {
-                let at = save(&dir, &learner, config, stream.consumed())?;
+                let at = save(&dir, &learner, config, source.consumed())?;
                 tracing::error!(checkpoint = %at.display(), "aborting: {e}");
                 return Err(e.into());
             }
@@ -404,7 +515,7 @@ pub fn run_with(
         bar.set_position(report.step);
         bar.set_message(format!("loss {:.4}", report.diagnostics.loss));
         if report.step % config.learner.checkpoint_every == 0 {
-            summary.checkpoint = Some(save(&dir, &learner, config, stream.consumed())?);
+            summary.checkpoint = Some(save(&dir, &learner, config, source.consumed())?);
         }
     }
     bar.finish_and_clear();
@@ -415,7 +526,7 @@ pub fn run_with(
     summary.checkpoint = if up_to_date {
         last
     } else {
-        Some(save(&dir, &learner, config, stream.consumed())?)
+        Some(save(&dir, &learner, config, source.consumed())?)
     };
     Ok(summary)
 }
