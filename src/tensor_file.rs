@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use reward::load::kind_of;
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
@@ -37,17 +38,6 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
         Kind::Int64 => Dtype::I64,
-        _ => return None,
-    })
-}
-
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
         _ => return None,
     })
 }

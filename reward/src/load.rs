@@ -156,12 +156,14 @@ pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T, LoadError> {
     read_json(&dir.join("config.json"))
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// The libtorch kind of a safetensors dtype, for the dtypes pso reads.
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
         _ => return None,
     })
 }

@@ -18,7 +18,8 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::{Learner, LearnerError};
 use crate::objective::{
-    noise_pair, sft_loss, Dpo, Loss, Objective, PairPredictions, TimestepPolicy,
+    add_noise, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair, Objective,
+    PairPredictions, TimestepPolicy,
 };
 use crate::pairs::schema::{Label, PairRecord};
 use crate::peft::Adapter;
@@ -215,77 +216,48 @@ impl Trainer {
 
     /// The loss of a prepared micro-batch; every random draw comes from `seed`.
     pub fn batch_loss(&self, batch: &Batch, seed: u64) -> Result<Loss, RunError> {
-        let Batch {
-            x0_winner: x0_w,
-            x0_loser: x0_l,
-            cond,
-        } = batch;
-        let pairs = x0_w.size()[0] as usize;
-        let device = x0_w.device();
+        let x0 = &batch.x0_winner;
+        let pairs = x0.size()[0] as usize;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         tch::manual_seed(seed as i64);
         // Drawn on the CPU so that a run draws the same noise on every device.
-        let noise = Tensor::randn(x0_w.size(), (Kind::Float, Device::Cpu)).to_device(device);
-        let to_tensor = |ts: &[u32]| {
-            Tensor::from_slice(&ts.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device)
-        };
+        let noise = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(x0.device());
         let dpo = match &self.objective {
             Objective::OfflinePso(d) | Objective::Dpo(d) => d,
             Objective::Sft => {
                 let policy = Dpo::diffusion_dpo(self.alphas_cumprod.len(), 1.0)?;
                 let ts = policy.timesteps.draw(&mut rng, pairs);
-                let p = noise_pair(
-                    x0_w,
-                    x0_w,
-                    &noise,
-                    &ts,
-                    &self.alphas_cumprod,
-                    self.prediction,
-                )?;
-                let unet = &self.pipeline.unet;
-                let pred =
-                    self.pipeline
-                        .predict_batch(unet, cond, &p.noisy_winner, &to_tensor(&ts));
-                return Ok(sft_loss(&pred, &p.target_winner)?);
+                let ac = &self.alphas_cumprod;
+                let x = add_noise(x0, &noise, &ts, ac)?;
+                let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
+                let t: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
+                let t = Tensor::from_slice(&t).to_device(x0.device());
+                let pred = self
+                    .pipeline
+                    .predict_batch(&self.pipeline.unet, &batch.cond, &x, &t);
+                return Ok(sft_loss(&pred, &target)?);
             }
             Objective::PsoDb(db) => {
                 let ts = TimestepPolicy::Distilled(self.distilled.clone()).draw(&mut rng, pairs);
-                let p = noise_pair(
-                    x0_w,
-                    x0_l,
-                    &noise,
-                    &ts,
-                    &self.alphas_cumprod,
-                    self.prediction,
-                )?;
-                let x = Tensor::cat(&[&p.noisy_winner, &p.noisy_loser], 0);
-                let t = to_tensor(&[ts.as_slice(), ts.as_slice()].concat());
-                let policy =
-                    self.pipeline
-                        .predict_batch(&self.pipeline.unet, &cond.repeat(2), &x, &t);
+                let n = self.noised(batch, &noise, &ts)?;
+                let policy = self
+                    .pipeline
+                    .predict_batch(&self.pipeline.unet, &n.cond, &n.x, &n.t);
                 let (train, reference) = halves(&policy);
+                let p = &n.pair;
                 return Ok(db.loss(&train, &reference, &p.target_winner, &p.target_loser)?);
             }
             Objective::OnlinePso(_) => unreachable!("Trainer::load refuses online_pso"),
         };
         let ts = dpo.timesteps.draw(&mut rng, pairs);
-        let p = noise_pair(
-            x0_w,
-            x0_l,
-            &noise,
-            &ts,
-            &self.alphas_cumprod,
-            self.prediction,
-        )?;
-        let x = Tensor::cat(&[&p.noisy_winner, &p.noisy_loser], 0);
-        let both = cond.repeat(2);
-        let t = to_tensor(&[ts.as_slice(), ts.as_slice()].concat());
+        let n = self.noised(batch, &noise, &ts)?;
+        let p = &n.pair;
         let reference = self.adapter.reference(&self.pipeline.unet, |unet| {
-            self.pipeline.predict_batch(unet, &both, &x, &t)
+            self.pipeline.predict_batch(unet, &n.cond, &n.x, &n.t)
         });
         let policy = self
             .pipeline
-            .predict_batch(&self.pipeline.unet, &both, &x, &t);
+            .predict_batch(&self.pipeline.unet, &n.cond, &n.x, &n.t);
         let (pw, pl) = halves(&policy);
         let (rw, rl) = halves(&reference);
         Ok(dpo.loss(
@@ -300,6 +272,39 @@ impl Trainer {
             &ts,
             None,
         )?)
+    }
+}
+
+/// Winners and losers noised with a shared ε at shared timesteps, stacked for one UNet call.
+struct Noised {
+    /// The noised pair and its targets.
+    pair: NoisedPair,
+    /// [noisy winners; noisy losers].
+    x: Tensor,
+    /// Their timesteps.
+    t: Tensor,
+    /// The conditioning, repeated for both halves.
+    cond: Conditioning,
+}
+
+impl Trainer {
+    fn noised(&self, batch: &Batch, noise: &Tensor, ts: &[u32]) -> Result<Noised, RunError> {
+        let pair = noise_pair(
+            &batch.x0_winner,
+            &batch.x0_loser,
+            noise,
+            ts,
+            &self.alphas_cumprod,
+            self.prediction,
+        )?;
+        let x = Tensor::cat(&[&pair.noisy_winner, &pair.noisy_loser], 0);
+        let both: Vec<i64> = ts.iter().chain(ts).map(|&t| t as i64).collect();
+        Ok(Noised {
+            pair,
+            x,
+            t: Tensor::from_slice(&both).to_device(noise.device()),
+            cond: batch.cond.repeat(2),
+        })
     }
 }
 
