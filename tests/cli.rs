@@ -295,3 +295,21 @@ fn sample_names_a_missing_model_folder_and_a_missing_adapter() {
         "{err}"
     );
 }
+
+#[test]
+fn every_shipped_config_parses() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let out = pso(&["config", "show", "--config", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            text(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 3, "only {seen} configs in {dir}");
+}

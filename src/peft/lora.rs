@@ -60,9 +60,9 @@ pub fn attach_new(
     }
     let rank = section.rank as i64;
     let scale = section.alpha / section.rank as f64;
-    // A fixed-seed CPU generator, so the initial adapters do not depend on the device.
-    let generator_seed = seed as i64;
-    tch::manual_seed(generator_seed);
+    // Drawn on the CPU from the re-seeded global generator (tch exposes no other), then moved:
+    // the initial adapters depend on the seed only, not on the device.
+    tch::manual_seed(seed as i64);
     let mut params = Vec::new();
     for layer in layers {
         if !section.targets.iter().any(|p| matches(layer.name(), p)) {
