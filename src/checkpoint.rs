@@ -115,6 +115,8 @@ pub fn save(
     }
     let json = serde_json::to_vec_pretty(state).expect("the state serializes");
     tensor_file::write_atomically(&tmp.join(STATE), &json)?;
+    // The files' directory entries must be durable before the directory is renamed into place.
+    sync_dir(&tmp)?;
     let done = root.join(&name);
     if done.exists() {
         fs::remove_dir_all(&done).map_err(io(&done))?;
@@ -122,6 +124,7 @@ pub fn save(
     fs::rename(&tmp, &done).map_err(io(&done))?;
     sync_dir(root)?;
     tensor_file::write_atomically(&root.join(LATEST), format!("{name}\n").as_bytes())?;
+    sync_dir(root)?;
     prune(root, keep)?;
     Ok(done)
 }

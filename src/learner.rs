@@ -170,7 +170,7 @@ impl Learner {
     }
 
     /// The learning rate of the next step.
-    pub fn lr(&self) -> f64 {
+    fn lr(&self) -> f64 {
         self.schedule.lr_at(self.counters.step)
     }
 

@@ -81,11 +81,6 @@ impl Linear {
         &self.weight
     }
 
-    /// The base bias [out], if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
     /// Folds an attached adapter into the base weight (W += scale · B A) and removes it.
     pub fn merge_lora(&self) {
         if let Some(l) = self

@@ -53,22 +53,6 @@ pub enum PeftError {
     Torch(#[from] tch::TchError),
 }
 
-/// The fine-tuning method of a run.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Method {
-    /// LoRA with this rank and alpha on these targets.
-    Lora {
-        /// Rank r.
-        rank: i64,
-        /// Alpha (scale = alpha / rank).
-        alpha: f64,
-    },
-    /// DiffFit.
-    DiffFit,
-    /// Every parameter.
-    Full,
-}
-
 /// How the reference model is obtained.
 enum Reference {
     /// Switch the LoRA adapters off.
@@ -81,7 +65,7 @@ enum Reference {
 
 /// The trainable tensors of a UNet and its reference model.
 pub struct Adapter {
-    method: Method,
+    kind: &'static str,
     params: Vec<(String, Tensor)>,
     reference: Reference,
 }
@@ -89,7 +73,7 @@ pub struct Adapter {
 impl std::fmt::Debug for Adapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Adapter")
-            .field("method", &self.method)
+            .field("kind", &self.kind)
             .field("params", &self.params.len())
             .finish()
     }
@@ -109,10 +93,7 @@ impl Adapter {
                 let switch = Arc::new(AtomicBool::new(true));
                 let params = lora::attach_new(unet, section, seed, &switch)?;
                 Ok(Adapter {
-                    method: Method::Lora {
-                        rank: section.rank as i64,
-                        alpha: section.alpha,
-                    },
+                    kind: "lora",
                     params,
                     reference: Reference::AdaptersOff(switch),
                 })
@@ -121,7 +102,7 @@ impl Adapter {
                 let params = difffit::select(unet, vs, section.gamma_blocks)?;
                 let originals = tch::no_grad(|| params.iter().map(|(_, t)| t.copy()).collect());
                 Ok(Adapter {
-                    method: Method::DiffFit,
+                    kind: "difffit",
                     params,
                     reference: Reference::Originals(originals),
                 })
@@ -138,7 +119,7 @@ impl Adapter {
                     let _ = t.set_requires_grad(true);
                 }
                 Ok(Adapter {
-                    method: Method::Full,
+                    kind: "full",
                     params,
                     reference: Reference::Frozen(Box::new((frozen_vs, frozen))),
                 })
@@ -147,11 +128,6 @@ impl Adapter {
                 "peft.kind `{other}` is not one of: lora, difffit, full; fix the run config"
             ))),
         }
-    }
-
-    /// The method.
-    pub fn method(&self) -> &Method {
-        &self.method
     }
 
     /// The trainable tensors, by name (they require grad).
