@@ -101,6 +101,8 @@ pub struct ModelSection {
     pub dtype: DType,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
     pub device: String,
+    /// A safetensors file replacing `unet/`'s weights (e.g. DMD2's UNet in an SDXL folder).
+    pub unet: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -109,6 +111,7 @@ impl Default for ModelSection {
             id: "stabilityai/sd-turbo".into(),
             dtype: DType::F32,
             device: "auto".into(),
+            unet: None,
         }
     }
 }
@@ -157,6 +160,11 @@ pub struct RewardSection {
     pub model: String,
     /// File holding the bearer token of an `http` scorer.
     pub token_file: Option<PathBuf>,
+    /// Seconds before the first retry of a failed scoring call; each further retry waits twice
+    /// as long, at most a minute.
+    pub retry_seconds: f64,
+    /// Seconds a scorer may keep failing before the run checkpoints and exits non-zero.
+    pub patience_seconds: f64,
 }
 
 impl Default for RewardSection {
@@ -165,6 +173,8 @@ impl Default for RewardSection {
             scorer: "pickscore".into(),
             model: "yuvalkirstain/PickScore_v1".into(),
             token_file: None,
+            retry_seconds: 2.0,
+            patience_seconds: 1800.0,
         }
     }
 }
@@ -331,6 +341,78 @@ impl Default for PairsSection {
     }
 }
 
+/// Where the training prompts come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptsSection {
+    /// A text file with one prompt per line, or `builtin:NAME` for a set shipped in
+    /// `data/prompts/NAME.txt`.
+    pub train: String,
+}
+
+impl Default for PromptsSection {
+    fn default() -> Self {
+        PromptsSection {
+            train: "builtin:simple".into(),
+        }
+    }
+}
+
+/// The online loop (method.md §2): rounds of sampling, labelling and learning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnlineSection {
+    /// Prompts sampled per round; a round's pairs feed the next `learner.refresh_every` steps.
+    pub prompts_per_round: u32,
+    /// `best_worst` (one pair per prompt: highest vs lowest score) or `all_pairs`.
+    pub pairing: String,
+    /// Pairs whose scores differ by less than this are stored but not trained on.
+    pub min_score_margin: f32,
+    /// Empty: actor and learner alternate on `model.device`. Otherwise the actor samples on
+    /// this device (`cpu`, `cuda:N`) concurrently with the learner.
+    pub actor_device: String,
+    /// Concurrent actor: a round sampled more than this many optimizer steps before the
+    /// learner reaches it is dropped (it stays in the pair store).
+    pub max_staleness: u32,
+}
+
+impl Default for OnlineSection {
+    fn default() -> Self {
+        OnlineSection {
+            prompts_per_round: 4,
+            pairing: "best_worst".into(),
+            min_score_margin: 0.0,
+            actor_device: String::new(),
+            max_staleness: 4,
+        }
+    }
+}
+
+/// Fixed-seed evaluation during online runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate every this many optimizer steps (and before the first); 0 disables.
+    pub every: u64,
+    /// Held-out prompts: a file or `builtin:NAME`.
+    pub prompts: String,
+    /// How many of them (one image each, same seeds every time).
+    pub count: u32,
+    /// `SCORER:MODEL` specs; empty means the training scorer.
+    pub scorers: Vec<String>,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            every: 100,
+            prompts: "builtin:eval".into(),
+            count: 8,
+            scorers: Vec::new(),
+        }
+    }
+}
+
 /// A whole run config.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -353,6 +435,12 @@ pub struct RunConfig {
     pub learner: LearnerSection,
     /// The pair store.
     pub pairs: PairsSection,
+    /// Training prompts.
+    pub prompts: PromptsSection,
+    /// The online loop.
+    pub online: OnlineSection,
+    /// Evaluation during online runs.
+    pub eval: EvalSection,
 }
 
 fn one_of(key: &'static str, value: &str, allowed: &[&str]) -> Option<(&'static str, String)> {
@@ -529,6 +617,65 @@ impl RunConfig {
             "pairs.keep_trajectory",
             "true requires pairs.keep_latents = true".into(),
         );
+        let r = &self.reward;
+        need(
+            r.retry_seconds.is_finite() && r.retry_seconds > 0.0,
+            "reward.retry_seconds",
+            format!("{} is not a positive number of seconds", r.retry_seconds),
+        );
+        need(
+            r.patience_seconds.is_finite() && r.patience_seconds >= 0.0,
+            "reward.patience_seconds",
+            format!("{} is not a number of seconds ≥ 0", r.patience_seconds),
+        );
+        need(
+            !self.prompts.train.is_empty(),
+            "prompts.train",
+            "a prompt file or builtin:NAME".into(),
+        );
+        let on = &self.online;
+        need(
+            on.prompts_per_round >= 1,
+            "online.prompts_per_round",
+            format!("{} is below 1", on.prompts_per_round),
+        );
+        need(
+            on.min_score_margin.is_finite() && on.min_score_margin >= 0.0,
+            "online.min_score_margin",
+            format!("{} is not a number ≥ 0", on.min_score_margin),
+        );
+        let actor_ok = on.actor_device.is_empty()
+            || on.actor_device == "cpu"
+            || on
+                .actor_device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        need(
+            actor_ok,
+            "online.actor_device",
+            format!(
+                "`{}` is not empty (alternate with the learner), cpu or cuda:N",
+                on.actor_device
+            ),
+        );
+        let e = &self.eval;
+        need(
+            e.count >= 1,
+            "eval.count",
+            format!("{} is below 1", e.count),
+        );
+        if let Some(bad) = e.scorers.iter().find(|s| !s.contains(':')) {
+            need(
+                false,
+                "eval.scorers",
+                format!("`{bad}` is not SCORER:MODEL, e.g. pickscore:yuvalkirstain/PickScore_v1"),
+            );
+        }
+        out.extend(one_of(
+            "online.pairing",
+            &self.online.pairing,
+            &["best_worst", "all_pairs"],
+        ));
         out.extend(one_of(
             "sampler.name",
             &self.sampler.name,
@@ -633,6 +780,10 @@ impl RunConfig {
         c.run.out = PathBuf::new();
         c.learner.checkpoint_every = 0;
         c.learner.keep_checkpoints = 0;
+        c.reward.token_file = None;
+        c.reward.retry_seconds = 0.0;
+        c.reward.patience_seconds = 0.0;
+        c.eval = EvalSection::default();
         if c.optim.schedule != "cosine" {
             c.learner.max_steps = 0;
         }
@@ -803,6 +954,27 @@ mod tests {
             err.contains("`model.dtype`") && err.contains("unknown variant"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn online_eval_and_reward_keys_are_checked() {
+        let err = |sets: &[&str]| load("", sets).unwrap_err().to_string();
+        assert!(err(&["online.pairing=\"best\""]).contains("best_worst, all_pairs"));
+        assert!(err(&["online.actor_device=\"gpu\""]).contains("cpu or cuda:N"));
+        assert!(err(&["online.prompts_per_round=0"]).contains("below 1"));
+        assert!(err(&["eval.scorers=[\"pickscore\"]"]).contains("is not SCORER:MODEL"));
+        assert!(err(&["reward.retry_seconds=0"]).contains("positive number of seconds"));
+        let ok = load("", &["online.actor_device=cuda:1", "eval.every=0"]).unwrap();
+        assert_eq!(ok.online.actor_device, "cuda:1");
+    }
+
+    #[test]
+    fn eval_and_scorer_patience_do_not_change_the_training_hash() {
+        let a = load("", &[]).unwrap();
+        let b = load("", &["eval.every=7", "reward.patience_seconds=5"]).unwrap();
+        let c = load("", &["online.prompts_per_round=9"]).unwrap();
+        assert_eq!(a.training_hash(), b.training_hash());
+        assert_ne!(a.training_hash(), c.training_hash());
     }
 
     #[test]

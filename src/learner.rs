@@ -178,18 +178,29 @@ impl Learner {
     /// micro-batch i's loss, which is backpropagated scaled by 1/accumulation.
     pub fn step(
         &mut self,
+        micro: impl FnMut(u32) -> Result<Loss, LearnerError>,
+    ) -> Result<StepReport, LearnerError> {
+        self.step_over(self.accumulation, micro)
+    }
+
+    /// One optimizer step over `count` micro-batches (online PSO: accumulation × transitions),
+    /// each backpropagated scaled by 1/count.
+    pub fn step_over(
+        &mut self,
+        count: u32,
         mut micro: impl FnMut(u32) -> Result<Loss, LearnerError>,
     ) -> Result<StepReport, LearnerError> {
         let start = Instant::now();
         let lr = self.lr();
         self.adamw.zero_grad();
-        let mut reports = Vec::with_capacity(self.accumulation as usize);
+        let count = count.max(1);
+        let mut reports = Vec::with_capacity(count as usize);
         let mut finite = true;
-        for i in 0..self.accumulation {
+        for i in 0..count {
             let Loss { loss, diagnostics } = micro(i)?;
             finite &= diagnostics.loss.is_finite();
             if finite {
-                (loss / self.accumulation as f64).backward();
+                (loss / count as f64).backward();
             }
             reports.push(diagnostics);
         }

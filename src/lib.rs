@@ -2,6 +2,7 @@
 //!
 //! The `pso` binary (src/main.rs) is a thin CLI over this library. Layout: docs/design.md.
 
+pub mod actor;
 pub mod checkpoint;
 pub mod config;
 pub mod doctor;

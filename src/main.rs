@@ -120,6 +120,10 @@ struct SampleArgs {
     /// in an SDXL base folder); the layout comes from unet/config.json.
     #[arg(long)]
     unet: Option<PathBuf>,
+    /// Sampler replacing the folder's scheduler (keeping its settings), as a run's sampler.name:
+    /// euler, euler_ancestral, lcm or ddim. Regenerates a stored pair's image with its seed.
+    #[arg(long, value_parser = ["euler", "euler_ancestral", "lcm", "ddim"])]
+    sampler: Option<String>,
     /// Output directory: 000000.png, 000001.png, …
     #[arg(long)]
     out: PathBuf,
@@ -214,16 +218,30 @@ struct ConfigArgs {
     set: Vec<String>,
 }
 
+/// Samples K images per prompt from the current model (sampler section), scores them
+/// (reward section), stores every pair in RUN/pairs/*.parquet and trains on them with online
+/// PSO (objective.kind = online_pso). Writes RUN/config.toml, RUN/metrics.jsonl (one line per
+/// step), RUN/eval.jsonl and RUN/samples/step-N.png (fixed-seed evaluation), and
+/// RUN/checkpoints/step-N/. Ctrl-C or SIGTERM ends the step, flushes the pairs and checkpoints;
+/// --resume continues, also after a crash.
 #[derive(Args)]
+#[command(
+    after_help = "Example: pso online --config configs/sd-turbo-pickscore.toml \\\n  \
+                  --set online.prompts_per_round=8 --max-hours 24\n\nThen: pso report RUN, \
+                  pso export --run RUN --format diffusers-lora --out lora.safetensors"
+)]
 struct OnlineArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// Run directory (default: run.out/run.name).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Stop after this many optimizer steps.
+    /// Stop after this many optimizer steps (overrides learner.max_steps).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Stop, with a checkpoint, after this many hours of this invocation.
+    #[arg(long)]
+    max_hours: Option<f64>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -328,12 +346,6 @@ fn local_scorer_kind(kind: ScorerKind) -> Option<reward::LocalScorerKind> {
     }
 }
 
-/// A command the CLI knows but the library cannot run yet: exit 2, as for a usage error.
-fn not_implemented(what: &str) -> Result<ExitCode> {
-    eprintln!("error: `pso {what}` is not implemented yet");
-    Ok(ExitCode::from(2))
-}
-
 fn load_config(args: &ConfigArgs) -> Result<RunConfig> {
     Ok(RunConfig::load(&args.config, &args.set)?)
 }
@@ -353,7 +365,8 @@ fn progress_bar(what: &str) -> ProgressBar {
 }
 
 fn offline(args: OfflineArgs) -> Result<()> {
-    use pso::run::offline::{run, run_path, OfflineOptions};
+    use pso::run::offline::{run, OfflineOptions};
+    use pso::run::run_path;
     let mut config = load_config(&args.config)?;
     if let Some(n) = args.max_steps {
         anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
@@ -392,6 +405,76 @@ fn offline(args: OfflineArgs) -> Result<()> {
         summary
             .last_loss
             .map_or("n/a".to_string(), |l| format!("{l:.5}")),
+    );
+    Ok(())
+}
+
+fn online(args: OnlineArgs) -> Result<()> {
+    use pso::run::online::{check, run, OnlineOptions, Scorers};
+    use pso::run::run_path;
+    let mut config = load_config(&args.config)?;
+    check(&config)?;
+    if let Some(n) = args.max_steps {
+        anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
+        config.learner.max_steps = n;
+    }
+    if let Some(h) = args.max_hours {
+        anyhow::ensure!(
+            h > 0.0 && h.is_finite(),
+            "--max-hours must be a positive number"
+        );
+    }
+    let out = run_path(&config, args.out.as_deref());
+    let r = &config.reward;
+    let train_spec = format!("{}:{}", r.scorer, r.model);
+    let train: std::sync::Arc<dyn reward::Scorer> =
+        load_scorer(&train_spec, r.token_file.as_deref())
+            .with_context(|| {
+                format!(
+                    "the training scorer (reward.scorer = {}, reward.model = {})",
+                    r.scorer, r.model
+                )
+            })?
+            .into();
+    let eval = if config.eval.scorers.is_empty() {
+        vec![(r.scorer.clone(), train.clone())]
+    } else {
+        config
+            .eval
+            .scorers
+            .iter()
+            .map(|spec| {
+                let scorer = load_scorer(spec, r.token_file.as_deref())
+                    .with_context(|| format!("eval scorer {spec}"))?;
+                Ok((spec.clone(), scorer.into()))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let summary = run(
+        &config,
+        OnlineOptions {
+            out: out.clone(),
+            resume: args.resume,
+            progress: std::io::stderr().is_terminal(),
+            max_hours: args.max_hours,
+        },
+        Scorers { train, eval },
+    )
+    .with_context(|| format!("online run {}", out.display()))?;
+    println!(
+        "{} after {} steps (last loss {})\n  run:         {}\n  pairs:       {}\n  samples:     {}\n  checkpoint:  {}",
+        if summary.stopped { "stopped" } else { "done" },
+        summary.steps,
+        summary
+            .last_loss
+            .map_or("n/a".to_string(), |l| format!("{l:.5}")),
+        out.display(),
+        out.join("pairs").display(),
+        out.join("samples").display(),
+        summary
+            .checkpoint
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
     );
     Ok(())
 }
@@ -485,8 +568,11 @@ fn sample(args: SampleArgs) -> Result<()> {
         unet_override,
     };
     let root = pso::pipeline::hub::resolve_model(&args.model, args.variant.as_deref())?;
-    let pipeline =
+    let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    if let Some(name) = &args.sampler {
+        pipeline.scheduler_config.kind = pso::sampling::SchedulerKind::from_name(name)?;
+    }
     if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
         let what = apply_file(&pipeline.unet, &pipeline.unet_vs, file, path)
             .with_context(|| format!("--adapter {}", path.display()))?;
@@ -614,10 +700,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config(ConfigCommand::Show(args)) => {
             print!("{}", load_config(&args)?.to_toml());
         }
-        Command::Online(args) => {
-            load_config(&args.config)?;
-            return not_implemented("online");
-        }
+        Command::Online(args) => online(args)?,
         Command::Offline(args) => offline(args)?,
         Command::Sample(args) => sample(*args)?,
         Command::Score(args) => {

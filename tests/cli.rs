@@ -90,19 +90,34 @@ fn help_lists_every_subcommand() {
 }
 
 #[test]
-fn unimplemented_commands_exit_2_without_panicking() {
+fn online_refuses_an_offline_objective_before_loading_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
     let config = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/configs/sd-turbo-pickscore.toml"
     );
-    let args = ["online", "--config", config];
+    let args = [
+        "online",
+        "--config",
+        config,
+        "--set",
+        "objective.kind=dpo",
+        "--set",
+        "reward.scorer=http",
+        "--set",
+        "reward.model=http://127.0.0.1:9",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
     let out = pso(&args);
-    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    assert_eq!(out.status.code(), Some(1), "{args:?}");
     let err = text(&out.stderr);
     assert!(
-        err.contains("not implemented yet") && !err.contains("panicked"),
+        err.contains("objective.kind = dpo replays stored pairs") && !err.contains("panicked"),
         "{err}"
     );
+    assert!(!out_dir.exists(), "nothing is written for a refused run");
 }
 
 #[test]

@@ -580,6 +580,7 @@ enum Command {
 /// The pair store's writer as a tokio task fed by a bounded channel: a slow disk makes
 /// [`AsyncPairWriter::send`] wait instead of growing memory.
 pub struct AsyncPairWriter {
+    durable: i64,
     tx: mpsc::Sender<Command>,
     task: tokio::task::JoinHandle<Result<WriterStats, PairsError>>,
 }
@@ -589,9 +590,16 @@ impl AsyncPairWriter {
     pub fn spawn(opts: WriterOptions) -> Result<Self, PairsError> {
         let capacity = opts.channel_capacity;
         let writer = PairStoreWriter::open(opts)?;
+        let durable = writer.next_pair_id();
         let (tx, rx) = mpsc::channel(capacity);
         let task = tokio::spawn(run_writer(writer, rx));
-        Ok(AsyncPairWriter { tx, task })
+        Ok(AsyncPairWriter { durable, tx, task })
+    }
+
+    /// [`PairStoreWriter::next_pair_id`] when the store was opened: pairs of this run with a
+    /// smaller id were already durable.
+    pub fn durable_pairs(&self) -> i64 {
+        self.durable
     }
 
     /// Queues a pair; waits while the channel is full.

@@ -181,6 +181,24 @@ impl Adapter {
         }
     }
 
+    /// Copies `values` (by name, any device and float kind) into the trainable tensors: how a
+    /// concurrent actor takes the learner's update.
+    pub fn set_values(&self, values: &[(String, Tensor)]) -> Result<(), PeftError> {
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            values.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let _guard = tch::no_grad_guard();
+        for (name, t) in &self.params {
+            let v = by_name.get(name.as_str()).ok_or_else(|| {
+                PeftError::Config(format!(
+                    "the update has no tensor `{name}`; actor and learner must use the same \
+                     peft section"
+                ))
+            })?;
+            t.shallow_clone().copy_(v);
+        }
+        Ok(())
+    }
+
     /// Detached fp32 CPU copies of the trainable tensors, by name.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.params

@@ -100,7 +100,7 @@ pub struct Conditioning {
 impl Conditioning {
     /// Stacks the conditioning of several unguided requests along the batch (a training batch
     /// of different prompts).
-    pub fn cat(parts: &[Conditioning]) -> Result<Conditioning, PipelineError> {
+    pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning, PipelineError> {
         if parts.is_empty() || parts.iter().any(|c| c.cfg.is_some()) {
             return Err(PipelineError::Request(
                 "batched conditioning needs at least one request, all without classifier-free \
@@ -109,7 +109,7 @@ impl Conditioning {
             ));
         }
         let cat = |f: &dyn Fn(&Conditioning) -> Option<&Tensor>| {
-            let all: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
+            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| f(c)).collect();
             all.map(|v| Tensor::cat(&v, 0))
         };
         Ok(Conditioning {

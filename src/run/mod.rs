@@ -2,9 +2,14 @@
 //! checkpoints and resume, shared by `pso offline` and `pso online`.
 
 pub mod data;
+pub mod eval;
 pub mod images;
+pub mod label;
 pub mod offline;
+pub mod online;
+pub mod prompts;
 pub mod relabel;
+pub mod rounds;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -16,11 +21,12 @@ use serde_json::{Map, Value};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{ConfigError, RunConfig};
-use crate::learner::{LearnerError, StepReport};
+use crate::learner::{Learner, LearnerError, StepReport};
 use crate::objective::ObjectiveError;
 use crate::pairs::PairsError;
 use crate::peft::PeftError;
-use crate::pipeline::PipelineError;
+use crate::pipeline::{LoadOptions, Pipeline, PipelineError};
+use crate::sampling::SchedulerKind;
 
 /// Errors of a training run; each names what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,9 @@ pub enum RunError {
     /// A checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The scorer kept failing past its patience.
+    #[error("{0}")]
+    Scorer(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -78,6 +87,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Loads `config.model` on `device`, with the scheduler of the model folder turned into
+/// `sampler.name` (as diffusers' `Scheduler.from_config(pipe.scheduler.config)`): SD-Turbo's
+/// folder names Euler, its PSO recipe samples with Euler ancestral.
+pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline, RunError> {
+    let root = crate::pipeline::hub::resolve_model(&config.model.id, None)?;
+    let mut pipeline = Pipeline::load(
+        &root,
+        &LoadOptions {
+            device,
+            kind: config.model.dtype.kind(),
+            variant: None,
+            unet_override: config.model.unet.clone(),
+        },
+    )?;
+    pipeline.scheduler_config.kind = SchedulerKind::from_name(&config.sampler.name)?;
+    Ok(pipeline)
 }
 
 /// A run directory: `config.toml`, `metrics.jsonl`, `checkpoints/`, `pairs/`, `samples/`.
@@ -247,4 +274,93 @@ pub fn step_seed(seed: u64, step: u64, micro: u32) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The run directory.
+    pub run: PathBuf,
+    /// Optimizer steps done in total.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub last_loss: Option<f64>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Whether a stop request ended it early.
+    pub stopped: bool,
+}
+
+/// Writes a checkpoint of `learner` with data cursor `cursor` (pairs or rounds consumed).
+pub fn save(
+    dir: &RunDir,
+    learner: &Learner,
+    config: &RunConfig,
+    cursor: u64,
+) -> Result<PathBuf, RunError> {
+    let state = checkpoint::State {
+        pso_version: env!("CARGO_PKG_VERSION").into(),
+        counters: learner.counters(),
+        data_cursor: cursor,
+        config_hash: config.training_hash(),
+        peft: config.peft.kind.clone(),
+    };
+    Ok(checkpoint::save(
+        &dir.checkpoints(),
+        learner,
+        &state,
+        config.learner.keep_checkpoints,
+    )?)
+}
+
+/// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
+/// run has no checkpoint yet).
+pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {
+    let Some(latest) = checkpoint::latest(&dir.checkpoints())? else {
+        return Ok(0);
+    };
+    let loaded = checkpoint::load(&latest)?;
+    if loaded.state.config_hash != config.training_hash() {
+        return Err(RunError::RunDir {
+            path: latest,
+            why: "was written under a different training config; resume with the run's own \
+                  config.toml"
+                .into(),
+        });
+    }
+    learner.restore(
+        loaded.trainable,
+        loaded.optimizer,
+        loaded.ema,
+        loaded.state.counters,
+    )?;
+    tracing::info!(
+        checkpoint = %latest.display(),
+        step = loaded.state.counters.step,
+        "resumed"
+    );
+    Ok(loaded.state.data_cursor)
+}
+
+/// A progress bar over optimizer steps (hidden when `show` is false).
+pub fn progress(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] step {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(done);
+    bar
+}
+
+/// `RUN` for a config: `--out` when given, else `run.out/run.name`.
+pub fn run_path(config: &RunConfig, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_owned)
+        .unwrap_or_else(|| config.run.out.join(&config.run.name))
 }

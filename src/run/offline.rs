@@ -2,7 +2,7 @@
 //! offline PSO, Diffusion-DPO or SFT, under the run-directory, metrics and checkpoint contracts
 //! of the online loop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use rand::SeedableRng;
@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use super::data::{image_tensor, stored_latent, PairStream};
 use super::images::{TrainingImage, TrainingImages};
 use super::relabel::Relabeler;
-use super::{step_seed, stop_flag, Metrics, RunDir, RunError};
+use super::{progress, resume, save, step_seed, stop_flag, Metrics, RunDir, RunError, Summary};
 use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::{Learner, LearnerError};
@@ -23,7 +23,7 @@ use crate::objective::{
 };
 use crate::pairs::schema::{Label, PairRecord};
 use crate::peft::Adapter;
-use crate::pipeline::{Conditioning, GenerateRequest, LoadOptions, Pipeline};
+use crate::pipeline::{Conditioning, GenerateRequest, Pipeline};
 use crate::sampling::{PredictionType, SeededNoise, Timesteps};
 
 /// What to train on and where.
@@ -45,21 +45,6 @@ pub struct OfflineOptions {
     pub progress: bool,
 }
 
-/// What a finished (or stopped) run reports.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    /// The run directory.
-    pub run: PathBuf,
-    /// Optimizer steps done in total.
-    pub steps: u64,
-    /// Loss of the last step.
-    pub last_loss: Option<f64>,
-    /// The last checkpoint written.
-    pub checkpoint: Option<PathBuf>,
-    /// Whether a stop request ended it early.
-    pub stopped: bool,
-}
-
 /// The model, its trainable tensors and what a micro-batch needs.
 pub struct Trainer {
     /// The pipeline (its UNet carries the adapter).
@@ -79,16 +64,7 @@ impl Trainer {
     /// Loads `config.model` and attaches `config.peft`.
     pub fn load(config: &RunConfig) -> Result<Trainer, RunError> {
         let device = resolve_device(&config.model.device).map_err(RunError::Config)?;
-        let root = crate::pipeline::hub::resolve_model(&config.model.id, None)?;
-        let pipeline = Pipeline::load(
-            &root,
-            &LoadOptions {
-                device,
-                kind: config.model.dtype.kind(),
-                variant: None,
-                unet_override: None,
-            },
-        )?;
+        let pipeline = super::load_pipeline(config, device)?;
         let timesteps = if config.sampler.timesteps.is_empty() {
             Timesteps::Steps(config.sampler.steps as usize)
         } else {
@@ -165,7 +141,7 @@ impl Trainer {
         Ok(Batch {
             x0_winner: Tensor::stack(&winners, 0),
             x0_loser: Tensor::stack(&losers, 0),
-            cond: Conditioning::cat(&conds)?,
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
         })
     }
 
@@ -205,7 +181,7 @@ impl Trainer {
         Ok(Batch {
             x0_winner,
             x0_loser: Tensor::cat(&losers, 0),
-            cond: Conditioning::cat(&conds)?,
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
         })
     }
 
@@ -355,56 +331,6 @@ fn reward_mean(records: &[PairRecord]) -> Value {
     }
 }
 
-fn save(
-    dir: &RunDir,
-    learner: &Learner,
-    config: &RunConfig,
-    cursor: u64,
-) -> Result<PathBuf, RunError> {
-    let state = checkpoint::State {
-        pso_version: env!("CARGO_PKG_VERSION").into(),
-        counters: learner.counters(),
-        data_cursor: cursor,
-        config_hash: config.training_hash(),
-        peft: config.peft.kind.clone(),
-    };
-    Ok(checkpoint::save(
-        &dir.checkpoints(),
-        learner,
-        &state,
-        config.learner.keep_checkpoints,
-    )?)
-}
-
-/// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
-/// run has no checkpoint yet).
-pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {
-    let Some(latest) = checkpoint::latest(&dir.checkpoints())? else {
-        return Ok(0);
-    };
-    let loaded = checkpoint::load(&latest)?;
-    if loaded.state.config_hash != config.training_hash() {
-        return Err(RunError::RunDir {
-            path: latest,
-            why: "was written under a different training config; resume with the run's own \
-                  config.toml"
-                .into(),
-        });
-    }
-    learner.restore(
-        loaded.trainable,
-        loaded.optimizer,
-        loaded.ema,
-        loaded.state.counters,
-    )?;
-    tracing::info!(
-        checkpoint = %latest.display(),
-        step = loaded.state.counters.step,
-        "resumed"
-    );
-    Ok(loaded.state.data_cursor)
-}
-
 /// Trains until `config.learner.max_steps` (or a stop request), checkpointing as configured.
 pub fn run(config: &RunConfig, opts: OfflineOptions) -> Result<Summary, RunError> {
     let trainer = Trainer::load(config)?;
@@ -534,26 +460,4 @@ pub fn run_with(
         Some(save(&dir, &learner, config, source.consumed())?)
     };
     Ok(summary)
-}
-
-fn progress(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] step {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_position(done);
-    bar
-}
-
-/// `RUN` for a config: `--out` when given, else `run.out/run.name`.
-pub fn run_path(config: &RunConfig, out: Option<&Path>) -> PathBuf {
-    out.map(Path::to_owned)
-        .unwrap_or_else(|| config.run.out.join(&config.run.name))
 }

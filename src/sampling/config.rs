@@ -33,6 +33,17 @@ impl SchedulerKind {
         }
     }
 
+    /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`).
+    pub fn from_name(name: &str) -> Result<SchedulerKind, SamplingError> {
+        match name {
+            "euler" => Ok(SchedulerKind::Euler),
+            "euler_ancestral" => Ok(SchedulerKind::EulerAncestral),
+            "lcm" => Ok(SchedulerKind::Lcm),
+            "ddim" => Ok(SchedulerKind::Ddim),
+            other => Err(SamplingError::UnknownScheduler(other.to_owned())),
+        }
+    }
+
     /// Parses a diffusers class name.
     pub fn from_class_name(name: &str) -> Result<SchedulerKind, SamplingError> {
         [
