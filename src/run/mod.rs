@@ -313,6 +313,23 @@ pub fn save(
     )?)
 }
 
+/// A learner over `adapter`'s tensors, restored from `dir`'s latest checkpoint when resuming;
+/// returns it with the data cursor to continue from (0 for a new run).
+pub fn start_learner(
+    adapter: &crate::peft::Adapter,
+    config: &RunConfig,
+    dir: &RunDir,
+    resuming: bool,
+) -> Result<(Learner, u64), RunError> {
+    let mut learner = Learner::new(adapter.params_shallow(), &config.optim, &config.learner)?;
+    let cursor = if resuming {
+        resume(dir, &mut learner, config)?
+    } else {
+        0
+    };
+    Ok((learner, cursor))
+}
+
 /// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
 /// run has no checkpoint yet).
 pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {

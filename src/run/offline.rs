@@ -13,10 +13,12 @@ use tch::{Device, Kind, Tensor};
 use super::data::{image_tensor, stored_latent, PairStream};
 use super::images::{TrainingImage, TrainingImages};
 use super::relabel::Relabeler;
-use super::{progress, resume, save, step_seed, stop_flag, Metrics, RunDir, RunError, Summary};
+use super::{
+    progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError, Summary,
+};
 use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
-use crate::learner::{Learner, LearnerError};
+use crate::learner::LearnerError;
 use crate::objective::{
     add_noise, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair, Objective,
     PairPredictions, TimestepPolicy,
@@ -344,16 +346,7 @@ pub fn run_with(
     opts: OfflineOptions,
 ) -> Result<Summary, RunError> {
     let dir = RunDir::prepare(&opts.out, config, opts.resume)?;
-    let mut learner = Learner::new(
-        trainer.adapter.params_shallow(),
-        &config.optim,
-        &config.learner,
-    )?;
-    let cursor = if opts.resume {
-        resume(&dir, &mut learner, config)?
-    } else {
-        0
-    };
+    let (mut learner, cursor) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
     let mut source = match &opts.train_images {
         Some(dir) => {
             let mut images = TrainingImages::open(

@@ -30,7 +30,7 @@ use super::eval::Evaluator;
 use super::label::PatientScorer;
 use super::prompts::PromptSet;
 use super::rounds::{Round, RoundMaker, TrainingPair};
-use super::{load_pipeline, progress, resume, save, step_seed, stop_flag, Metrics, RunDir};
+use super::{load_pipeline, progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir};
 use super::{RunError, Summary};
 use crate::actor::{Actor, ActorSettings};
 use crate::checkpoint;
@@ -116,6 +116,16 @@ fn actor_settings(config: &RunConfig) -> ActorSettings {
     }
 }
 
+/// Attaches `config.peft` to the pipeline's UNet: learner and actor copies start equal.
+fn attach(pipeline: &Pipeline, config: &RunConfig) -> Result<Adapter, RunError> {
+    Ok(Adapter::new(
+        &pipeline.unet,
+        &pipeline.unet_vs,
+        &config.peft,
+        config.run.seed,
+    )?)
+}
+
 impl OnlineTrainer {
     /// Loads `config.model` on `device` and attaches `config.peft`.
     pub fn load(config: &RunConfig, device: Device) -> Result<OnlineTrainer, RunError> {
@@ -143,12 +153,7 @@ impl OnlineTrainer {
             .beta
             .unwrap_or(crate::objective::online_pso::BETA);
         let objective = OnlinePso::new(beta, config.objective.epsilon)?;
-        let adapter = Adapter::new(
-            &pipeline.unet,
-            &pipeline.unet_vs,
-            &config.peft,
-            config.run.seed,
-        )?;
+        let adapter = attach(&pipeline, config)?;
         Ok(OnlineTrainer {
             pipeline,
             adapter,
@@ -292,12 +297,7 @@ fn spawn_actor(
     std::thread::spawn(move || {
         let result = (|| -> Result<(), RunError> {
             let pipeline = load_pipeline(&config, device)?;
-            let adapter = Adapter::new(
-                &pipeline.unet,
-                &pipeline.unet_vs,
-                &config.peft,
-                config.run.seed,
-            )?;
+            let adapter = attach(&pipeline, &config)?;
             let actor = Actor::new(&pipeline, actor_settings(&config));
             let mut version = 0;
             for index in first.. {
@@ -399,16 +399,7 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         spec => Some(resolve_device(spec).map_err(RunError::Config)?),
     };
     let trainer = OnlineTrainer::load(config, device)?;
-    let mut learner = Learner::new(
-        trainer.adapter.params_shallow(),
-        &config.optim,
-        &config.learner,
-    )?;
-    let first_round = if opts.resume {
-        resume(&dir, &mut learner, config)?
-    } else {
-        0
-    };
+    let (mut learner, first_round) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
     preflight(&dir, config, trainer.adapter.numel())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
