@@ -98,7 +98,7 @@ fn sequential(dir: &Path) -> (f64, f64) {
     let (mut pairs, mut learner_seconds) = (0usize, 0.0);
     let mut round = 0u64;
     while learner.counters().step < STEPS {
-        let actor = Actor::new(&trainer.pipeline, trainer.settings().clone());
+        let actor = Actor::new(&trainer.pipeline, trainer.settings().clone()).unwrap();
         let mut made = Vec::new();
         for slot in 0..4u32 {
             let index = (round as usize * 4 + slot as usize) % prompts.len();

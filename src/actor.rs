@@ -54,12 +54,26 @@ pub struct ActorSettings {
 pub struct Actor<'a> {
     pipeline: &'a Pipeline,
     settings: ActorSettings,
+    /// Noise tensors per image: the initial latents and one per step that draws noise.
+    draws: usize,
 }
 
 impl<'a> Actor<'a> {
     /// An actor sampling with `pipeline`.
-    pub fn new(pipeline: &'a Pipeline, settings: ActorSettings) -> Actor<'a> {
-        Actor { pipeline, settings }
+    pub fn new(
+        pipeline: &'a Pipeline,
+        settings: ActorSettings,
+    ) -> Result<Actor<'a>, PipelineError> {
+        let scheduler = pipeline.scheduler(settings.timesteps.clone())?;
+        let draws = 1
+            + (0..scheduler.num_steps())
+                .filter(|&i| scheduler.draws_noise(i))
+                .count();
+        Ok(Actor {
+            pipeline,
+            settings,
+            draws,
+        })
     }
 
     /// Samples the K images of `prompt` (prompt set index `prompt_index`) for `round`.
@@ -126,7 +140,7 @@ impl<'a> Actor<'a> {
             .iter()
             .map(|&seed| SeededNoise::new(seed).draw(&shape, draws))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((0..draws)
+        Ok((0..self.draws)
             .map(|d| {
                 let parts: Vec<&Tensor> = per_image.iter().map(|n| &n[d]).collect();
                 Tensor::cat(&parts, 0)

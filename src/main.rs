@@ -618,11 +618,10 @@ fn sample(args: SampleArgs) -> Result<()> {
     let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let size = generated.images.size();
-    let (n, h, w) = (size[0], size[1] as u32, size[2] as u32);
-    for i in 0..n {
-        let pixels = Vec::<u8>::try_from(generated.images.get(i).flatten(0, -1))?;
-        let image = image::RgbImage::from_raw(w, h, pixels).context("image buffer size")?;
+    for (i, image) in pso::run::label::rgb_images(&generated.images)
+        .iter()
+        .enumerate()
+    {
         let path = args.out.join(format!("{i:06}.png"));
         image
             .save(&path)

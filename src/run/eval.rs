@@ -63,7 +63,7 @@ impl Evaluator {
         runtime: &tokio::runtime::Handle,
         halt: &AtomicBool,
     ) -> Result<Vec<(String, f64)>, RunError> {
-        let actor = Actor::new(pipeline, self.settings.clone());
+        let actor = Actor::new(pipeline, self.settings.clone())?;
         let mut images = Vec::new();
         for (i, prompt) in self.prompts.iter().enumerate() {
             let group = actor.sample(0, i as u32, i, prompt, step)?;

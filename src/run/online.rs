@@ -298,7 +298,7 @@ fn spawn_actor(
         let result = (|| -> Result<(), RunError> {
             let pipeline = load_pipeline(&config, device)?;
             let adapter = attach(&pipeline, &config)?;
-            let actor = Actor::new(&pipeline, actor_settings(&config));
+            let actor = Actor::new(&pipeline, actor_settings(&config))?;
             let mut version = 0;
             for index in first.. {
                 if let Some((v, values)) = weights.lock().expect("weights lock").take() {
@@ -610,12 +610,13 @@ impl Loop<'_> {
         if self.step() == 0 && !self.opts.resume {
             self.evaluate()?;
         }
+        let trainer = self.trainer;
+        let inline_actor = Actor::new(&trainer.pipeline, trainer.settings().clone())?;
         let mut last_log = Instant::now();
         while !self.should_stop() {
             let round = match rounds {
                 Rounds::Inline { maker, next } => {
-                    let actor = Actor::new(&self.trainer.pipeline, self.trainer.settings().clone());
-                    match maker.make(&actor, *next, self.step(), &self.halt)? {
+                    match maker.make(&inline_actor, *next, self.step(), &self.halt)? {
                         Some(round) => {
                             *next += 1;
                             round

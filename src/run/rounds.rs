@@ -233,15 +233,21 @@ impl RoundMaker {
             if pair_id >= self.durable {
                 let s = &self.settings;
                 let latents = s.keep_latents.then(|| {
-                    let side = |i: usize| group.trajectories.get(i as i64);
-                    let last = |t: Tensor| bytes(&t.get(steps - 1));
+                    // One host copy per side; x0 is the trajectory's last latent.
+                    let (ta, tb) = (
+                        bytes(&group.trajectories.get(a as i64)),
+                        bytes(&group.trajectories.get(b as i64)),
+                    );
+                    let per_latent = ta.len() / steps as usize;
+                    let last = |t: &[u8]| t[t.len() - per_latent..].to_vec();
                     Latents {
                         dtype: LatentDType::F32,
-                        shape: side(a).size()[1..].iter().map(|&d| d as i32).collect(),
-                        final_latents: [last(side(a)), last(side(b))],
-                        trajectories: s
-                            .keep_trajectory
-                            .then(|| [bytes(&side(a)), bytes(&side(b))]),
+                        shape: group.trajectories.size()[2..]
+                            .iter()
+                            .map(|&d| d as i32)
+                            .collect(),
+                        final_latents: [last(&ta), last(&tb)],
+                        trajectories: s.keep_trajectory.then_some([ta, tb]),
                     }
                 });
                 let record = PairRecord {
