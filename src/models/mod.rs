@@ -1,7 +1,8 @@
 //! The diffusion stack in tch, laid out exactly like diffusers' modules so that diffusers'
-//! weights load by name: building blocks, the VAE and the UNet.
+//! weights load by name: building blocks, the VAE, the UNet and DiT.
 
 pub mod attention;
+pub mod dit;
 pub mod embeddings;
 pub mod linear;
 pub mod resnet;
