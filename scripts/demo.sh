@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The main job on the embedded default. Until the online loop and the embedded tiny model land,
-# this shows the parts that exist: the libtorch the binary runs on, text-to-image sampling
-# through a tiny random-weight SD pipeline (equal to diffusers'), and a round trip through the
-# durable pair store (import a Pick-a-Pic-layout dataset, inspect, validate, read with pyarrow),
-# and offline PSO with LoRA on those pairs (train, resume, export, sample with the adapter).
+# The main job on the embedded default: online PSO on the toy model (data/toy, a 32² text-to-image
+# model of coloured shapes distilled to 4 LCM steps, made by `pso toy build`) with the
+# `pixel:centered` reward, on CPU. It samples pairs from the current model, scores them, stores
+# them, learns from them, evaluates on held-out captions every 25 steps, and ends with the report
+# and the held-out reward before and after (bench/learning measures what else changes). Then it
+# replays the logged pairs offline for a few steps, as one would with a collected dataset.
+# About 3 minutes on 2 cores once set up (the first run also installs PyTorch and builds).
+# PSO_DEMO_STEPS=N changes the number of online steps (default 200).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 say() { printf '\n== %s\n' "$*"; }
+steps=${PSO_DEMO_STEPS:-200}
 
 say "setup"
 scripts/setup.sh
@@ -21,70 +25,46 @@ mkdir -p "$demo"
 say "pso doctor"
 $pso doctor
 
-say "pso sample on a tiny random-weight SD pipeline (built locally; its images are noise by design)"
-.venv/bin/python scripts/oracle/make_pipeline.py "$demo/tiny-pipelines" >"$demo/make_pipeline.log" 2>&1 \
-  || { cat "$demo/make_pipeline.log"; exit 1; }
-$pso sample --model "$demo/tiny-pipelines/sd" --prompt "a photo of a cat" --steps 4 --seed 1 \
-  --num-images 2 --out "$demo/samples"
-
-say "a Pick-a-Pic v2-layout dataset (48 rows, made locally)"
-.venv/bin/python scripts/oracle/make_pickapic.py "$demo/pickapic-sample.parquet" 48
-
-say "pso pairs import --format pickapic"
-$pso pairs import --format pickapic "$demo/pickapic-sample.parquet" --out "$demo/pairs"
-
-say "pso pairs inspect"
-$pso pairs inspect "$demo/pairs"
-
-say "pso pairs validate"
-$pso pairs validate "$demo/pairs"
-
-say "read back with pyarrow"
-.venv/bin/python - "$demo/pairs" <<'PY'
-import sys, pyarrow.parquet as pq, pathlib
-files = sorted(str(p) for p in pathlib.Path(sys.argv[1]).glob("*.parquet"))
-t = pq.read_table(files, columns=["pair_id", "prompt", "label", "score_0", "score_1"])
-print(t.slice(0, 5).to_pandas().to_string(index=False))
-print(f"{t.num_rows} pairs in {len(files)} shard(s)")
+say "the toy model: how it was built and how well it draws its captions (data/toy/build.json)"
+.venv/bin/python - <<'PY'
+import json
+b = json.load(open("data/toy/build.json"))
+print(f"seed {b['options']['seed']}, classifier on dataset images: caption accuracy {b['classifier_on_data']['caption']:.3f}")
+for r in b["samples"]:
+    print(f"  {r['sampler']:28} {r['steps']:>2} steps: caption accuracy {r['accuracy']['caption']:.3f}")
 PY
 
-say "pso offline: offline PSO with LoRA on the imported pairs (20 steps, then resumed to 30)"
-cat >"$demo/offline.toml" <<EOF
-[run]
-name = "offline"
-[model]
-id = "$demo/tiny-pipelines/sd"
-device = "cpu"
-[sampler]
-name = "euler"
-steps = 4
-height = 32
-width = 32
-[objective]
-kind = "offline_pso"
-[peft]
-kind = "lora"
-rank = 4
-alpha = 4.0
-[optim]
-lr = 1e-4
-[learner]
-batch_size = 2
-max_steps = 20
-checkpoint_every = 10
-EOF
-$pso offline --config "$demo/offline.toml" --pairs "$demo/pairs" --out "$demo/offline"
-$pso offline --config "$demo/offline.toml" --pairs "$demo/pairs" --out "$demo/offline" \
-  --max-steps 30 --resume
-echo "last metrics line:"
+say "pso sample: 4 LCM steps from the toy model"
+$pso sample --model data/toy/pipeline --prompt "a large red circle on a blue background" \
+  --steps 4 --seed 1 --num-images 4 --out "$demo/samples"
+
+say "pso online: online PSO with LoRA, reward pixel:centered ($steps steps)"
+$pso online --config configs/tiny-cpu.toml --out "$demo/online" --max-steps "$steps"
+
+say "pso report"
+$pso report "$demo/online"
+
+say "did it learn? (held-out captions, fixed seeds: RUN/eval.jsonl)"
+.venv/bin/python - "$demo/online" <<'PY'
+import json, sys, pathlib
+run = pathlib.Path(sys.argv[1])
+evals = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines() if l.strip()]
+key = next(k for k in evals[0] if k.startswith("eval/"))
+for e in evals:
+    print(f"  step {e['step']:>4}: {key} = {e[key]:.4f}")
+first, last = evals[0][key], evals[-1][key]
+print(f"reward on held-out captions: {first:.4f} -> {last:.4f} ({'+' if last >= first else ''}{last - first:.4f})")
+metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+print(f"training-round reward mean: first 10 steps {sum(m['reward_mean'] for m in metrics[:10]) / 10:.4f}, "
+      f"last 10 steps {sum(m['reward_mean'] for m in metrics[-10:]) / 10:.4f}")
+PY
+
+say "pso offline: replay the logged pairs with offline PSO (20 steps)"
+$pso offline --config configs/tiny-cpu.toml --set objective.kind=offline_pso --set learner.max_steps=20 \
+  --pairs "$demo/online/pairs" --out "$demo/offline"
 tail -n 1 "$demo/offline/metrics.jsonl"
 
-say "pso export (diffusers LoRA) and pso sample --adapter"
-$pso export --run "$demo/offline" --format diffusers-lora --out "$demo/offline/lora.safetensors"
-$pso sample --model "$demo/tiny-pipelines/sd" --adapter "$demo/offline/lora.safetensors" \
-  --prompt "a photo of a cat" --steps 4 --seed 1 --num-images 2 --out "$demo/samples-lora"
-
 say "done"
-echo "samples:    $root/$demo/samples (base), $root/$demo/samples-lora (with the trained LoRA)"
-echo "pair store: $root/$demo/pairs"
-echo "run:        $root/$demo/offline (config.toml, metrics.jsonl, checkpoints/)"
+echo "report:     $root/$demo/online/report/index.html"
+echo "samples:    $root/$demo/online/samples/step-*.png (held-out captions, fixed seeds)"
+echo "pair store: $root/$demo/online/pairs"

@@ -154,9 +154,9 @@ impl Default for SamplerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardSection {
-    /// `clip`, `pickscore`, `aesthetic` or `http`.
+    /// `clip`, `pickscore`, `aesthetic`, `pixel` or `http`.
     pub scorer: String,
-    /// Model folder or hub id (or URL for `http`).
+    /// Model folder or hub id (URL for `http`; `centered`, `redness` or `size` for `pixel`).
     pub model: String,
     /// File holding the bearer token of an `http` scorer.
     pub token_file: Option<PathBuf>,
@@ -684,7 +684,7 @@ impl RunConfig {
         out.extend(one_of(
             "reward.scorer",
             &self.reward.scorer,
-            &["clip", "pickscore", "aesthetic", "http"],
+            &["clip", "pickscore", "aesthetic", "pixel", "http"],
         ));
         out.extend(one_of(
             "objective.kind",

@@ -14,6 +14,8 @@ pub mod optim;
 pub mod pairs;
 pub mod peft;
 pub mod pipeline;
+pub mod report;
 pub mod run;
 pub mod sampling;
 pub mod tensor_file;
+pub mod toy;

@@ -54,12 +54,52 @@ enum Command {
     Offline(OfflineArgs),
     /// Export a run's trained weights.
     Export(ExportArgs),
+    /// Plot a run's metrics, evals and sample grids into one self-contained HTML page.
+    ///
+    /// Reads RUN/metrics.jsonl, RUN/eval.jsonl, RUN/samples/step-N.png and RUN/config.toml, and
+    /// writes PNG plots (reward mean ± std and max, eval scores, loss, margin and accuracy,
+    /// gradient norm and learning rate, throughput and time split: those the run logged) and
+    /// index.html into OUT. The page inlines the plots, the first and the newest sample grids, a
+    /// summary table and the config, so the one file can be mailed. Only reads RUN, so it is safe
+    /// while the run trains; a last line cut short by a killed run is skipped with a warning.
+    Report(ReportArgs),
     /// Serve a reward model over HTTP.
     #[command(subcommand)]
     Reward(RewardCommand),
     /// Work with run configs.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Build and check the embedded tiny model (data/toy).
+    #[command(subcommand)]
+    Toy(ToyCommand),
+}
+
+#[derive(Subcommand)]
+enum ToyCommand {
+    /// Train the embedded default model from scratch on CPU: render a seeded dataset of
+    /// captioned shapes, train a tiny SD-architecture model on it (CLIP text encoder,
+    /// AutoencoderKL, UNet), distill it to 1–4 LCM steps by latent consistency distillation,
+    /// train the shape/colour classifier that judges samples, and report caption accuracy of
+    /// 1-, 2- and 4-step samples. Writes OUT/pipeline (a diffusers folder),
+    /// OUT/classifier.safetensors and OUT/build.json. The committed data/toy was made by
+    /// `pso toy build --seed 0` (about 35 minutes on 2 cores).
+    Build {
+        /// Output folder.
+        #[arg(long, default_value = "data/toy")]
+        out: PathBuf,
+        /// Seed of the dataset, the initialisation and every noise draw.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// A build in seconds with far too little training (for checking the plumbing).
+        #[arg(long)]
+        quick: bool,
+        /// Teacher training steps (default 10000).
+        #[arg(long)]
+        teacher_steps: Option<usize>,
+        /// Distillation steps (default 2000).
+        #[arg(long)]
+        distill_steps: Option<usize>,
+    },
 }
 
 #[derive(Args)]
@@ -134,6 +174,8 @@ enum ScorerKind {
     Clip,
     Pickscore,
     Aesthetic,
+    /// A pixel statistic, no model: --model centered, redness or size.
+    Pixel,
     Http,
 }
 
@@ -308,6 +350,18 @@ struct ExportArgs {
     ema: bool,
 }
 
+/// Arguments of `pso report` (its help text is on `Command::Report`, where clap shows it).
+#[derive(Args)]
+#[command(after_help = "Example: pso report runs/sd-turbo-pickscore\nThen open \
+                  runs/sd-turbo-pickscore/report/index.html in a browser, or mail it.")]
+struct ReportArgs {
+    /// Run directory: what `pso online` or `pso offline` wrote (their --out).
+    run: PathBuf,
+    /// Folder for index.html and the plots (default: RUN/report).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum RewardCommand {
     /// Serve a local scorer over the HTTP reward protocol.
@@ -342,7 +396,7 @@ fn local_scorer_kind(kind: ScorerKind) -> Option<reward::LocalScorerKind> {
         ScorerKind::Clip => Some(reward::LocalScorerKind::Clip),
         ScorerKind::Pickscore => Some(reward::LocalScorerKind::Pickscore),
         ScorerKind::Aesthetic => Some(reward::LocalScorerKind::Aesthetic),
-        ScorerKind::Http => None,
+        ScorerKind::Pixel | ScorerKind::Http => None,
     }
 }
 
@@ -489,6 +543,9 @@ fn load_scorer(
         .context("expected SCORER:MODEL, e.g. pickscore:models/PickScore_v1")?;
     let kind =
         ScorerKind::from_str(kind, true).map_err(|e| anyhow::anyhow!("scorer {kind}: {e}"))?;
+    if let ScorerKind::Pixel = kind {
+        return Ok(Box::new(reward::scorers::pixel::PixelScorer::new(model)?));
+    }
     Ok(match local_scorer_kind(kind) {
         Some(local) => {
             let root = pso::pipeline::hub::resolve_model(model, None)?;
@@ -532,6 +589,13 @@ fn export(args: ExportArgs) -> Result<()> {
         &args.out,
     )?;
     println!("{}", written.display());
+    Ok(())
+}
+
+fn report(args: ReportArgs) -> Result<()> {
+    let out = args.out.unwrap_or_else(|| args.run.join("report"));
+    let summary = pso::report::write_report(&args.run, &out).context("cannot write the report")?;
+    println!("{}", summary.html.display());
     Ok(())
 }
 
@@ -696,6 +760,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             );
         }
+        Command::Toy(ToyCommand::Build {
+            out,
+            seed,
+            quick,
+            teacher_steps,
+            distill_steps,
+        }) => toy_build(&out, seed, quick, teacher_steps, distill_steps)?,
         Command::Config(ConfigCommand::Show(args)) => {
             print!("{}", load_config(&args)?.to_toml());
         }
@@ -749,6 +820,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export(args) => export(args)?,
+        Command::Report(args) => report(args)?,
         Command::Reward(RewardCommand::Serve {
             scorer,
             model,
@@ -792,6 +864,83 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn toy_build(
+    out: &std::path::Path,
+    seed: u64,
+    quick: bool,
+    teacher_steps: Option<usize>,
+    distill_steps: Option<usize>,
+) -> Result<()> {
+    use pso::toy::{build, BuildOptions};
+    let mut options = if quick {
+        BuildOptions::quick(seed)
+    } else {
+        BuildOptions::full(seed)
+    };
+    options.teacher_steps = teacher_steps.unwrap_or(options.teacher_steps);
+    options.distill_steps = distill_steps.unwrap_or(options.distill_steps);
+    let terminal = std::io::stderr().is_terminal();
+    let mut bar: Option<(String, ProgressBar)> = None;
+    let mut progress = |stage: &str, step: usize, total: usize, loss: f64| {
+        if bar.as_ref().is_none_or(|(s, _)| s != stage) {
+            let b = if terminal {
+                ProgressBar::new(total as u64)
+            } else {
+                ProgressBar::hidden()
+            };
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg:12} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b.set_message(stage.to_owned());
+            if let Some((_, old)) = bar.replace((stage.to_owned(), b)) {
+                old.finish();
+            }
+        }
+        let (_, b) = bar.as_ref().expect("set above");
+        b.set_position(step as u64 + 1);
+        if !terminal && (step.is_multiple_of(200) || step + 1 == total) {
+            tracing::info!(stage, step = step + 1, total, loss, "toy build");
+        }
+    };
+    let report = build(out, &options, &mut progress)
+        .with_context(|| format!("building the toy model into {}", out.display()))?;
+    if let Some((_, b)) = bar {
+        b.finish();
+    }
+    println!("toy model written to {}", out.join("pipeline").display());
+    println!(
+        "classifier on dataset images: caption {:.3}",
+        report.classifier_on_data.caption
+    );
+    println!(
+        "{:28} {:>5} {:>8} {:>6} {:>6} {:>6} {:>6} {:>9}",
+        "sampler", "steps", "caption", "shape", "colour", "size", "bg", "sharpness"
+    );
+    for row in &report.samples {
+        let a = &row.accuracy;
+        println!(
+            "{:28} {:>5} {:>8.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>9.1}",
+            row.sampler,
+            row.steps,
+            a.caption,
+            a.shape,
+            a.colour,
+            a.size,
+            a.background,
+            row.sharpness
+        );
+    }
+    println!(
+        "sharpness of dataset images {:.1}, after the autoencoder {:.1}",
+        report.data_sharpness, report.reconstruction_sharpness
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -83,7 +83,8 @@ fn help_lists_every_subcommand() {
     assert!(out.status.success());
     let help = text(&out.stdout);
     for cmd in [
-        "doctor", "sample", "score", "pairs", "online", "offline", "export", "reward", "config",
+        "doctor", "sample", "score", "pairs", "online", "offline", "export", "report", "reward",
+        "config",
     ] {
         assert!(help.contains(cmd), "`{cmd}` missing from --help:\n{help}");
     }
@@ -128,6 +129,23 @@ fn export_of_a_folder_that_is_no_run_says_so() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("is not a run directory"), "{err}");
+}
+
+#[test]
+fn report_of_a_missing_run_directory_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("no-such-run");
+    let out = pso(&["report", run.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot write the report")
+            && err.contains("no-such-run: no such directory")
+            && err.contains("`pso online` or `pso offline`")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!run.exists(), "nothing is written for a missing run");
 }
 
 #[test]

@@ -136,29 +136,7 @@ fn pso_sample_writes_the_images_diffusers_makes() {
         for i in 0..c.num_images {
             let png = out_dir.join(format!("{i:06}.png"));
             let ours = image::open(&png).unwrap().to_rgb8();
-            let theirs = want.get(i);
-            assert_eq!(
-                (ours.height() as i64, ours.width() as i64),
-                (theirs.size()[0], theirs.size()[1]),
-                "{}",
-                c.case
-            );
-            let ours = Tensor::from_slice(ours.as_raw())
-                .view_as(&theirs)
-                .to_kind(Kind::Int);
-            let diff = (ours - theirs.to_kind(Kind::Int)).abs();
-            let max = diff.max().int64_value(&[]);
-            let off = diff
-                .gt(0)
-                .to_kind(Kind::Float)
-                .mean(Kind::Float)
-                .double_value(&[]);
-            assert!(
-                max <= 1 && off < 0.01,
-                "{} image {i}: max |Δ| {max}, {:.2}% of values differ",
-                c.case,
-                off * 100.0
-            );
+            common::assert_image_matches(&ours, &want.get(i), &format!("{} image {i}", c.case));
         }
     }
 }

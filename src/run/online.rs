@@ -1,6 +1,8 @@
 //! `pso online` (method.md §2): rounds of K samples per prompt from the current policy, scored
 //! while the next group is sampled, stored as pairs, and learned from with the online PSO
-//! objective over the stored trajectories.
+//! objective over the stored trajectories. `objective.kind = "sft"` runs the baseline of the
+//! paper instead: the plain denoising loss on the winners' images (rejection-sampling
+//! fine-tuning), with everything else the same.
 //!
 //! On one device the actor and the learner alternate: round r is sampled by the policy after
 //! r · `refresh_every` steps and feeds the next `refresh_every` steps (on-policy). With
@@ -37,11 +39,11 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::{Learner, LearnerError, StepReport};
 use crate::objective::online_pso::{OnlinePso, Transitions};
-use crate::objective::Loss;
+use crate::objective::{add_noise, regression_target, sft_loss, Loss};
 use crate::pairs::writer::{AsyncPairWriter, WriterOptions};
 use crate::peft::Adapter;
 use crate::pipeline::{Conditioning, Pipeline};
-use crate::sampling::{Scheduler, Timesteps};
+use crate::sampling::{NoiseSource, Scheduler, SeededNoise, Timesteps};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -64,13 +66,24 @@ pub struct Scorers {
     pub eval: Vec<(String, Arc<dyn Scorer>)>,
 }
 
+/// What the learner minimises.
+enum OnlineObjective {
+    /// Online PSO over the stored transitions.
+    Pso(OnlinePso),
+    /// The SFT baseline: ε/v regression on the winners' final latents at uniform timesteps.
+    Sft {
+        alphas_cumprod: Vec<f64>,
+        prediction: crate::sampling::PredictionType,
+    },
+}
+
 /// The learner's model: the pipeline with its adapter, the objective and the schedule.
 pub struct OnlineTrainer {
     /// The pipeline (its UNet carries the adapter).
     pub pipeline: Pipeline,
     /// The trainable tensors and the reference model.
     pub adapter: Adapter,
-    objective: OnlinePso,
+    objective: OnlineObjective,
     scheduler: Scheduler,
     stochastic: Vec<usize>,
     settings: ActorSettings,
@@ -84,10 +97,10 @@ pub struct Prepared {
 
 /// Refuses configs the online loop cannot run.
 pub fn check(config: &RunConfig) -> Result<(), RunError> {
-    if config.objective.kind != "online_pso" {
+    if !["online_pso", "sft"].contains(&config.objective.kind.as_str()) {
         return Err(RunError::Config(format!(
             "objective.kind = {} replays stored pairs: run `pso offline`, or set \
-             objective.kind = online_pso",
+             objective.kind = online_pso (or sft, the baseline)",
             config.objective.kind
         )));
     }
@@ -148,11 +161,18 @@ impl OnlineTrainer {
                 config.sampler.name
             )));
         }
-        let beta = config
-            .objective
-            .beta
-            .unwrap_or(crate::objective::online_pso::BETA);
-        let objective = OnlinePso::new(beta, config.objective.epsilon)?;
+        let objective = if config.objective.kind == "sft" {
+            OnlineObjective::Sft {
+                alphas_cumprod: crate::sampling::betas::alphas_cumprod(&pipeline.scheduler_config),
+                prediction: pipeline.scheduler_config.prediction_type,
+            }
+        } else {
+            let beta = config
+                .objective
+                .beta
+                .unwrap_or(crate::objective::online_pso::BETA);
+            OnlineObjective::Pso(OnlinePso::new(beta, config.objective.epsilon)?)
+        };
         let adapter = attach(&pipeline, config)?;
         Ok(OnlineTrainer {
             pipeline,
@@ -193,9 +213,17 @@ impl OnlineTrainer {
         Ok(out)
     }
 
-    /// The online PSO loss of `pairs`, pair i at transition `steps[i]` of both its
-    /// trajectories.
+    /// The loss of `pairs`: online PSO at transition `steps[i]` of both trajectories of pair
+    /// i, or SFT on each winner's final latents (noise and timestep drawn from the pair id and
+    /// `steps[i]`, so a resumed run draws the same).
     pub fn loss(&self, pairs: &[&Prepared], steps: &[usize]) -> Result<Loss, RunError> {
+        let objective = match &self.objective {
+            OnlineObjective::Pso(objective) => objective,
+            OnlineObjective::Sft {
+                alphas_cumprod,
+                prediction,
+            } => return self.sft_loss(pairs, steps, alphas_cumprod, *prediction),
+        };
         let b = pairs.len() as i64;
         let at = |side: fn(&TrainingPair) -> &Tensor, offset: usize| {
             let rows: Vec<Tensor> = pairs
@@ -249,7 +277,7 @@ impl OnlineTrainer {
         let counted: Vec<bool> = pairs.iter().map(|p| p.pair.counted).collect();
         let half = |t: &Tensor, first: bool| t.narrow(0, if first { 0 } else { b }, b);
         let (bu, b2) = (b as usize, 2 * b as usize);
-        Ok(self.objective.loss(
+        Ok(objective.loss(
             &Transitions {
                 next: &next_winner,
                 mean_policy: &half(&mean_policy, true),
@@ -264,6 +292,47 @@ impl OnlineTrainer {
             },
             Some(&counted),
         )?)
+    }
+
+    /// The SFT baseline's loss: winners' final latents noised to uniform training timesteps.
+    fn sft_loss(
+        &self,
+        pairs: &[&Prepared],
+        steps: &[usize],
+        alphas_cumprod: &[f64],
+        prediction: crate::sampling::PredictionType,
+    ) -> Result<Loss, RunError> {
+        let device = self.pipeline.device();
+        let x0 = Tensor::stack(
+            &pairs
+                .iter()
+                .map(|p| p.pair.winner.get(-1))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut noise = Vec::with_capacity(pairs.len());
+        let mut timesteps = Vec::with_capacity(pairs.len());
+        for (p, &i) in pairs.iter().zip(steps) {
+            let seed = step_seed(p.pair.pair_id as u64, i as u64, u32::MAX - 1);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            timesteps.push(rand::Rng::random_range(
+                &mut rng,
+                0..alphas_cumprod.len() as u32,
+            ));
+            let mut draw = SeededNoise::new(seed);
+            noise.extend(draw.draw(&x0.size()[1..], 1)?);
+        }
+        let noise = Tensor::stack(&noise, 0).to_device(device);
+        let x = add_noise(&x0, &noise, &timesteps, alphas_cumprod)?;
+        let target = regression_target(&x0, &noise, &timesteps, alphas_cumprod, prediction)?;
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_slice(&t).to_device(device);
+        let conds: Vec<&Conditioning> = pairs.iter().map(|p| &p.cond).collect();
+        let cond = Conditioning::cat(&conds)?;
+        let pred = self
+            .pipeline
+            .predict_batch(&self.pipeline.unet, &cond, &x, &t);
+        Ok(sft_loss(&pred, &target)?)
     }
 }
 

@@ -10,9 +10,14 @@ use rand_chacha::ChaCha8Rng;
 use super::{step_seed, RunError};
 
 /// The prompt sets compiled into the binary.
-const BUILTIN: [(&str, &str); 2] = [
+const BUILTIN: [(&str, &str); 4] = [
     ("simple", include_str!("../../data/prompts/simple.txt")),
     ("eval", include_str!("../../data/prompts/eval.txt")),
+    ("shapes", include_str!("../../data/prompts/shapes.txt")),
+    (
+        "shapes-eval",
+        include_str!("../../data/prompts/shapes-eval.txt"),
+    ),
 ];
 
 /// A list of prompts.

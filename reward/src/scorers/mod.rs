@@ -3,6 +3,7 @@
 pub mod aesthetic;
 pub mod clip_score;
 pub mod composite;
+pub mod pixel;
 
 use std::path::Path;
 
