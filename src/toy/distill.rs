@@ -154,7 +154,5 @@ pub fn distill(
         });
         progress("distill", step, settings.steps, loss.double_value(&[]));
     }
-    let mut out: Vec<(String, Tensor)> = student_vars.into_iter().collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok(student_vars.into_iter().collect())
 }

@@ -247,7 +247,8 @@ fn write_json(path: &Path, value: &Value) -> Result<(), ToyError> {
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-/// Writes `tensors` as f16 safetensors (diffusers and transformers read `format: pt`).
+/// Writes `tensors` as f16 safetensors (diffusers and transformers read `format: pt`); the
+/// file's order does not depend on theirs (safetensors sorts by dtype and name).
 fn write_weights(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), ToyError> {
     let half: Vec<(String, Tensor)> = tensors
         .iter()
@@ -398,9 +399,7 @@ pub fn build(
         |step, loss| record("classifier", step, options.classifier_steps, loss),
     )?;
     let classifier_path = out.join("classifier.safetensors");
-    let mut classifier_tensors: Vec<(String, Tensor)> =
-        classifier_vs.variables().into_iter().collect();
-    classifier_tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let classifier_tensors: Vec<_> = classifier_vs.variables().into_iter().collect();
     write_weights(&classifier_path, &classifier_tensors)?;
     seconds.insert("classifier".to_owned(), clock.elapsed().as_secs_f64());
 
@@ -480,11 +479,7 @@ pub fn build(
         );
     }
 
-    let vae_tensors: Vec<(String, Tensor)> = {
-        let mut v: Vec<_> = vae_vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
+    let vae_tensors: Vec<_> = vae_vs.variables().into_iter().collect();
     let vae_json = vae_config(options.side, scaling_factor);
     let text_tensors = teacher.part("text_encoder");
     let pipeline_dir = out.join("pipeline");

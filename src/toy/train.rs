@@ -158,14 +158,11 @@ impl Denoiser {
     /// The tensors of one part (`text_encoder` or `unet`), named as in its diffusers file.
     pub fn part(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let prefix = format!("{prefix}.");
-        let mut out: Vec<(String, Tensor)> = self
-            .vs
+        self.vs
             .variables()
             .into_iter()
             .filter_map(|(name, t)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), t)))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 }
 
