@@ -120,7 +120,7 @@ impl Default for ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplerSection {
-    /// `euler`, `euler_ancestral`, `lcm` or `ddim`.
+    /// `euler`, `euler_ancestral`, `lcm`, `ddim` or `ddpm`.
     pub name: String,
     /// Number of denoising steps.
     pub steps: u32,
@@ -679,7 +679,7 @@ impl RunConfig {
         out.extend(one_of(
             "sampler.name",
             &self.sampler.name,
-            &["euler", "euler_ancestral", "lcm", "ddim"],
+            &["euler", "euler_ancestral", "lcm", "ddim", "ddpm"],
         ));
         out.extend(one_of(
             "reward.scorer",

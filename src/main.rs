@@ -110,9 +110,14 @@ struct SampleArgs {
     /// unless HF_HUB_OFFLINE=1.
     #[arg(long)]
     model: String,
-    /// Text prompt.
-    #[arg(long)]
-    prompt: String,
+    /// Text prompt (text-to-image pipelines).
+    #[arg(long, required_unless_present = "class_label")]
+    prompt: Option<String>,
+    /// Class-conditional (DiT) pipelines: the classes to draw, one image each, as ids or as
+    /// names from the folder's id2label: --class-label 207,360 or --class-label "golden
+    /// retriever". Use --guidance 4 and --steps 50 for DiTPipeline's defaults.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    class_label: Vec<String>,
     /// Negative prompt (used only with --guidance > 1).
     #[arg(long)]
     negative_prompt: Option<String>,
@@ -161,8 +166,8 @@ struct SampleArgs {
     #[arg(long)]
     unet: Option<PathBuf>,
     /// Sampler replacing the folder's scheduler (keeping its settings), as a run's sampler.name:
-    /// euler, euler_ancestral, lcm or ddim. Regenerates a stored pair's image with its seed.
-    #[arg(long, value_parser = ["euler", "euler_ancestral", "lcm", "ddim"])]
+    /// euler, euler_ancestral, lcm, ddim or ddpm. Regenerates a stored pair's image with its seed.
+    #[arg(long, value_parser = ["euler", "euler_ancestral", "lcm", "ddim", "ddpm"])]
     sampler: Option<String>,
     /// Output directory: 000000.png, 000001.png, …
     #[arg(long)]
@@ -632,6 +637,24 @@ fn sample(args: SampleArgs) -> Result<()> {
         unet_override,
     };
     let root = pso::pipeline::hub::resolve_model(&args.model, args.variant.as_deref())?;
+    let init_latents = args
+        .init_noise
+        .as_deref()
+        .map(read_init_noise)
+        .transpose()?;
+    if pso::pipeline::dit::is_dit_folder(&root) {
+        anyhow::ensure!(
+            adapter.is_none(),
+            "--adapter is not supported for DiT pipelines yet"
+        );
+        return sample_dit(&args, &root, &opts, init_latents);
+    }
+    let Some(prompt) = args.prompt.as_deref() else {
+        anyhow::bail!(
+            "{} is a text-to-image pipeline: give --prompt (--class-label is for DiT pipelines)",
+            root.display()
+        );
+    };
     let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
     if let Some(name) = &args.sampler {
@@ -642,19 +665,6 @@ fn sample(args: SampleArgs) -> Result<()> {
             .with_context(|| format!("--adapter {}", path.display()))?;
         tracing::info!(adapter = %path.display(), "applied {what}");
     }
-    let init_latents = match &args.init_noise {
-        None => None,
-        Some(path) => {
-            let tensors = tch::Tensor::read_safetensors(path)
-                .with_context(|| format!("reading --init-noise {}", path.display()))?;
-            let latents = tensors
-                .into_iter()
-                .find(|(name, _)| name == "latents")
-                .map(|(_, t)| t)
-                .with_context(|| format!("{} holds no tensor named `latents`", path.display()))?;
-            Some(latents.to_kind(tch::Kind::Float))
-        }
-    };
     let num_images = match (&init_latents, args.num_images) {
         (Some(t), Some(n)) if t.size()[0] != n => anyhow::bail!(
             "--num-images {n} disagrees with --init-noise, which holds {} latents",
@@ -669,7 +679,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         None => Timesteps::Steps(args.steps),
     };
     let request = GenerateRequest {
-        prompt: &args.prompt,
+        prompt,
         negative_prompt: args.negative_prompt.as_deref(),
         timesteps,
         guidance: args.guidance,
@@ -680,19 +690,93 @@ fn sample(args: SampleArgs) -> Result<()> {
         record: false,
     };
     let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    for (i, image) in pso::run::label::rgb_images(&generated.images)
-        .iter()
-        .enumerate()
-    {
-        let path = args.out.join(format!("{i:06}.png"));
+    write_images(&generated.images, &args.out)
+}
+
+/// `--init-noise`: the f32 tensor `latents` of a safetensors file.
+fn read_init_noise(path: &std::path::Path) -> Result<tch::Tensor> {
+    let tensors = tch::Tensor::read_safetensors(path)
+        .with_context(|| format!("reading --init-noise {}", path.display()))?;
+    let latents = tensors
+        .into_iter()
+        .find(|(name, _)| name == "latents")
+        .map(|(_, t)| t)
+        .with_context(|| format!("{} holds no tensor named `latents`", path.display()))?;
+    Ok(latents.to_kind(tch::Kind::Float))
+}
+
+/// Writes [N, H, W, 3] uint8 images as OUT/000000.png, … and prints each path.
+fn write_images(images: &tch::Tensor, out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (i, image) in pso::run::label::rgb_images(images).iter().enumerate() {
+        let path = out.join(format!("{i:06}.png"));
         image
             .save(&path)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// `pso sample` on a DiTPipeline folder: one image per --class-label.
+fn sample_dit(
+    args: &SampleArgs,
+    root: &std::path::Path,
+    opts: &pso::pipeline::LoadOptions,
+    init_latents: Option<tch::Tensor>,
+) -> Result<()> {
+    use pso::pipeline::dit::{ClassRequest, DiTPipeline};
+    use pso::sampling::{SeededNoise, Timesteps};
+
+    anyhow::ensure!(
+        args.prompt.is_none() && args.negative_prompt.is_none(),
+        "{} is a class-conditional DiT pipeline: give --class-label instead of prompts",
+        root.display()
+    );
+    anyhow::ensure!(
+        !args.class_label.is_empty(),
+        "{} is a class-conditional DiT pipeline: give --class-label (ids or id2label names)",
+        root.display()
+    );
+    let mut pipeline =
+        DiTPipeline::load(root, opts).with_context(|| format!("loading {}", root.display()))?;
+    if let Some(name) = &args.sampler {
+        pipeline.scheduler_config.kind = pso::sampling::SchedulerKind::from_name(name)?;
+    }
+    let class_labels = args
+        .class_label
+        .iter()
+        .map(|l| pipeline.class_id(l))
+        .collect::<Result<Vec<i64>, _>>()?;
+    if let Some(n) = args.num_images {
+        anyhow::ensure!(
+            n == class_labels.len() as i64,
+            "--num-images {n} disagrees with the {} --class-label values (one image each)",
+            class_labels.len()
+        );
+    }
+    let f = pipeline.vae.scale_factor();
+    let latent_size = match (args.height, args.width) {
+        (None, None) => None,
+        (Some(h), Some(w)) if h == w && h % f == 0 => Some(h / f),
+        (h, w) => anyhow::bail!(
+            "DiT images are square multiples of {f} pixels: give --height and --width equal \
+             (got {h:?} × {w:?})"
+        ),
+    };
+    let request = ClassRequest {
+        class_labels,
+        timesteps: match &args.timesteps {
+            Some(list) => Timesteps::Explicit(list.clone()),
+            None => Timesteps::Steps(args.steps),
+        },
+        guidance: args.guidance,
+        latent_size,
+        init_latents,
+        record: false,
+    };
+    let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
+    write_images(&generated.images, &args.out)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -1,14 +1,23 @@
 //! `DiTTransformer2DModel` against diffusers on tiny random-weight models built by
-//! scripts/oracle/make_dit.py (fp32, CPU), DiffFit's branch scales, and refused configs.
+//! scripts/oracle/make_dit.py (fp32, CPU), DiffFit's branch scales, and refused configs; the
+//! `DiTPipeline` (DDIM and DDPM, with and without guidance, class names) against diffusers' on a
+//! tiny pipeline folder from scripts/oracle/make_dit_pipeline.py, through the library and through
+//! `pso sample`.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
 
 use pso::models::dit::{
     sincos_pos_embed_2d, DiTBranchScales, DiTTransformer2DConfig, DiTTransformer2DModel,
 };
 use pso::models::load::read_config;
+use pso::pipeline::dit::{ClassRequest, DiTPipeline};
+use pso::pipeline::LoadOptions;
+use pso::sampling::{NoiseSource, SchedulerConfig, SeededNoise, Timesteps};
+use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
 /// max |a − b| / max |b|.
@@ -164,5 +173,112 @@ fn unsupported_dit_configs_are_refused_with_the_key_and_the_fix() {
             msg.contains("config.json: unsupported") && msg.contains(want),
             "{msg}"
         );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PipelineCase {
+    case: String,
+    scheduler: String,
+    class_labels: Vec<i64>,
+    guidance: f64,
+    steps: usize,
+    seed: u64,
+    global_seed: u64,
+}
+
+fn expected_images(dir: &Path, case: &str) -> Tensor {
+    Tensor::read_safetensors(dir.join(format!("{case}.safetensors")))
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "images")
+        .unwrap()
+        .1
+}
+
+#[test]
+fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_dit_pipeline.py", &[dir.path().as_os_str()]);
+    let cases: Vec<PipelineCase> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
+            .unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        variant: None,
+        unet_override: None,
+    };
+    let mut pipeline = DiTPipeline::load(&dir.path().join("pipeline"), &opts).unwrap();
+    let ddim = pipeline.scheduler_config.clone();
+    let ddpm = SchedulerConfig::from_file(&dir.path().join("ddpm_scheduler/scheduler_config.json"))
+        .unwrap();
+
+    assert_eq!(pipeline.class_id("golden retriever").unwrap(), 207);
+    assert_eq!(pipeline.class_id("Galeocerdo cuvieri").unwrap(), 3);
+    assert_eq!(pipeline.class_id("12").unwrap(), 12);
+    for bad in ["1000", "-1", "golden retriver"] {
+        let err = pipeline.class_id(bad).unwrap_err().to_string();
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+
+    for case in &cases {
+        pipeline.scheduler_config = match case.scheduler.as_str() {
+            "ddim" => ddim.clone(),
+            "ddpm" => ddpm.clone(),
+            other => panic!("unknown scheduler {other}"),
+        };
+        // The generator's latents, then DDPM's noise from the global generator (as DiTPipeline).
+        let init = SeededNoise::new(case.seed)
+            .draw(&[case.class_labels.len() as i64, 4, 8, 8], 1)
+            .unwrap()
+            .remove(0);
+        let generated = pipeline
+            .generate(
+                ClassRequest {
+                    class_labels: case.class_labels.clone(),
+                    timesteps: Timesteps::Steps(case.steps),
+                    guidance: case.guidance,
+                    latent_size: None,
+                    init_latents: Some(init),
+                    record: false,
+                },
+                &mut SeededNoise::new(case.global_seed),
+            )
+            .unwrap();
+        let theirs = expected_images(dir.path(), &case.case);
+        let ours = pso::run::label::rgb_images(&generated.images);
+        assert_eq!(ours.len() as i64, theirs.size()[0], "{}", case.case);
+        for (i, image) in ours.iter().enumerate() {
+            common::assert_image_matches(
+                image,
+                &theirs.get(i as i64),
+                &format!("{} image {i}", case.case),
+            );
+        }
+    }
+
+    // The same first case through the command line, classes given by name and id.
+    let first = &cases[0];
+    assert_eq!(first.class_labels, [207, 3, 0]);
+    let out = dir.path().join("cli");
+    let status = Command::new(env!("CARGO_BIN_EXE_pso"))
+        .args(["sample", "--device", "cpu", "--model"])
+        .arg(dir.path().join("pipeline"))
+        .args(["--class-label", "golden retriever,tiger shark,0"])
+        .args(["--guidance", &first.guidance.to_string()])
+        .args(["--steps", &first.steps.to_string()])
+        .args(["--seed", &first.seed.to_string()])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs = expected_images(dir.path(), &first.case);
+    for i in 0..3 {
+        let image = image::open(out.join(format!("{i:06}.png")))
+            .unwrap()
+            .to_rgb8();
+        common::assert_image_matches(&image, &theirs.get(i), &format!("pso sample image {i}"));
     }
 }

@@ -1,7 +1,8 @@
-//! The few-step samplers against diffusers (scripts/oracle/schedulers.py, fp32, CPU): timesteps,
-//! σ, every latent of the trajectory, and each step's kernel (μ, s), for Euler, Euler-ancestral,
-//! LCM and DDIM over prediction types, spacings, step counts, beta schedules and explicit lists,
-//! with explicit noise tensors and with seeded noise.
+//! The samplers against diffusers (scripts/oracle/schedulers.py, fp32, CPU): timesteps, σ, every
+//! latent of the trajectory, and each step's kernel (μ, s), for Euler, Euler-ancestral, LCM, DDIM
+//! and DDPM (with every supported variance, learned included) over prediction types, spacings,
+//! step counts, beta schedules and explicit lists, with explicit noise tensors and with seeded
+//! noise.
 
 mod common;
 
@@ -26,16 +27,23 @@ struct Index {
     cases: Vec<Case>,
 }
 
-/// model_output = tanh(a·model_input + b·t/1000), as in the oracle.
+/// model_output = tanh(a·model_input + b·t/1000), as in the oracle; with a learned variance
+/// followed by v = learned·tanh(−a·model_input + b·t/1000).
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct FakeModel {
     a: f64,
     b: f64,
+    learned: f64,
 }
 
 impl FakeModel {
-    fn output(self, model_input: &Tensor, t: f64) -> Tensor {
-        (model_input * self.a + self.b * t / 1000.0).tanh()
+    fn output(self, model_input: &Tensor, t: f64, learned: bool) -> Tensor {
+        let eps = (model_input * self.a + self.b * t / 1000.0).tanh();
+        if !learned {
+            return eps;
+        }
+        let v = (model_input * -self.a + self.b * t / 1000.0).tanh() * self.learned;
+        Tensor::cat(&[eps, v], 1)
     }
 }
 
@@ -47,6 +55,7 @@ struct Case {
     eta: f64,
     noise: String,
     seed: u64,
+    learned: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,7 +159,7 @@ fn schedules_and_trajectories_match_diffusers() {
             s.init_noise_sigma()
         );
 
-        let mut denoiser = |x: &Tensor, t: f64| model.output(x, t);
+        let mut denoiser = |x: &Tensor, t: f64| model.output(x, t, case.learned);
         let mut explicit = ExplicitNoise::new(exp.noise());
         let mut seeded = SeededNoise::new(case.seed);
         let (initial, noise): (_, &mut dyn NoiseSource) = match case.noise.as_str() {
@@ -185,12 +194,20 @@ fn schedules_and_trajectories_match_diffusers() {
         for (i, kernel) in tr.kernels.iter().enumerate() {
             let err = rel_err(&kernel.mean, exp.get(&format!("mean.{i}")));
             assert!(err < TOL, "{name}: mean.{i} relative error {err:e}");
-            let theirs = exp.values(&format!("std.{i}"))[0];
-            assert!(
-                close(kernel.std, theirs),
-                "{name}: std.{i} {} vs {theirs}",
-                kernel.std
-            );
+            match &kernel.learned_std {
+                Some(s) => {
+                    let err = rel_err(s, exp.get(&format!("learned_std.{i}")));
+                    assert!(err < TOL, "{name}: learned_std.{i} relative error {err:e}");
+                }
+                None => {
+                    let theirs = exp.values(&format!("std.{i}"))[0];
+                    assert!(
+                        close(kernel.std, theirs),
+                        "{name}: std.{i} {} vs {theirs}",
+                        kernel.std
+                    );
+                }
+            }
         }
         assert!(
             out.latents.equal(tr.latents.last().unwrap()),
@@ -223,14 +240,18 @@ fn kernels_reproduce_each_recorded_transition_and_the_last_step_is_deterministic
         for (i, &draws_noise) in draws.iter().enumerate() {
             let x = exp.get(&format!("latents.{i}"));
             let next = exp.get(&format!("latents.{}", i + 1));
-            let output = model.output(&s.scale_model_input(i, x).unwrap(), s.timesteps()[i]);
+            let output = model.output(
+                &s.scale_model_input(i, x).unwrap(),
+                s.timesteps()[i],
+                case.learned,
+            );
             let kernel = s.transition(i, x, &output).unwrap();
             let z = if draws_noise {
                 noise.next().unwrap()
             } else {
                 Tensor::zeros(&shape, (Kind::Float, Device::Cpu))
             };
-            let err = rel_err(&(&kernel.mean + &z * kernel.std), next);
+            let err = rel_err(&kernel.step(&z), next);
             assert!(err < TOL, "{name}: step {i}: μ + s·z is off by {err:e}");
             if kernel.std > 0.0 {
                 stochastic += 1;
@@ -238,11 +259,16 @@ fn kernels_reproduce_each_recorded_transition_and_the_last_step_is_deterministic
             }
             last_std = Some(kernel.std);
         }
-        assert_eq!(
-            last_std,
-            Some(0.0),
-            "{name}: the last step must be deterministic"
-        );
+        // DDPM keeps adding noise on a last step that ends above t = 0 with a large or learned
+        // variance, as diffusers does; every other sampler ends deterministically.
+        let ddpm_noisy_end = name.contains("DDPM") || name.starts_with("ddpm");
+        if !ddpm_noisy_end || s.timesteps().last() == Some(&0.0) {
+            assert_eq!(
+                last_std,
+                Some(0.0),
+                "{name}: the last step must be deterministic"
+            );
+        }
     }
     assert!(
         stochastic > 100,
@@ -265,7 +291,7 @@ fn seeded_noise_drawn_piecewise_is_the_torch_generator_stream() {
             .filter(|&i| s.draws_noise(i))
             .map(|_| seeded.draw(&index.shape, 1).unwrap().remove(0))
             .collect();
-        let mut denoiser = |x: &Tensor, t: f64| model.output(x, t);
+        let mut denoiser = |x: &Tensor, t: f64| model.output(x, t, case.learned);
         let out = sample(
             &s,
             &mut denoiser,

@@ -10,7 +10,9 @@ OUTDIR/<case>.safetensors with:
   latents.I (x_{t_I}; latents.0 = x_T after init_noise_sigma, the last one = x0),
   mean.I and std.I (the step's kernel, see below).
 
-The fake model is model_output = tanh(A * model_input + B * t / 1000).
+The fake model is model_output = tanh(A * model_input + B * t / 1000); for DDPM cases with a learned
+variance ("learned": true) it also returns C more channels, v = LEARNED * tanh(-A * model_input + B * t
+/ 1000), and the kernel's per-element s is recorded as learned_std.I.
 
 Noise. `step` draws its noise with `randn_tensor`, which each scheduler module imported by name, so
 the oracle replaces that name in the scheduler modules with `feed`: in explicit-noise cases it hands
@@ -29,9 +31,16 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 from diffusers.schedulers import (
     scheduling_ddim,
+    scheduling_ddpm,
     scheduling_euler_ancestral_discrete,
     scheduling_euler_discrete,
     scheduling_lcm,
@@ -42,10 +51,12 @@ from diffusers.utils.torch_utils import randn_tensor
 logging.set_verbosity_error()  # custom-timestep and unused-key warnings are expected here
 
 A, B = 0.7, 0.5
+LEARNED = 0.9
 PROBE = 1024.0
 SHAPE = (2, 4, 8, 8)
 CLASSES = {
-    c.__name__: c for c in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, DDIMScheduler)
+    c.__name__: c
+    for c in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, DDIMScheduler, DDPMScheduler)
 }
 
 # --- noise plumbing -------------------------------------------------------------------------------
@@ -58,7 +69,8 @@ def feed(shape, generator=None, device=None, dtype=None, layout=None):
     return FEED(tuple(shape)).to(dtype=dtype)
 
 
-for module in (scheduling_ddim, scheduling_euler_ancestral_discrete, scheduling_euler_discrete, scheduling_lcm):
+for module in (scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_euler_discrete,
+               scheduling_lcm):
     module.randn_tensor = feed
 
 # --- cases ----------------------------------------------------------------------------------------
@@ -70,7 +82,9 @@ BETAS = {"sd": SD, "default": DEFAULT}
 
 
 def case(name, cls, config, request, eta=0.0, noise="explicit", seed=0):
-    return dict(name=name, config=dict(_class_name=cls, **config), request=request, eta=eta, noise=noise, seed=seed)
+    learned = config.get("variance_type") == "learned_range"
+    return dict(name=name, config=dict(_class_name=cls, **config), request=request, eta=eta, noise=noise, seed=seed,
+                learned=learned)
 
 
 def build_cases():
@@ -104,6 +118,22 @@ def build_cases():
         for spacing in ("trailing", "leading"):
             cases.append(case(f"ddim-eta{eta}-{spacing}", "DDIMScheduler",
                               dict(timestep_spacing=spacing, clip_sample=False), dict(steps=4), eta=eta))
+    # DDPM (DiT's samplers): spacings, step counts, prediction types, every supported variance.
+    for bname, betas in BETAS.items():
+        for steps in (1, 2, 4):
+            for spacing in ("leading", "trailing", "linspace"):
+                for pred in ("epsilon", "v_prediction", "sample"):
+                    cfg = dict(betas, prediction_type=pred, timestep_spacing=spacing)
+                    cases.append(case(f"ddpm-{bname}-{pred}-{spacing}-{steps}", "DDPMScheduler", cfg,
+                                      dict(steps=steps)))
+                for variance in ("fixed_small_log", "fixed_large", "learned_range"):
+                    cfg = dict(betas, timestep_spacing=spacing, variance_type=variance)
+                    cases.append(case(f"ddpm-{bname}-{variance}-{spacing}-{steps}", "DDPMScheduler", cfg,
+                                      dict(steps=steps)))
+    for ts in ([999, 749, 499, 249], [999, 500, 0]):
+        for variance in ("fixed_small", "learned_range"):
+            cases.append(case(f"explicit-DDPMScheduler-{variance}-{'-'.join(map(str, ts))}", "DDPMScheduler",
+                              dict(variance_type=variance, clip_sample=False), dict(timesteps=ts)))
     for cls in CLASSES:
         cases.append(case(f"cosine-{cls}", cls, dict(COSINE, timestep_spacing="trailing", clip_sample=False),
                           dict(steps=4)))
@@ -130,6 +160,8 @@ def build_cases():
         case("seeded-lcm", "LCMScheduler", dict(SD), dict(steps=4), noise="seeded", seed=42),
         case("seeded-ddim-eta", "DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False), dict(steps=2),
              eta=1.0, noise="seeded", seed=7),
+        case("seeded-ddpm-learned", "DDPMScheduler", dict(variance_type="learned_range", clip_sample=False),
+             dict(steps=4), noise="seeded", seed=11),
     ]
     return cases
 
@@ -142,7 +174,7 @@ def make_scheduler(c):
     req = c["request"]
     if "steps" in req:
         sched.set_timesteps(req["steps"])
-    elif cls in (EulerDiscreteScheduler, LCMScheduler):
+    elif cls in (EulerDiscreteScheduler, LCMScheduler, DDPMScheduler):
         sched.set_timesteps(timesteps=req["timesteps"])
     elif cls is EulerAncestralDiscreteScheduler:
         # No `timesteps=` in diffusers' ancestral class: take the σ that EulerDiscreteScheduler
@@ -157,8 +189,11 @@ def make_scheduler(c):
     return sched
 
 
-def model(x, t):
-    return torch.tanh(A * x + B * float(t) / 1000.0)
+def model(x, t, learned=False):
+    eps = torch.tanh(A * x + B * float(t) / 1000.0)
+    if not learned:
+        return eps
+    return torch.cat([eps, LEARNED * torch.tanh(-A * x + B * float(t) / 1000.0)], dim=1)
 
 
 def run(c):
@@ -192,7 +227,7 @@ def run(c):
     out["latents.0"] = x.clone()
     for i, t in enumerate(sched.timesteps):
         model_input = sched.scale_model_input(x, t)
-        output = model(model_input, t)
+        output = model(model_input, t, c["learned"])
         saved_index = getattr(sched, "_step_index", None)
         probes = []
         for fill in (0.0, PROBE):
@@ -204,8 +239,10 @@ def run(c):
         x = sched.step(output, t, x, **kwargs).prev_sample
         FEED = None
         out[f"mean.{i}"] = probes[0]
-        spread = (probes[1] - probes[0]).to(torch.float64).mean().item() / PROBE
-        out[f"std.{i}"] = torch.tensor([spread], dtype=torch.float64)
+        spread = (probes[1] - probes[0]).to(torch.float64) / PROBE
+        out[f"std.{i}"] = torch.tensor([spread.mean().item()], dtype=torch.float64)
+        if c["learned"]:
+            out[f"learned_std.{i}"] = spread.to(torch.float32)
         out[f"latents.{i + 1}"] = x.clone()
     for k, z in enumerate(noise_used):
         out[f"noise.{k}"] = z
@@ -221,7 +258,7 @@ def main():
     for c in cases:
         tensors = run(c)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(outdir / f"{c['name']}.safetensors"))
-    index = dict(model=dict(a=A, b=B), shape=list(SHAPE), cases=cases)
+    index = dict(model=dict(a=A, b=B, learned=LEARNED), shape=list(SHAPE), cases=cases)
     (outdir / "index.json").write_text(json.dumps(index, indent=1))
     print(f"{len(cases)} cases written to {outdir}")
 

@@ -1,8 +1,10 @@
 //! Text-to-image pipelines as diffusers' `StableDiffusionPipeline` and
 //! `StableDiffusionXLPipeline` run them: a diffusers folder loaded into the models of
 //! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
-//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images.
+//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. [`dit`] is
+//! diffusers' class-conditional `DiTPipeline`.
 
+pub mod dit;
 pub mod hub;
 pub mod prompt;
 
@@ -74,9 +76,7 @@ pub struct Pipeline {
     /// The UNet's parameters (what PEFT adapts).
     pub unet_vs: nn::VarStore,
     /// The autoencoder.
-    pub vae: AutoencoderKL,
-    _vae_vs: nn::VarStore,
-    vae_kind: Kind,
+    pub vae: ImageCodec,
     /// Tokenizers and text encoders.
     pub text: TextEncoders,
     /// `scheduler/scheduler_config.json`.
@@ -159,6 +159,81 @@ impl Conditioning {
             timestep_cond: self.timestep_cond.as_ref().map(rep),
             cfg: self.cfg,
         }
+    }
+}
+
+/// A pipeline's VAE between 8-bit images and scaled latents.
+pub struct ImageCodec {
+    model: AutoencoderKL,
+    vs: nn::VarStore,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for ImageCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageCodec")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl ImageCodec {
+    /// Loads a `vae/` folder in `kind`, or in f32 where its config sets `force_upcast`.
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        variant: Option<&str>,
+    ) -> Result<ImageCodec, PipelineError> {
+        let config: crate::models::vae::AutoencoderKLConfig = reward::load::read_config(dir)?;
+        // The model card of some VAEs (SDXL's) says they overflow in half precision.
+        let kind = if config.force_upcast {
+            Kind::Float
+        } else {
+            kind
+        };
+        let (vs, model) = AutoencoderKL::load(dir, device, kind, variant)?;
+        Ok(ImageCodec { model, vs, kind })
+    }
+
+    /// Pixels per latent pixel: 2^(VAE resolutions − 1).
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.model.config.block_out_channels.len() - 1)
+    }
+
+    /// Encodes [N, H, W, 3] uint8 images to the posterior mean, scaled as the pipelines scale
+    /// latents, fp32.
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let device = self.model_device();
+        let x = images
+            .to_device(device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 127.5
+            - 1.0;
+        let posterior = self.model.encode(&x.to_kind(self.kind));
+        self.model
+            .scale_latents(&posterior.mean)
+            .to_kind(Kind::Float)
+    }
+
+    /// Decodes scaled latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
+    /// `output_type="pil"` does.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let image = self
+            .model
+            .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind));
+        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .to_device(Device::Cpu)
+    }
+
+    fn model_device(&self) -> Device {
+        self.vs.device()
     }
 }
 
@@ -252,16 +327,7 @@ impl Pipeline {
                 )?
             }
         };
-        let vae_dir = root.join("vae");
-        let vae_config: crate::models::vae::AutoencoderKLConfig =
-            reward::load::read_config(&vae_dir)?;
-        // The model card of some VAEs (SDXL's) says they overflow in half precision.
-        let vae_kind = if vae_config.force_upcast {
-            Kind::Float
-        } else {
-            opts.kind
-        };
-        let (vae_vs, vae) = AutoencoderKL::load(&vae_dir, opts.device, vae_kind, variant)?;
+        let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
         let text = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
         let scheduler_config =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
@@ -275,8 +341,6 @@ impl Pipeline {
             unet,
             unet_vs,
             vae,
-            _vae_vs: vae_vs,
-            vae_kind,
             text,
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
@@ -287,7 +351,7 @@ impl Pipeline {
 
     /// Pixels per latent pixel: 2^(VAE resolutions − 1).
     pub fn vae_scale_factor(&self) -> i64 {
-        1 << (self.vae.config.block_out_channels.len() - 1)
+        self.vae.scale_factor()
     }
 
     /// The image size the UNet was trained at (height, width).
@@ -420,27 +484,13 @@ impl Pipeline {
     /// Encodes [N, H, W, 3] uint8 images to the UNet's latent space (the posterior mean, scaled
     /// as the pipelines scale), fp32.
     pub fn encode(&self, images: &Tensor) -> Tensor {
-        let _no_grad = tch::no_grad_guard();
-        let x = images
-            .to_device(self.device)
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            / 127.5
-            - 1.0;
-        let posterior = self.vae.encode(&x.to_kind(self.vae_kind));
-        self.vae.scale_latents(&posterior.mean).to_kind(Kind::Float)
+        self.vae.encode(images)
     }
 
     /// Decodes final latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
     /// `output_type="pil"` does.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let _no_grad = tch::no_grad_guard();
-        let image = self.vae.decode_scaled(&latents.to_kind(self.vae_kind));
-        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([0, 2, 3, 1])
-            .to_device(Device::Cpu)
+        self.vae.decode(latents)
     }
 
     /// Generates images for one prompt.

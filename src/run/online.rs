@@ -146,6 +146,16 @@ impl OnlineTrainer {
         let pipeline = load_pipeline(config, device)?;
         let settings = actor_settings(config);
         let scheduler = pipeline.scheduler(settings.timesteps.clone())?;
+        if scheduler.config().variance_type.is_learned()
+            && scheduler.config().kind == crate::sampling::SchedulerKind::Ddpm
+        {
+            return Err(RunError::Config(format!(
+                "the DDPM scheduler of {} has variance_type \"learned_range\": online PSO's \
+                 transition likelihood needs a variance fixed by the schedule; use sampler.name = \
+                 ddim with sampler.eta > 0, or a scheduler config with variance_type \"fixed_small\"",
+                config.model.id
+            )));
+        }
         // A transition is stochastic when its kernel has s > 0, whatever the latents.
         let probe = Tensor::zeros([1, 1, 1, 1], (Kind::Float, Device::Cpu));
         let mut stochastic = Vec::new();

@@ -20,6 +20,8 @@ pub enum SchedulerKind {
     Lcm,
     /// `DDIMScheduler`.
     Ddim,
+    /// `DDPMScheduler`.
+    Ddpm,
 }
 
 impl SchedulerKind {
@@ -30,16 +32,18 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
         }
     }
 
-    /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`).
+    /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`).
     pub fn from_name(name: &str) -> Result<SchedulerKind, SamplingError> {
         match name {
             "euler" => Ok(SchedulerKind::Euler),
             "euler_ancestral" => Ok(SchedulerKind::EulerAncestral),
             "lcm" => Ok(SchedulerKind::Lcm),
             "ddim" => Ok(SchedulerKind::Ddim),
+            "ddpm" => Ok(SchedulerKind::Ddpm),
             other => Err(SamplingError::UnknownScheduler(other.to_owned())),
         }
     }
@@ -51,6 +55,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral,
             SchedulerKind::Lcm,
             SchedulerKind::Ddim,
+            SchedulerKind::Ddpm,
         ]
         .into_iter()
         .find(|k| k.class_name() == name)
@@ -114,6 +119,27 @@ pub enum FinalSigmasType {
     SigmaMin,
 }
 
+/// The variance DDPM's ancestral step adds (diffusers' `variance_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VarianceType {
+    /// The posterior variance β̃_t = (1 − ᾱ_{t'})/(1 − ᾱ_t)·β_t.
+    FixedSmall,
+    /// β̃_t, through its logarithm.
+    FixedSmallLog,
+    /// β_t.
+    FixedLarge,
+    /// Interpolated in log space between β̃_t and β_t by the model's extra output channels.
+    LearnedRange,
+}
+
+impl VarianceType {
+    /// Whether the model predicts it (and so outputs twice the latent channels).
+    pub fn is_learned(self) -> bool {
+        self == VarianceType::LearnedRange
+    }
+}
+
 /// A resolved scheduler config: every diffusers default filled in for its class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -145,15 +171,17 @@ pub struct SchedulerConfig {
     pub original_inference_steps: usize,
     /// LCM only: timestep scale of the consistency boundary condition.
     pub timestep_scaling: f64,
-    /// LCM and DDIM: clamp the predicted x0 to ±`clip_sample_range`.
+    /// LCM, DDIM and DDPM: clamp the predicted x0 to ±`clip_sample_range`.
     pub clip_sample: bool,
-    /// LCM and DDIM: the clamp bound.
+    /// LCM, DDIM and DDPM: the clamp bound.
     pub clip_sample_range: f64,
     /// LCM and DDIM: use ᾱ = 1 (instead of ᾱ_0) after the last timestep.
     pub set_alpha_to_one: bool,
     /// DDIM only: η of the DDIM step (0 = deterministic). Not a diffusers config key but an
     /// argument of its `step`, so it defaults to 0 and is set by the caller.
     pub eta: f64,
+    /// DDPM only: the variance of the ancestral step.
+    pub variance_type: VarianceType,
 }
 
 /// The JSON as written by diffusers; `None` means "the class default".
@@ -182,6 +210,7 @@ struct RawConfig {
     clip_sample_range: Option<f64>,
     set_alpha_to_one: Option<bool>,
     thresholding: Option<bool>,
+    variance_type: Option<String>,
 }
 
 /// Parses a string-valued enum key with serde, naming the key and the accepted values on error.
@@ -240,10 +269,11 @@ impl SchedulerConfig {
             final_sigmas_type: FinalSigmasType::Zero,
             original_inference_steps: 50,
             timestep_scaling: 10.0,
-            clip_sample: kind == SchedulerKind::Ddim,
+            clip_sample: matches!(kind, SchedulerKind::Ddim | SchedulerKind::Ddpm),
             clip_sample_range: 1.0,
             set_alpha_to_one: true,
             eta: 0.0,
+            variance_type: VarianceType::FixedSmall,
         }
     }
 
@@ -308,6 +338,20 @@ impl SchedulerConfig {
         c.clip_sample = raw.clip_sample.unwrap_or(c.clip_sample);
         c.clip_sample_range = raw.clip_sample_range.unwrap_or(c.clip_sample_range);
         c.set_alpha_to_one = raw.set_alpha_to_one.unwrap_or(c.set_alpha_to_one);
+        c.variance_type = match raw.variance_type.as_deref() {
+            // diffusers returns the raw output as the variance for `learned`, and takes the root
+            // of a log for `fixed_large_log` (NaN): neither samples anything meaningful.
+            Some(v @ ("learned" | "fixed_large_log")) => {
+                return Err(SamplingError::Config {
+                    key: "variance_type",
+                    why: format!(
+                        "\"{v}\" is not supported (diffusers' DDPMScheduler mis-handles it); use \
+                         \"learned_range\" for models with a learned sigma, or \"fixed_small\""
+                    ),
+                })
+            }
+            other => enum_key("variance_type", other.map(str::to_owned), c.variance_type)?,
+        };
         c.validate()?;
         Ok(c)
     }

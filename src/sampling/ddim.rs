@@ -97,10 +97,10 @@ impl Ddim {
         let variance = (beta_prod_prev / beta_prod_t) * (1.0 - alpha_prod_t / alpha_prod_prev);
         let std = self.eta as f32 * fp32::sqrt(variance);
         let direction = eps * f64::from(fp32::sqrt(1.0 - alpha_prod_prev - std * std));
-        Kernel {
-            mean: x0 * f64::from(fp32::sqrt(alpha_prod_prev)) + direction,
-            std: f64::from(std),
-        }
+        Kernel::fixed(
+            x0 * f64::from(fp32::sqrt(alpha_prod_prev)) + direction,
+            f64::from(std),
+        )
     }
 }
 

@@ -123,10 +123,7 @@ impl EulerDiscrete {
     pub fn transition(&self, step: usize, sample: &Tensor, model_output: &Tensor) -> Kernel {
         let (sigma, sigma_next) = (self.sigmas[step] as f32, self.sigmas[step + 1] as f32);
         let x0 = predict_original(self.prediction_type, sigma, sample, model_output);
-        Kernel {
-            mean: euler_step(sample, &x0, sigma, sigma_next - sigma),
-            std: 0.0,
-        }
+        Kernel::fixed(euler_step(sample, &x0, sigma, sigma_next - sigma), 0.0)
     }
 }
 

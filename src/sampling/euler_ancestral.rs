@@ -57,10 +57,7 @@ impl EulerAncestralDiscrete {
         let (sigma, sigma_to) = (self.sigmas[step] as f32, self.sigmas[step + 1] as f32);
         let x0 = predict_original(self.prediction_type, sigma, sample, model_output);
         let (up, down) = Self::ancestral_sigmas(sigma, sigma_to);
-        Kernel {
-            mean: euler_step(sample, &x0, sigma, down - sigma),
-            std: f64::from(up),
-        }
+        Kernel::fixed(euler_step(sample, &x0, sigma, down - sigma), f64::from(up))
     }
 }
 

@@ -90,15 +90,12 @@ impl Lcm {
         match self.timesteps.get(step + 1) {
             Some(&prev) => {
                 let alpha_prod_prev = alphas_cumprod[prev as usize] as f32;
-                Kernel {
-                    mean: denoised * f64::from(fp32::sqrt(alpha_prod_prev)),
-                    std: f64::from(fp32::sqrt(1.0 - alpha_prod_prev)),
-                }
+                Kernel::fixed(
+                    denoised * f64::from(fp32::sqrt(alpha_prod_prev)),
+                    f64::from(fp32::sqrt(1.0 - alpha_prod_prev)),
+                )
             }
-            None => Kernel {
-                mean: denoised,
-                std: 0.0,
-            },
+            None => Kernel::fixed(denoised, 0.0),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Few-step samplers for timestep-distilled models: diffusers' Euler, Euler-ancestral, LCM and DDIM
-//! schedulers, and a sampler loop that can record its trajectory with the transition kernels of
-//! docs/method.md §2.4.
+//! Samplers: diffusers' Euler, Euler-ancestral, LCM, DDIM and DDPM schedulers (few-step for the
+//! distilled models, DDIM and DDPM for DiT), and a sampler loop that can record its trajectory
+//! with the transition kernels of docs/method.md §2.4.
 //!
 //! [`SchedulerConfig`] reads a diffusers `scheduler_config.json`; [`Scheduler::new`] is diffusers'
 //! constructor followed by `set_timesteps`; [`Scheduler::transition`] is one `step` split into the
@@ -9,6 +9,7 @@
 pub mod betas;
 pub mod config;
 pub mod ddim;
+pub mod ddpm;
 pub mod euler;
 pub mod euler_ancestral;
 mod fp32;
@@ -20,7 +21,7 @@ pub mod spacing;
 
 pub use config::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
-    TimestepType,
+    TimestepType, VarianceType,
 };
 pub use noise::{ExplicitNoise, NoiseSource, SeededNoise};
 pub use sampler::{sample, Denoiser, InitialLatents, SampleOutput, Trajectory};
@@ -35,8 +36,8 @@ pub enum SamplingError {
     /// `_class_name` names a scheduler this crate does not implement.
     #[error(
         "scheduler config: `_class_name` is `{0}`, which is not supported; use one of \
-         EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, DDIMScheduler \
-         (or override the kind)"
+         EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, DDIMScheduler, \
+         DDPMScheduler (or override the kind)"
     )]
     UnknownScheduler(String),
     /// A config key has a value that is not implemented or out of range.

@@ -114,7 +114,7 @@ pub fn sample(
             .draws_noise(i)
             .then(|| drawn.next().expect("one noise tensor per drawing step"));
         x = match &z {
-            Some(z) => &kernel.mean + z * kernel.std,
+            Some(z) => kernel.step(z),
             None => kernel.mean.shallow_clone(),
         };
         if let Some(tr) = trajectory.as_mut() {

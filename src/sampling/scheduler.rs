@@ -10,6 +10,7 @@ use tch::Tensor;
 use super::betas;
 use super::config::{PredictionType, SchedulerConfig, SchedulerKind, TimestepType};
 use super::ddim::Ddim;
+use super::ddpm::Ddpm;
 use super::euler::{self, EulerDiscrete};
 use super::euler_ancestral::EulerAncestralDiscrete;
 use super::fp32;
@@ -31,8 +32,40 @@ pub enum Timesteps {
 pub struct Kernel {
     /// The mean μ (differentiable in the model output).
     pub mean: Tensor,
-    /// The standard deviation s; 0 for a deterministic step.
+    /// The standard deviation s; 0 for a deterministic step. With a learned variance, its
+    /// largest element.
     pub std: f64,
+    /// The per-element s of a model that predicts its variance (DDPM's `learned_range`); it then
+    /// replaces `std` in μ + s·z.
+    pub learned_std: Option<Tensor>,
+}
+
+impl Kernel {
+    /// A kernel with one s for every element.
+    pub fn fixed(mean: Tensor, std: f64) -> Kernel {
+        Kernel {
+            mean,
+            std,
+            learned_std: None,
+        }
+    }
+
+    /// A kernel whose s the model predicted, per element.
+    pub fn learned(mean: Tensor, std: Tensor) -> Kernel {
+        Kernel {
+            mean,
+            std: std.max().double_value(&[]),
+            learned_std: Some(std),
+        }
+    }
+
+    /// x_{t'} = μ + s·z.
+    pub fn step(&self, z: &Tensor) -> Tensor {
+        match &self.learned_std {
+            Some(s) => &self.mean + z * s,
+            None => &self.mean + z * self.std,
+        }
+    }
 }
 
 /// x̂0 in the variance-preserving parameterisation x_t = sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε (LCM, DDIM).
@@ -63,6 +96,7 @@ enum Inner {
     EulerAncestral(EulerAncestralDiscrete),
     Lcm(Lcm),
     Ddim(Ddim),
+    Ddpm(Ddpm),
 }
 
 /// A diffusers scheduler after `set_timesteps`.
@@ -100,6 +134,7 @@ impl Scheduler {
                 SchedulerKind::Ddim => {
                     Inner::Ddim(Ddim::new(&config, &alphas_cumprod, values, explicit))
                 }
+                SchedulerKind::Ddpm => Inner::Ddpm(Ddpm::new(&config, values)),
             };
         Ok(Scheduler {
             config,
@@ -125,6 +160,7 @@ impl Scheduler {
             Inner::EulerAncestral(s) => &s.timesteps,
             Inner::Lcm(s) => &s.timesteps,
             Inner::Ddim(s) => &s.timesteps,
+            Inner::Ddpm(s) => &s.timesteps,
         }
     }
 
@@ -134,12 +170,12 @@ impl Scheduler {
     }
 
     /// The Euler family's σ per step plus the final σ (diffusers' `scheduler.sigmas`); `None` for
-    /// LCM and DDIM, which work in ᾱ.
+    /// LCM, DDIM and DDPM, which work in ᾱ.
     pub fn sigmas(&self) -> Option<&[f64]> {
         match &self.inner {
             Inner::Euler(s) => Some(&s.sigmas),
             Inner::EulerAncestral(s) => Some(&s.sigmas),
-            Inner::Lcm(_) | Inner::Ddim(_) => None,
+            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => None,
         }
     }
 
@@ -148,7 +184,7 @@ impl Scheduler {
         match &self.inner {
             Inner::Euler(s) => euler::init_noise_sigma(&s.sigmas, s.spacing),
             Inner::EulerAncestral(s) => euler::init_noise_sigma(&s.sigmas, s.spacing),
-            Inner::Lcm(_) | Inner::Ddim(_) => 1.0,
+            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => 1.0,
         }
     }
 
@@ -165,18 +201,19 @@ impl Scheduler {
     }
 
     /// The model input at step `step` (diffusers' `scale_model_input`): x/sqrt(σ²+1) for the Euler
-    /// family, x itself for LCM and DDIM.
+    /// family, x itself for LCM, DDIM and DDPM.
     pub fn scale_model_input(&self, step: usize, sample: &Tensor) -> Result<Tensor, SamplingError> {
         self.check_step(step)?;
         Ok(match &self.inner {
             Inner::Euler(s) => euler::scale_model_input(sample, s.sigmas[step]),
             Inner::EulerAncestral(s) => euler::scale_model_input(sample, s.sigmas[step]),
-            Inner::Lcm(_) | Inner::Ddim(_) => sample.shallow_clone(),
+            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => sample.shallow_clone(),
         })
     }
 
     /// The kernel (μ, s) of step `step` from latent `sample` = x_t and the model's output for
-    /// (scaled x_t, t); diffusers' `step` returns μ + s·z.
+    /// (scaled x_t, t); diffusers' `step` returns μ + s·z. A model with a learned variance
+    /// returns twice the latent channels, ε̂ first.
     pub fn transition(
         &self,
         step: usize,
@@ -184,10 +221,15 @@ impl Scheduler {
         model_output: &Tensor,
     ) -> Result<Kernel, SamplingError> {
         self.check_step(step)?;
-        if sample.size() != model_output.size() {
+        let mut expected = sample.size();
+        if self.config.variance_type.is_learned() && self.config.kind == SchedulerKind::Ddpm {
+            expected[1] *= 2;
+        }
+        if model_output.size() != expected {
             return Err(SamplingError::Step(format!(
                 "step {step}: model output has shape {:?} but the latents have {:?}; the model \
-                 must return a tensor shaped like its input",
+                 must return a tensor shaped like its input (twice the channels with a learned \
+                 variance)",
                 model_output.size(),
                 sample.size()
             )));
@@ -198,6 +240,7 @@ impl Scheduler {
             Inner::EulerAncestral(s) => s.transition(step, sample, model_output),
             Inner::Lcm(s) => s.transition(ac, step, sample, model_output),
             Inner::Ddim(s) => s.transition(ac, step, sample, model_output),
+            Inner::Ddpm(s) => s.transition(ac, step, sample, model_output),
         })
     }
 
@@ -210,6 +253,7 @@ impl Scheduler {
             Inner::EulerAncestral(_) => true,
             Inner::Lcm(s) => step + 1 < s.timesteps.len(),
             Inner::Ddim(s) => s.eta > 0.0,
+            Inner::Ddpm(s) => s.draws_noise(step),
         }
     }
 }
