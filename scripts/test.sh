@@ -7,6 +7,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 step() { printf '\n== %s\n' "$*"; }
 
+# One build, no incremental caches: they would double the target folder on CI's disk.
+export CARGO_INCREMENTAL=0
+
 step "setup"
 scripts/setup.sh
 step "cargo fmt --check"
