@@ -18,8 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::{Generated, ImageCodec, LoadOptions, PipelineError};
 use crate::models::dit::{DiTTransformer2DConfig, DiTTransformer2DModel};
 use crate::sampling::{
-    sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, SchedulerKind,
-    Timesteps,
+    sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, Timesteps,
 };
 
 #[derive(Debug, Deserialize)]
@@ -174,35 +173,37 @@ impl DiTPipeline {
         Scheduler::new(self.scheduler_config.clone(), timesteps)
     }
 
-    /// The model output the scheduler steps with, for latents `x` [B, …] of `class_labels` [B]:
-    /// guided ε, followed by the class half's variance channels when `keep_variance` (a
-    /// learned-variance DDPM) and the model has them.
+    /// The model's class labels for `class_labels` [B]: followed by B null classes when guided.
+    pub fn model_labels(&self, class_labels: &[i64], guided: bool) -> Tensor {
+        let null = guided.then(|| vec![self.num_classes(); class_labels.len()]);
+        let all: Vec<i64> = class_labels
+            .iter()
+            .chain(null.iter().flatten())
+            .copied()
+            .collect();
+        Tensor::from_slice(&all).to_device(self.device)
+    }
+
+    /// The model output the scheduler steps with, for latents `x` [B, …] and the
+    /// [`DiTPipeline::model_labels`] of their classes: guided ε, followed by the class half's
+    /// variance channels when `keep_variance` (a learned-variance DDPM) and the model has them.
     pub fn predict(
         &self,
-        class_labels: &Tensor,
+        model_labels: &Tensor,
         guidance: Option<f64>,
         x: &Tensor,
         t: f64,
         keep_variance: bool,
     ) -> Tensor {
         let b = x.size()[0];
-        let (input, labels) = match guidance {
-            Some(_) => (
-                Tensor::cat(&[x, x], 0),
-                Tensor::cat(
-                    &[
-                        class_labels.shallow_clone(),
-                        class_labels.full_like(self.num_classes()),
-                    ],
-                    0,
-                ),
-            ),
-            None => (x.shallow_clone(), class_labels.shallow_clone()),
+        let input = match guidance {
+            Some(_) => Tensor::cat(&[x, x], 0),
+            None => x.shallow_clone(),
         };
         let timestep = Tensor::from(t as f32).to_device(self.device);
         let out = self
             .transformer
-            .forward(&input.to_kind(self.kind), &timestep, &labels);
+            .forward(&input.to_kind(self.kind), &timestep, model_labels);
         let c = self.transformer.config.in_channels;
         let eps = out.narrow(1, 0, c);
         let variance = out.narrow(1, c, out.size()[1] - c);
@@ -238,8 +239,7 @@ impl DiTPipeline {
             )));
         }
         let scheduler = self.scheduler(req.timesteps)?;
-        let learned = scheduler.config().kind == SchedulerKind::Ddpm
-            && scheduler.config().variance_type.is_learned();
+        let learned = scheduler.learns_variance();
         let config: &DiTTransformer2DConfig = &self.transformer.config;
         if learned && config.out_channels() != 2 * config.in_channels {
             return Err(PipelineError::Request(format!(
@@ -270,24 +270,23 @@ impl DiTPipeline {
         .to_device(self.device)
         .to_kind(Kind::Float);
         let guidance = (req.guidance > 1.0).then_some(req.guidance);
-        let labels = Tensor::from_slice(&req.class_labels).to_device(self.device);
+        let labels = self.model_labels(&req.class_labels, guidance.is_some());
         let mut denoiser = |x: &Tensor, t: f64| self.predict(&labels, guidance, x, t, learned);
-        let out = match guidance {
-            Some(_) => sample(
-                &scheduler,
-                &mut denoiser,
-                InitialLatents::Given(initial),
-                &mut FirstRows(noise),
-                req.record,
-            )?,
-            None => sample(
-                &scheduler,
-                &mut denoiser,
-                InitialLatents::Given(initial),
-                noise,
-                req.record,
-            )?,
+        let mut first_rows;
+        let noise: &mut dyn NoiseSource = match guidance {
+            Some(_) => {
+                first_rows = FirstRows(noise);
+                &mut first_rows
+            }
+            None => noise,
         };
+        let out = sample(
+            &scheduler,
+            &mut denoiser,
+            InitialLatents::Given(initial),
+            noise,
+            req.record,
+        )?;
         Ok(Generated {
             images: self.vae.decode(&out.latents),
             latents: out.latents,

@@ -146,9 +146,7 @@ impl OnlineTrainer {
         let pipeline = load_pipeline(config, device)?;
         let settings = actor_settings(config);
         let scheduler = pipeline.scheduler(settings.timesteps.clone())?;
-        if scheduler.config().variance_type.is_learned()
-            && scheduler.config().kind == crate::sampling::SchedulerKind::Ddpm
-        {
+        if scheduler.learns_variance() {
             return Err(RunError::Config(format!(
                 "the DDPM scheduler of {} has variance_type \"learned_range\": online PSO's \
                  transition likelihood needs a variance fixed by the schedule; use sampler.name = \

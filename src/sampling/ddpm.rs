@@ -70,15 +70,8 @@ impl Ddpm {
         } else {
             1.0
         };
-        let (output, predicted) = if self.variance_type.is_learned() {
-            let c = sample.size()[1];
-            (
-                model_output.narrow(1, 0, c),
-                Some(model_output.narrow(1, c, c)),
-            )
-        } else {
-            (model_output.shallow_clone(), None)
-        };
+        let c = sample.size()[1];
+        let output = model_output.narrow(1, 0, c);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
         let current_alpha = alpha_prod_t / alpha_prod_prev;
@@ -95,32 +88,26 @@ impl Ddpm {
             return Kernel::fixed(mean, 0.0);
         }
         let posterior = beta_prod_prev / beta_prod_t * current_beta;
-        match (self.variance_type, predicted) {
-            (VarianceType::LearnedRange, Some(v)) => {
+        match self.variance_type {
+            VarianceType::LearnedRange => {
                 let min_log = f64::from(fp32::ln(posterior.max(MIN_VARIANCE)));
                 let max_log = f64::from(fp32::ln(current_beta));
-                let frac: Tensor = (v + 1.0) / 2.0;
+                let frac: Tensor = (model_output.narrow(1, c, c) + 1.0) / 2.0;
                 let log_variance = &frac * max_log + (frac.neg() + 1.0) * min_log;
-                Kernel::learned(mean, (log_variance * 0.5).exp())
+                let bound = f64::from(fp32::sqrt(current_beta));
+                Kernel::learned(mean, (log_variance * 0.5).exp(), bound)
             }
             // β̃ hits the floor only where x_{t'} is the clean sample (the last step of a schedule
             // ending above t = 0); diffusers adds 1e-10·z there, which is kept out of the kernel
             // so that the step counts as deterministic.
-            (VarianceType::FixedSmall | VarianceType::FixedSmallLog, _)
-                if posterior <= MIN_VARIANCE =>
-            {
+            VarianceType::FixedSmall | VarianceType::FixedSmallLog if posterior <= MIN_VARIANCE => {
                 Kernel::fixed(mean, 0.0)
             }
-            (VarianceType::FixedSmall, _) => Kernel::fixed(mean, f64::from(fp32::sqrt(posterior))),
-            (VarianceType::FixedSmallLog, _) => {
+            VarianceType::FixedSmall => Kernel::fixed(mean, f64::from(fp32::sqrt(posterior))),
+            VarianceType::FixedSmallLog => {
                 Kernel::fixed(mean, f64::from(fp32::ln(posterior) * 0.5).exp())
             }
-            (VarianceType::FixedLarge, _) => {
-                Kernel::fixed(mean, f64::from(fp32::sqrt(current_beta)))
-            }
-            (VarianceType::LearnedRange, None) => {
-                unreachable!("a learned variance always comes with its model output")
-            }
+            VarianceType::FixedLarge => Kernel::fixed(mean, f64::from(fp32::sqrt(current_beta))),
         }
     }
 }

@@ -32,8 +32,8 @@ pub enum Timesteps {
 pub struct Kernel {
     /// The mean μ (differentiable in the model output).
     pub mean: Tensor,
-    /// The standard deviation s; 0 for a deterministic step. With a learned variance, its
-    /// largest element.
+    /// The standard deviation s; 0 for a deterministic step. With a learned variance, the
+    /// largest s the model can choose (known without reading the tensor back).
     pub std: f64,
     /// The per-element s of a model that predicts its variance (DDPM's `learned_range`); it then
     /// replaces `std` in μ + s·z.
@@ -50,11 +50,11 @@ impl Kernel {
         }
     }
 
-    /// A kernel whose s the model predicted, per element.
-    pub fn learned(mean: Tensor, std: Tensor) -> Kernel {
+    /// A kernel whose s the model predicted per element, at most `bound`.
+    pub fn learned(mean: Tensor, std: Tensor, bound: f64) -> Kernel {
         Kernel {
             mean,
-            std: std.max().double_value(&[]),
+            std: bound,
             learned_std: Some(std),
         }
     }
@@ -222,7 +222,7 @@ impl Scheduler {
     ) -> Result<Kernel, SamplingError> {
         self.check_step(step)?;
         let mut expected = sample.size();
-        if self.config.variance_type.is_learned() && self.config.kind == SchedulerKind::Ddpm {
+        if self.learns_variance() {
             expected[1] *= 2;
         }
         if model_output.size() != expected {
@@ -242,6 +242,12 @@ impl Scheduler {
             Inner::Ddim(s) => s.transition(ac, step, sample, model_output),
             Inner::Ddpm(s) => s.transition(ac, step, sample, model_output),
         })
+    }
+
+    /// Whether the model output carries a learned variance (a DDPM with `learned_range`): twice
+    /// the latent channels, and a kernel whose s is per element.
+    pub fn learns_variance(&self) -> bool {
+        matches!(&self.inner, Inner::Ddpm(s) if s.variance_type.is_learned())
     }
 
     /// Whether diffusers' `step` draws a noise tensor at this step (even when it multiplies it by
