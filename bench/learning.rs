@@ -97,8 +97,8 @@ fn measure(
 fn trained(config: &RunConfig, run_dir: &Path) -> (Pipeline, Adapter) {
     let pipeline = pso::run::load_pipeline(config, Device::Cpu).unwrap();
     let adapter = Adapter::new(
-        &pipeline.unet,
-        &pipeline.unet_vs,
+        &pipeline.backbone,
+        &pipeline.backbone_vs,
         &config.peft,
         config.run.seed,
     )

@@ -40,7 +40,7 @@ fn main() {
         device: Device::Cpu,
         kind: Kind::Float,
         variant: None,
-        unet_override: None,
+        backbone_weights: None,
     };
     let pipeline = Pipeline::load(&out.join("pipeline"), &opts).unwrap();
     println!("threads: {} libtorch threads\n", tch::get_num_threads());

@@ -127,7 +127,7 @@ impl<'a> Actor<'a> {
         let f = p.vae_scale_factor();
         let shape = [
             1,
-            p.unet.config.in_channels,
+            p.backbone.in_channels(),
             self.settings.height / f,
             self.settings.width / f,
         ];

@@ -144,8 +144,8 @@ struct SampleArgs {
     /// diffusers' `latents=` argument: the same file gives the same image in both.
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Trained weights to apply: a diffusers LoRA file, a DiffFit file, or a merged UNet folder
-    /// (what `pso export` writes).
+    /// Trained weights to apply: a diffusers LoRA file, a DiffFit file, or a merged UNet / DiT
+    /// transformer folder (what `pso export` writes). Several DiffFit files can share one base.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Number of images (default 1, or N of --init-noise).
@@ -161,8 +161,9 @@ struct SampleArgs {
     /// Weight-file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
     #[arg(long)]
     variant: Option<String>,
-    /// A safetensors file with the UNet's weights, replacing unet/'s (e.g. DMD2's distilled UNet
-    /// in an SDXL base folder); the layout comes from unet/config.json.
+    /// A safetensors file with the denoiser's weights, replacing unet/'s (e.g. DMD2's distilled
+    /// UNet in an SDXL base folder) or a DiT's transformer/'s; the layout comes from the
+    /// folder's config.json.
     #[arg(long)]
     unet: Option<PathBuf>,
     /// Sampler replacing the folder's scheduler (keeping its settings), as a run's sampler.name:
@@ -614,11 +615,11 @@ fn sample(args: SampleArgs) -> Result<()> {
         .as_deref()
         .map(|p| open_adapter(p).with_context(|| format!("--adapter {}", p.display())))
         .transpose()?;
-    let unet_override = match &adapter {
-        Some(AdapterSource::MergedUnet(weights)) => {
+    let backbone_weights = match &adapter {
+        Some(AdapterSource::Merged(weights)) => {
             anyhow::ensure!(
                 args.unet.is_none(),
-                "--unet and a merged --adapter folder both replace the UNet; give one"
+                "--unet and a merged --adapter folder both replace the model's weights; give one"
             );
             Some(weights.clone())
         }
@@ -634,7 +635,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         device,
         kind: dtype.kind(),
         variant: args.variant.clone(),
-        unet_override,
+        backbone_weights,
     };
     let root = pso::pipeline::hub::resolve_model(&args.model, args.variant.as_deref())?;
     let init_latents = args
@@ -642,12 +643,18 @@ fn sample(args: SampleArgs) -> Result<()> {
         .as_deref()
         .map(read_init_noise)
         .transpose()?;
-    if pso::pipeline::dit::is_dit_folder(&root) {
-        anyhow::ensure!(
-            adapter.is_none(),
-            "--adapter is not supported for DiT pipelines yet"
-        );
-        return sample_dit(&args, &root, &opts, init_latents);
+    let mut pipeline =
+        Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    if let Some(name) = &args.sampler {
+        pipeline.scheduler_config.kind = pso::sampling::SchedulerKind::from_name(name)?;
+    }
+    if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
+        let what = apply_file(&pipeline.backbone, &pipeline.backbone_vs, file, path)
+            .with_context(|| format!("--adapter {}", path.display()))?;
+        tracing::info!(adapter = %path.display(), "applied {what}");
+    }
+    if pipeline.is_class_conditional() {
+        return sample_classes(&args, &root, &pipeline, init_latents);
     }
     let Some(prompt) = args.prompt.as_deref() else {
         anyhow::bail!(
@@ -655,16 +662,6 @@ fn sample(args: SampleArgs) -> Result<()> {
             root.display()
         );
     };
-    let mut pipeline =
-        Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
-    if let Some(name) = &args.sampler {
-        pipeline.scheduler_config.kind = pso::sampling::SchedulerKind::from_name(name)?;
-    }
-    if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
-        let what = apply_file(&pipeline.unet, &pipeline.unet_vs, file, path)
-            .with_context(|| format!("--adapter {}", path.display()))?;
-        tracing::info!(adapter = %path.display(), "applied {what}");
-    }
     let num_images = match (&init_latents, args.num_images) {
         (Some(t), Some(n)) if t.size()[0] != n => anyhow::bail!(
             "--num-images {n} disagrees with --init-noise, which holds {} latents",
@@ -719,13 +716,13 @@ fn write_images(images: &tch::Tensor, out: &std::path::Path) -> Result<()> {
 }
 
 /// `pso sample` on a DiTPipeline folder: one image per --class-label.
-fn sample_dit(
+fn sample_classes(
     args: &SampleArgs,
     root: &std::path::Path,
-    opts: &pso::pipeline::LoadOptions,
+    pipeline: &pso::pipeline::Pipeline,
     init_latents: Option<tch::Tensor>,
 ) -> Result<()> {
-    use pso::pipeline::dit::{ClassRequest, DiTPipeline};
+    use pso::pipeline::dit::ClassRequest;
     use pso::sampling::{SeededNoise, Timesteps};
 
     anyhow::ensure!(
@@ -738,15 +735,11 @@ fn sample_dit(
         "{} is a class-conditional DiT pipeline: give --class-label (ids or id2label names)",
         root.display()
     );
-    let mut pipeline =
-        DiTPipeline::load(root, opts).with_context(|| format!("loading {}", root.display()))?;
-    if let Some(name) = &args.sampler {
-        pipeline.scheduler_config.kind = pso::sampling::SchedulerKind::from_name(name)?;
-    }
+    let classes = pipeline.classes()?;
     let class_labels = args
         .class_label
         .iter()
-        .map(|l| pipeline.class_id(l))
+        .map(|l| classes.class_id(l))
         .collect::<Result<Vec<i64>, _>>()?;
     if let Some(n) = args.num_images {
         anyhow::ensure!(
@@ -755,7 +748,7 @@ fn sample_dit(
             class_labels.len()
         );
     }
-    let f = pipeline.vae.scale_factor();
+    let f = pipeline.vae_scale_factor();
     let latent_size = match (args.height, args.width) {
         (None, None) => None,
         (Some(h), Some(w)) if h == w && h % f == 0 => Some(h / f),
@@ -775,7 +768,7 @@ fn sample_dit(
         init_latents,
         record: false,
     };
-    let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
+    let generated = pipeline.generate_classes(request, &mut SeededNoise::new(args.seed))?;
     write_images(&generated.images, &args.out)
 }
 

@@ -11,11 +11,12 @@ use std::path::Path;
 use std::process::Command;
 
 use pso::models::dit::{
-    sincos_pos_embed_2d, DiTBranchScales, DiTTransformer2DConfig, DiTTransformer2DModel,
+    sincos_pos_embed_2d, DiTTransformer2DConfig, DiTTransformer2DModel,
 };
 use pso::models::load::read_config;
-use pso::pipeline::dit::{ClassRequest, DiTPipeline};
-use pso::pipeline::LoadOptions;
+use pso::models::transformer::{BranchScales, ScaledBlock};
+use pso::pipeline::dit::ClassRequest;
+use pso::pipeline::{LoadOptions, Pipeline};
 use pso::sampling::{NoiseSource, SchedulerConfig, SeededNoise, Timesteps};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
@@ -92,8 +93,9 @@ fn branch_scales_multiply_each_gated_branch_per_channel() {
     assert_eq!(blocks[1].dim(), 16);
     let ones = || Tensor::ones([16], (Kind::Float, Device::Cpu));
     for b in blocks {
-        b.set_branch_scales(Some(DiTBranchScales {
+        b.set_branch_scales(Some(BranchScales {
             attn1: ones(),
+            attn2: None,
             ff: ones(),
         }));
     }
@@ -109,8 +111,9 @@ fn branch_scales_multiply_each_gated_branch_per_channel() {
         })
         .collect();
     for (b, (attn1, ff)) in blocks.iter().zip(&gammas) {
-        let scales = DiTBranchScales {
+        let scales = BranchScales {
             attn1: attn1.shallow_clone(),
+            attn2: None,
             ff: ff.shallow_clone(),
         };
         let names: Vec<&str> = scales.named().iter().map(|(n, _)| *n).collect();
@@ -141,6 +144,66 @@ fn branch_scales_multiply_each_gated_branch_per_channel() {
         err < 1e-5,
         "γ ≠ scaled branch outputs: relative error {err:e}"
     );
+}
+
+/// Converted DiT checkpoints copy one embedder into every block; such a model computes it once,
+/// with the same result as every block using its own copy.
+#[test]
+fn blocks_sharing_one_conditioning_embedding_compute_it_once_with_the_same_output() {
+    let config: DiTTransformer2DConfig = serde_json::from_str(
+        r#"{"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 3,
+            "sample_size": 8, "out_channels": 8, "num_embeds_ada_norm": 10}"#,
+    )
+    .unwrap();
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let per_block = DiTTransformer2DModel::new(vs.root(), &config);
+    assert!(!per_block.shares_conditioning());
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, t) in &vars {
+            if let Some(rest) = name.strip_prefix("transformer_blocks.0.norm1.emb.") {
+                for i in 1..3 {
+                    let copy = &vars[&format!("transformer_blocks.{i}.norm1.emb.{rest}")];
+                    copy.shallow_clone().copy_(t);
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&serde_json::json!({
+            "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 3,
+            "sample_size": 8, "out_channels": 8, "num_embeds_ada_norm": 10
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    vs.save(dir.path().join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let (_shared_vs, shared) =
+        DiTTransformer2DModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap();
+    assert!(shared.shares_conditioning());
+
+    let _guard = tch::no_grad_guard();
+    let sample = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let timestep = Tensor::from_slice(&[999.0f32, 10.0]);
+    let labels = Tensor::from_slice(&[3i64, 10]);
+    let want = per_block.forward(&sample, &timestep, &labels);
+    let got = shared.forward(&sample, &timestep, &labels);
+    let err = relative_error(&got, &want);
+    assert!(err < 1e-6, "shared embedding: relative error {err:e}");
+
+    // A model whose copies differ keeps its per-block embeddings.
+    let _ = vars["transformer_blocks.2.norm1.emb.class_embedder.embedding_table.weight"]
+        .shallow_clone()
+        .g_add_scalar_(1.0);
+    vs.save(dir.path().join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let (_, distinct) =
+        DiTTransformer2DModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap();
+    assert!(!distinct.shares_conditioning());
 }
 
 #[test]
@@ -207,18 +270,20 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
         device: Device::Cpu,
         kind: Kind::Float,
         variant: None,
-        unet_override: None,
+        backbone_weights: None,
     };
-    let mut pipeline = DiTPipeline::load(&dir.path().join("pipeline"), &opts).unwrap();
+    let mut pipeline = Pipeline::load(&dir.path().join("pipeline"), &opts).unwrap();
+    assert!(pipeline.is_class_conditional());
     let ddim = pipeline.scheduler_config.clone();
     let ddpm = SchedulerConfig::from_file(&dir.path().join("ddpm_scheduler/scheduler_config.json"))
         .unwrap();
 
-    assert_eq!(pipeline.class_id("golden retriever").unwrap(), 207);
-    assert_eq!(pipeline.class_id("Galeocerdo cuvieri").unwrap(), 3);
-    assert_eq!(pipeline.class_id("12").unwrap(), 12);
+    let classes = pipeline.classes().unwrap();
+    assert_eq!(classes.class_id("golden retriever").unwrap(), 207);
+    assert_eq!(classes.class_id("Galeocerdo cuvieri").unwrap(), 3);
+    assert_eq!(classes.class_id("12").unwrap(), 12);
     for bad in ["1000", "-1", "golden retriver"] {
-        let err = pipeline.class_id(bad).unwrap_err().to_string();
+        let err = classes.class_id(bad).unwrap_err().to_string();
         assert!(err.contains(bad), "{bad}: {err}");
     }
 
@@ -234,7 +299,7 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
             .unwrap()
             .remove(0);
         let generated = pipeline
-            .generate(
+            .generate_classes(
                 ClassRequest {
                     class_labels: case.class_labels.clone(),
                     timesteps: Timesteps::Steps(case.steps),

@@ -593,7 +593,7 @@ fn the_learner_loss_matches_the_samplers_recorded_kernels() {
             let t = Tensor::from(scheduler.timesteps()[j] as f32);
             let out = trainer
                 .adapter
-                .reference(&p.unet, |u| p.predict_batch(u, &cond, &input, &t));
+                .reference(&p.backbone, |u| p.predict_batch(u, &cond, &input, &t));
             let k = scheduler
                 .transition(j, &x, &out.to_kind(Kind::Float))
                 .unwrap();

@@ -31,7 +31,7 @@ fn load(name: &str, kind: Kind) -> Pipeline {
         device: Device::Cpu,
         kind,
         variant: None,
-        unet_override: None,
+        backbone_weights: None,
     };
     Pipeline::load(&oracle_dir().join(name), &opts).unwrap()
 }
@@ -65,7 +65,7 @@ fn inputs(p: &Pipeline) -> Inputs {
 }
 
 fn output(p: &Pipeline, i: &Inputs) -> Tensor {
-    tch::no_grad(|| p.predict_batch(&p.unet, &i.cond, &i.x, &i.t))
+    tch::no_grad(|| p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t))
 }
 
 /// Gives every LoRA B (initialised to zero) random values, so that the adapters matter.
@@ -92,9 +92,9 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
 fn gradients_reach_exactly_the_trainable_tensors() {
     for kind in ["lora", "difffit", "full"] {
         let p = load("sdxl", Kind::Float);
-        let adapter = Adapter::new(&p.unet, &p.unet_vs, &section(kind), 0).unwrap();
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
         let i = inputs(&p);
-        p.predict_batch(&p.unet, &i.cond, &i.x, &i.t)
+        p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t)
             .square()
             .mean(Kind::Float)
             .backward();
@@ -121,7 +121,7 @@ fn gradients_reach_exactly_the_trainable_tensors() {
             nonzero * 2 >= adapter.params().len(),
             "{kind}: {nonzero} nonzero"
         );
-        for (name, t) in p.unet_vs.variables() {
+        for (name, t) in p.backbone_vs.variables() {
             if !trainable.contains_key(name.as_str()) {
                 assert!(!t.requires_grad(), "{kind}: frozen `{name}` requires grad");
                 assert!(
@@ -133,7 +133,7 @@ fn gradients_reach_exactly_the_trainable_tensors() {
         match kind {
             "lora" => {
                 assert!(adapter.params().iter().all(|(n, _)| n.contains(".lora_")));
-                let blocks = pso::peft::difffit::blocks(&p.unet).len();
+                let blocks = p.backbone.scaled_blocks().len();
                 assert_eq!(
                     adapter.params().len(),
                     blocks * 2 * 4 * 2,
@@ -146,14 +146,14 @@ fn gradients_reach_exactly_the_trainable_tensors() {
                 assert!(names.iter().any(|n| n.starts_with("add_embedding.")));
                 assert!(names.iter().all(|n| !n.ends_with("to_q.weight")));
                 let fraction = adapter.numel() as f64
-                    / p.unet_vs
+                    / p.backbone_vs
                         .variables()
                         .values()
                         .map(|t| t.numel() as f64)
                         .sum::<f64>();
                 assert!(fraction < 0.2, "DiffFit trains {fraction:.3} of the UNet");
             }
-            _ => assert_eq!(adapter.params().len(), p.unet_vs.variables().len()),
+            _ => assert_eq!(adapter.params().len(), p.backbone_vs.variables().len()),
         }
     }
 }
@@ -164,7 +164,7 @@ fn the_reference_model_is_the_base_model() {
         let p = load("sd", Kind::Float);
         let i = inputs(&p);
         let base = output(&p, &i);
-        let adapter = Adapter::new(&p.unet, &p.unet_vs, &section(kind), 0).unwrap();
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
         assert!(
             output(&p, &i).equal(&base),
             "{kind}: a fresh adapter changes nothing"
@@ -183,7 +183,7 @@ fn the_reference_model_is_the_base_model() {
             !tuned.allclose(&base, 1e-4, 1e-5, false),
             "{kind}: adapter has no effect"
         );
-        let reference = adapter.reference(&p.unet, |u| p.predict_batch(u, &i.cond, &i.x, &i.t));
+        let reference = adapter.reference(&p.backbone, |u| p.predict_batch(u, &i.cond, &i.x, &i.t));
         assert_close(&reference, &base, kind);
         assert!(
             output(&p, &i).equal(&tuned),
@@ -195,13 +195,13 @@ fn the_reference_model_is_the_base_model() {
 #[test]
 fn bf16_models_keep_fp32_adapters() {
     let p = load("sd", Kind::BFloat16);
-    let adapter = Adapter::new(&p.unet, &p.unet_vs, &section("lora"), 0).unwrap();
+    let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section("lora"), 0).unwrap();
     assert!(adapter
         .params()
         .iter()
         .all(|(_, t)| t.kind() == Kind::Float));
     let i = inputs(&p);
-    let out = p.predict_batch(&p.unet, &i.cond, &i.x, &i.t);
+    let out = p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t);
     assert_eq!(out.kind(), Kind::BFloat16);
     out.to_kind(Kind::Float).mean(Kind::Float).backward();
     assert!(adapter
@@ -218,7 +218,7 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
         let base = output(&p, &inputs(&p));
         let mut s = section("lora");
         s.targets.push("ff.net.2".into());
-        let adapter = Adapter::new(&p.unet, &p.unet_vs, &s, 3).unwrap();
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 3).unwrap();
         randomize_up(&adapter);
         let i = inputs(&p);
         let ours = output(&p, &i);
@@ -229,7 +229,7 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
         let lora_file = dir.join(format!("{name}-lora.safetensors"));
         tensor_file::write(
             &lora_file,
-            &lora::to_diffusers(&adapter.tensors(), s.alpha / s.rank as f64),
+            &lora::to_diffusers(&adapter.tensors(), s.alpha / s.rank as f64, "unet"),
             &HashMap::new(),
         )
         .unwrap();
@@ -257,11 +257,11 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
         // The same file through `pso sample --adapter`'s loader, on a fresh pipeline.
         let fresh = load(name, Kind::Float);
         let file = tensor_file::read(&lora_file).unwrap();
-        apply_file(&fresh.unet, &fresh.unet_vs, file, &lora_file).unwrap();
+        apply_file(&fresh.backbone, &fresh.backbone_vs, file, &lora_file).unwrap();
         assert_close(&output(&fresh, &i), &ours, "reloaded");
         // Merged into the base weights: the same function without adapters.
-        merge(&fresh.unet);
-        assert!(lora::candidates(&fresh.unet)
+        merge(&fresh.backbone, &fresh.backbone_vs);
+        assert!(fresh.backbone.lora_candidates()
             .iter()
             .all(|l| l.lora().is_none()));
         assert_close(&output(&fresh, &i), &ours, "merged");
@@ -271,7 +271,7 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
 #[test]
 fn difffit_files_and_merges_reproduce_the_tuned_unet() {
     let p = load("sd", Kind::Float);
-    let adapter = Adapter::new(&p.unet, &p.unet_vs, &section("difffit"), 0).unwrap();
+    let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section("difffit"), 0).unwrap();
     tch::no_grad(|| {
         for (_, t) in adapter.params() {
             let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
@@ -288,18 +288,18 @@ fn difffit_files_and_merges_reproduce_the_tuned_unet() {
     let fresh = load("sd", Kind::Float);
     assert!(!output(&fresh, &i).allclose(&tuned, 1e-4, 1e-5, false));
     apply_file(
-        &fresh.unet,
-        &fresh.unet_vs,
+        &fresh.backbone,
+        &fresh.backbone_vs,
         tensor_file::read(&path).unwrap(),
         &path,
     )
     .unwrap();
     assert_close(&output(&fresh, &i), &tuned, "difffit file");
-    merge(&fresh.unet);
+    merge(&fresh.backbone, &fresh.backbone_vs);
     assert_close(&output(&fresh, &i), &tuned, "γ merged");
     let e = apply_file(
-        &fresh.unet,
-        &fresh.unet_vs,
+        &fresh.backbone,
+        &fresh.backbone_vs,
         tensor_file::read(&path)
             .map(|mut f| {
                 f.metadata.clear();
@@ -318,17 +318,17 @@ fn lora_targets_that_match_nothing_are_named() {
     let p = load("sd", Kind::Float);
     let mut s = section("lora");
     s.targets = vec!["to_qq".into()];
-    let e = Adapter::new(&p.unet, &p.unet_vs, &s, 0)
+    let e = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`to_qq` matches no linear layer"), "{e}");
     assert!(e.contains("down_blocks.0.attentions.0"), "{e}");
     let mut s = section("difffit");
     s.gamma_blocks = Some([0, 99]);
-    let e = Adapter::new(&p.unet, &p.unet_vs, &s, 0)
+    let e = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0)
         .unwrap_err()
         .to_string();
-    let blocks = pso::peft::difffit::blocks(&p.unet).len();
+    let blocks = p.backbone.scaled_blocks().len();
     assert!(
         e.contains(&format!("has {blocks} transformer blocks")),
         "{e}"

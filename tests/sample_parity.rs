@@ -59,7 +59,7 @@ fn final_latents_match_diffusers_pipelines() {
         device: Device::Cpu,
         kind: Kind::Float,
         variant: None,
-        unet_override: None,
+        backbone_weights: None,
     };
     for c in cases(dir) {
         let pipeline = Pipeline::load(&dir.join(&c.folder), &opts).unwrap();
@@ -195,7 +195,7 @@ fn hub_ids_resolve_through_the_hf_cache_offline() {
 }
 
 #[test]
-fn a_unet_override_file_replaces_the_folder_weights() {
+fn a_backbone_weights_file_replaces_the_folder_weights() {
     let dir = oracle_dir();
     let case = cases(dir)
         .into_iter()
@@ -272,7 +272,7 @@ fn half_precision_pipelines_stay_close_to_f32() {
                 device: Device::Cpu,
                 kind,
                 variant: None,
-                unet_override: None,
+                backbone_weights: None,
             };
             let pipeline = Pipeline::load(&dir.join(folder), &opts).unwrap();
             let request = GenerateRequest {

@@ -133,7 +133,7 @@ fn the_committed_model_draws_its_captions() {
             device: Device::Cpu,
             kind: Kind::Float,
             variant: None,
-            unet_override: None,
+            backbone_weights: None,
         },
     )
     .unwrap();

@@ -8,7 +8,6 @@
 //! interpolation in the second).
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use serde::Deserialize;
 use tch::nn::{self, Module};
@@ -17,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::attention::{Attention, AttentionConfig};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
+use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
 use super::resnet::conv;
 use reward::load::{build_and_load, read_config, weight_files, LoadError};
 
@@ -323,14 +323,9 @@ impl AdaLayerNormZero {
         }
     }
 
-    /// The modulated input and (gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, dim].
-    fn forward(
-        &self,
-        x: &Tensor,
-        timestep: &Tensor,
-        class_labels: &Tensor,
-    ) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
-        let emb = self.emb.forward(timestep, class_labels, x.kind());
+    /// The modulated input and (gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, dim], from
+    /// the conditioning embedding `emb` [B, dim].
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor; 6] = self
             .linear
             .forward(&emb.silu())
@@ -370,31 +365,13 @@ impl FeedForward {
     }
 }
 
-/// DiffFit's per-channel scale factors of a DiT block's two residual branches (init 1.0),
-/// applied after the adaLN-Zero gate: x += gate · γ ⊙ branch.
-#[derive(Debug)]
-pub struct DiTBranchScales {
-    /// γ of the self-attention branch, [dim].
-    pub attn1: Tensor,
-    /// γ of the feed-forward branch, [dim].
-    pub ff: Tensor,
-}
-
-impl DiTBranchScales {
-    /// The two γ with their names relative to the block (`gamma_attn1`, `gamma_ff`, as the
-    /// UNet's blocks name theirs).
-    pub fn named(&self) -> [(&'static str, &Tensor); 2] {
-        [("gamma_attn1", &self.attn1), ("gamma_ff", &self.ff)]
-    }
-}
-
 /// `BasicTransformerBlock` with `norm_type = "ada_norm_zero"`: adaLN-modulated self-attention
 /// and feed-forward, each scaled by its gate before it is added back; no cross-attention.
 #[derive(Debug)]
 pub struct DiTBlock {
     name: String,
     dim: i64,
-    gamma: Mutex<Option<DiTBranchScales>>,
+    gamma: GammaSlot,
     norm1: AdaLayerNormZero,
     attn1: Attention,
     norm3: nn::LayerNorm,
@@ -412,7 +389,7 @@ impl DiTBlock {
         DiTBlock {
             name: vs.components().collect::<Vec<_>>().join("."),
             dim,
-            gamma: Mutex::new(None),
+            gamma: GammaSlot::default(),
             norm1: AdaLayerNormZero::new(&vs / "norm1", classes, dim),
             attn1: Attention::new(
                 &vs / "attn1",
@@ -433,53 +410,63 @@ impl DiTBlock {
         }
     }
 
-    /// The block's dotted name, e.g. `transformer_blocks.3`.
-    pub fn name(&self) -> &str {
+    /// Every linear layer LoRA may target: attn1's projections, then ff.net.0.proj and ff.net.2
+    /// (adaLN's modulation stays out, as in peft's usual DiT targets).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = self.attn1.linears().into();
+        out.extend([&self.ff.proj_in, &self.ff.proj_out]);
+        out
+    }
+
+    /// The block's conditioning embedding [B, dim] (its own copy of the timestep and class
+    /// embedders).
+    fn embed(&self, timestep: &Tensor, class_labels: &Tensor, kind: Kind) -> Tensor {
+        self.norm1.emb.forward(timestep, class_labels, kind)
+    }
+
+    /// The block on tokens `x` conditioned on `emb` (see [`DiTBlock::embed`]).
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
+        let gamma = self.gamma.get();
+        let scale = |branch, pick| BranchScales::apply(&gamma, branch, pick);
+        let (h, gate_msa, shift_mlp, scale_mlp, gate_mlp) = self.norm1.forward(x, emb);
+        let attn = self.attn1.forward(&h, None) * gate_msa.unsqueeze(1);
+        let x = scale(attn, |g| Some(&g.attn1)) + x;
+        let h = modulate(&self.norm3.forward(&x), &shift_mlp, &scale_mlp);
+        let ff = self.ff.forward(&h) * gate_mlp.unsqueeze(1);
+        scale(ff, |g| Some(&g.ff)) + x
+    }
+}
+
+impl ScaledBlock for DiTBlock {
+    fn name(&self) -> &str {
         &self.name
     }
 
-    /// Channels of the block's tokens (the length of each γ).
-    pub fn dim(&self) -> i64 {
+    fn dim(&self) -> i64 {
         self.dim
     }
 
-    /// Attaches (or with `None` removes) DiffFit's branch scales.
-    pub fn set_branch_scales(&self, gamma: Option<DiTBranchScales>) {
-        *self
-            .gamma
-            .lock()
-            .expect("the γ slot lock is never poisoned") = gamma;
+    fn has_cross_attention(&self) -> bool {
+        false
     }
 
-    /// The attached branch scales (sharing their tensors), if any.
-    pub fn branch_scales(&self) -> Option<DiTBranchScales> {
-        self.gamma
-            .lock()
-            .expect("the γ slot lock is never poisoned")
-            .as_ref()
-            .map(|g| DiTBranchScales {
-                attn1: g.attn1.shallow_clone(),
-                ff: g.ff.shallow_clone(),
-            })
+    fn device(&self) -> Device {
+        self.ff.proj_out.weight().device()
     }
 
-    fn forward(&self, x: &Tensor, timestep: &Tensor, class_labels: &Tensor) -> Tensor {
-        let gamma = self.branch_scales();
-        // γ may be fp32 while the block runs in bf16/fp16: scale in the branch's dtype.
-        let scale = |branch: Tensor, pick: fn(&DiTBranchScales) -> &Tensor| match &gamma {
-            Some(g) => {
-                let kind = branch.kind();
-                branch * pick(g).to_kind(kind)
-            }
-            None => branch,
-        };
-        let (h, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
-            self.norm1.forward(x, timestep, class_labels);
-        let attn = self.attn1.forward(&h, None) * gate_msa.unsqueeze(1);
-        let x = scale(attn, |g| &g.attn1) + x;
-        let h = modulate(&self.norm3.forward(&x), &shift_mlp, &scale_mlp);
-        let ff = self.ff.forward(&h) * gate_mlp.unsqueeze(1);
-        scale(ff, |g| &g.ff) + x
+    fn set_branch_scales(&self, gamma: Option<BranchScales>) {
+        self.gamma.set(gamma);
+    }
+
+    fn branch_scales(&self) -> Option<BranchScales> {
+        self.gamma.get()
+    }
+
+    fn merge_branch_scales(&self) {
+        if let Some(g) = self.gamma.take() {
+            self.attn1.linears()[3].scale_outputs(&g.attn1);
+            self.ff.proj_out.scale_outputs(&g.ff);
+        }
     }
 }
 
@@ -493,6 +480,9 @@ pub struct DiTTransformer2DModel {
     norm_out: nn::LayerNorm,
     proj_out_1: nn::Linear,
     proj_out_2: nn::Linear,
+    /// Every block holds the same embedding weights as block 0 (converted DiT checkpoints copy
+    /// DiT's one embedder into each block), so block 0's embedding serves all of them.
+    shared_conditioning: bool,
     /// The config it was built from.
     pub config: DiTTransformer2DConfig,
 }
@@ -519,12 +509,14 @@ impl DiTTransformer2DModel {
                 p * p * cfg.out_channels(),
                 Default::default(),
             ),
+            shared_conditioning: false,
             config: cfg.clone(),
         }
     }
 
     /// Loads a `transformer/` folder (config.json + safetensors) with weights in `kind` on
-    /// `device`.
+    /// `device`. When every block's conditioning embedding is a copy of block 0's, as in
+    /// converted DiT checkpoints, it is computed once per forward pass instead of per block.
     pub fn load(
         dir: &Path,
         device: Device,
@@ -549,9 +541,58 @@ impl DiTTransformer2DModel {
             path: dir.join("config.json"),
             why,
         })?;
-        build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
+        Self::load_with_weights(dir, config, &weight_files(dir, variant)?, device, kind)
+    }
+
+    /// [`DiTTransformer2DModel::load_with_config`] with the weights read from `files` (e.g. a
+    /// merged export) instead of the folder's.
+    pub fn load_with_weights(
+        dir: &Path,
+        config: &DiTTransformer2DConfig,
+        files: &[std::path::PathBuf],
+        device: Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self), LoadError> {
+        config.check().map_err(|why| LoadError::Unsupported {
+            path: dir.join("config.json"),
+            why,
+        })?;
+        let (vs, mut model) = build_and_load(files, device, kind, |vs| {
             DiTTransformer2DModel::new(vs, config)
+        })?;
+        model.shared_conditioning = Self::embeddings_are_copies(&vs, config.num_layers);
+        Ok((vs, model))
+    }
+
+    /// Whether every block's `norm1.emb` weights equal block 0's.
+    fn embeddings_are_copies(vs: &nn::VarStore, layers: i64) -> bool {
+        let vars = vs.variables();
+        let prefix = |i: i64| format!("transformer_blocks.{i}.norm1.emb.");
+        let first: Vec<(&str, &Tensor)> = vars
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(&prefix(0)).map(|rest| (rest, t)))
+            .collect();
+        (1..layers).all(|i| {
+            first.iter().all(|(rest, t)| {
+                vars.get(&format!("{}{rest}", prefix(i)))
+                    .is_some_and(|other| other.equal(t))
+            })
         })
+    }
+
+    /// The same layout with fresh parameters under `vs`, sharing the conditioning as this
+    /// model does (the skeleton of a frozen copy).
+    pub fn clone_layout(&self, vs: nn::Path) -> Self {
+        let mut model = DiTTransformer2DModel::new(vs, &self.config);
+        model.shared_conditioning = self.shared_conditioning;
+        model
+    }
+
+    /// Whether block 0's conditioning embedding serves every block (see
+    /// [`DiTTransformer2DModel::load`]): then the other blocks' copies are never read, and only
+    /// block 0's need training.
+    pub fn shares_conditioning(&self) -> bool {
+        self.shared_conditioning
     }
 
     /// The transformer blocks, in order.
@@ -577,16 +618,17 @@ impl DiTTransformer2DModel {
         .expand([b], false);
 
         let mut x = self.pos_embed.forward(sample);
-        for block in &self.transformer_blocks {
-            x = block.forward(&x, &timesteps, class_labels);
+        let kind = x.kind();
+        // Diffusers conditions the output layer on block 0's embedding.
+        let cond = self.transformer_blocks[0].embed(&timesteps, class_labels, kind);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            x = if self.shared_conditioning || i == 0 {
+                block.forward(&x, &cond)
+            } else {
+                block.forward(&x, &block.embed(&timesteps, class_labels, kind))
+            };
         }
 
-        // Diffusers conditions the output layer on block 0's embedding (converted DiT
-        // checkpoints hold the one shared embedding in every block).
-        let cond = self.transformer_blocks[0]
-            .norm1
-            .emb
-            .forward(&timesteps, class_labels, x.kind());
         let [shift, scale]: [Tensor; 2] = self
             .proj_out_1
             .forward(&cond.silu())

@@ -2,6 +2,7 @@
 //! weights load by name: building blocks, the VAE, the UNet and DiT.
 
 pub mod attention;
+pub mod backbone;
 pub mod dit;
 pub mod embeddings;
 pub mod linear;

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::attention::{Attention, AttentionConfig};
 use super::linear::Linear;
@@ -32,26 +32,109 @@ impl FeedForward {
     }
 }
 
-/// DiffFit's per-channel scale factors of a block's three residual branches (init 1.0), applied
-/// to each branch's output before it is added back.
+/// DiffFit's per-channel scale factors of a block's residual branches (init 1.0), applied to each
+/// branch's output before it is added back (after DiT's adaLN-Zero gate, which also acts per
+/// channel).
 #[derive(Debug)]
 pub struct BranchScales {
     /// γ of the self-attention branch, [dim].
     pub attn1: Tensor,
-    /// γ of the cross-attention branch, [dim].
-    pub attn2: Tensor,
+    /// γ of the cross-attention branch, [dim]; `None` in blocks without one (DiT's).
+    pub attn2: Option<Tensor>,
     /// γ of the feed-forward branch, [dim].
     pub ff: Tensor,
 }
 
 impl BranchScales {
-    /// The three γ with their names relative to the block (`gamma_attn1`, …).
-    pub fn named(&self) -> [(&'static str, &Tensor); 3] {
-        [
-            ("gamma_attn1", &self.attn1),
-            ("gamma_attn2", &self.attn2),
-            ("gamma_ff", &self.ff),
-        ]
+    /// γ = 1 for every branch of `block`, fp32, trainable.
+    pub fn ones(block: &dyn ScaledBlock) -> BranchScales {
+        let ones = || {
+            Tensor::ones([block.dim()], (Kind::Float, block.device())).set_requires_grad(true)
+        };
+        BranchScales {
+            attn1: ones(),
+            attn2: block.has_cross_attention().then(ones),
+            ff: ones(),
+        }
+    }
+
+    /// The γ with their names relative to the block (`gamma_attn1`, …).
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut out = vec![("gamma_attn1", &self.attn1)];
+        if let Some(a2) = &self.attn2 {
+            out.push(("gamma_attn2", a2));
+        }
+        out.push(("gamma_ff", &self.ff));
+        out
+    }
+
+    fn shallow_clone(&self) -> BranchScales {
+        BranchScales {
+            attn1: self.attn1.shallow_clone(),
+            attn2: self.attn2.as_ref().map(Tensor::shallow_clone),
+            ff: self.ff.shallow_clone(),
+        }
+    }
+
+    /// `branch` times the γ `pick` selects, in the branch's dtype (γ may be fp32 while the block
+    /// runs in bf16/fp16); `branch` itself without scales.
+    pub fn apply(
+        scales: &Option<BranchScales>,
+        branch: Tensor,
+        pick: fn(&BranchScales) -> Option<&Tensor>,
+    ) -> Tensor {
+        match scales.as_ref().and_then(pick) {
+            Some(g) => {
+                let kind = branch.kind();
+                branch * g.to_kind(kind)
+            }
+            None => branch,
+        }
+    }
+}
+
+/// A transformer block whose residual branches DiffFit scales: the UNet's
+/// [`BasicTransformerBlock`] and DiT's block.
+pub trait ScaledBlock {
+    /// The block's dotted name, e.g. `mid_block.attentions.0.transformer_blocks.0`.
+    fn name(&self) -> &str;
+    /// Channels of the block's tokens (the length of each γ).
+    fn dim(&self) -> i64;
+    /// Whether the block has a cross-attention branch (`attn2`).
+    fn has_cross_attention(&self) -> bool;
+    /// Where the block's weights live.
+    fn device(&self) -> Device;
+    /// Attaches (or with `None` removes) the branch scales.
+    fn set_branch_scales(&self, gamma: Option<BranchScales>);
+    /// The attached branch scales (sharing their tensors), if any.
+    fn branch_scales(&self) -> Option<BranchScales>;
+    /// Folds attached scales into the layers that end each branch (attention's to_out.0,
+    /// ff.net.2) and removes them; the block computes the same function after.
+    fn merge_branch_scales(&self);
+}
+
+/// The γ slot every [`ScaledBlock`] keeps.
+#[derive(Debug, Default)]
+pub struct GammaSlot(Mutex<Option<BranchScales>>);
+
+impl GammaSlot {
+    /// Replaces the slot's content.
+    pub fn set(&self, gamma: Option<BranchScales>) {
+        *self.0.lock().expect("the γ slot lock is never poisoned") = gamma;
+    }
+
+    /// The content, sharing its tensors.
+    pub fn get(&self) -> Option<BranchScales> {
+        self.0
+            .lock()
+            .expect("the γ slot lock is never poisoned")
+            .as_ref()
+            .map(BranchScales::shallow_clone)
+    }
+
+    /// Takes the content out.
+    pub fn take(&self) -> Option<BranchScales> {
+        self.0.lock().expect("the γ slot lock is never poisoned").take()
     }
 }
 
@@ -61,7 +144,7 @@ impl BranchScales {
 pub struct BasicTransformerBlock {
     name: String,
     dim: i64,
-    gamma: Mutex<Option<BranchScales>>,
+    gamma: GammaSlot,
     norm1: nn::LayerNorm,
     attn1: Attention,
     norm2: nn::LayerNorm,
@@ -92,7 +175,7 @@ impl BasicTransformerBlock {
         BasicTransformerBlock {
             name: vs.components().collect::<Vec<_>>().join("."),
             dim,
-            gamma: Mutex::new(None),
+            gamma: GammaSlot::default(),
             norm1: ln("norm1"),
             attn1: attn("attn1", None),
             norm2: ln("norm2"),
@@ -100,16 +183,6 @@ impl BasicTransformerBlock {
             norm3: ln("norm3"),
             ff: FeedForward::new(&vs / "ff", dim),
         }
-    }
-
-    /// The block's dotted name, e.g. `mid_block.attentions.0.transformer_blocks.0`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Channels of the block's tokens (the length of each γ).
-    pub fn dim(&self) -> i64 {
-        self.dim
     }
 
     /// Every linear layer: attn1's and attn2's projections, then ff.net.0.proj and ff.net.2.
@@ -120,60 +193,53 @@ impl BasicTransformerBlock {
         out
     }
 
-    /// Attaches (or with `None` removes) DiffFit's branch scales.
-    pub fn set_branch_scales(&self, gamma: Option<BranchScales>) {
-        *self
-            .gamma
-            .lock()
-            .expect("the γ slot lock is never poisoned") = gamma;
-    }
-
-    /// The attached branch scales (sharing their tensors), if any.
-    pub fn branch_scales(&self) -> Option<BranchScales> {
-        self.gamma
-            .lock()
-            .expect("the γ slot lock is never poisoned")
-            .as_ref()
-            .map(|g| BranchScales {
-                attn1: g.attn1.shallow_clone(),
-                attn2: g.attn2.shallow_clone(),
-                ff: g.ff.shallow_clone(),
-            })
-    }
-
-    /// Folds attached branch scales into the layers that end each branch (attn1/attn2's
-    /// to_out.0, ff.net.2) and removes them; the block computes the same function after.
-    pub fn merge_branch_scales(&self) {
-        let taken = self
-            .gamma
-            .lock()
-            .expect("the γ slot lock is never poisoned")
-            .take();
-        if let Some(g) = taken {
-            self.attn1.linears()[3].scale_outputs(&g.attn1);
-            self.attn2.linears()[3].scale_outputs(&g.attn2);
-            self.ff.proj_out.scale_outputs(&g.ff);
-        }
-    }
-
     fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let gamma = self.branch_scales();
-        // γ may be fp32 while the block runs in bf16/fp16: scale in the branch's dtype.
-        let scale = |branch: Tensor, pick: fn(&BranchScales) -> &Tensor| match &gamma {
-            Some(g) => {
-                let kind: Kind = branch.kind();
-                branch * pick(g).to_kind(kind)
-            }
-            None => branch,
-        };
+        let gamma = self.gamma.get();
+        let scale = |branch, pick| BranchScales::apply(&gamma, branch, pick);
         let x = scale(self.attn1.forward(&self.norm1.forward(x), None), |g| {
-            &g.attn1
+            Some(&g.attn1)
         }) + x;
         let x = scale(
             self.attn2.forward(&self.norm2.forward(&x), Some(context)),
-            |g| &g.attn2,
+            |g| g.attn2.as_ref(),
         ) + x;
-        scale(self.ff.forward(&self.norm3.forward(&x)), |g| &g.ff) + x
+        scale(self.ff.forward(&self.norm3.forward(&x)), |g| Some(&g.ff)) + x
+    }
+}
+
+impl ScaledBlock for BasicTransformerBlock {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn dim(&self) -> i64 {
+        self.dim
+    }
+
+    fn has_cross_attention(&self) -> bool {
+        true
+    }
+
+    fn device(&self) -> Device {
+        self.ff.proj_out.weight().device()
+    }
+
+    fn set_branch_scales(&self, gamma: Option<BranchScales>) {
+        self.gamma.set(gamma);
+    }
+
+    fn branch_scales(&self) -> Option<BranchScales> {
+        self.gamma.get()
+    }
+
+    fn merge_branch_scales(&self) {
+        if let Some(g) = self.gamma.take() {
+            self.attn1.linears()[3].scale_outputs(&g.attn1);
+            if let Some(a2) = &g.attn2 {
+                self.attn2.linears()[3].scale_outputs(a2);
+            }
+            self.ff.proj_out.scale_outputs(&g.ff);
+        }
     }
 }
 

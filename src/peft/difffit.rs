@@ -1,49 +1,82 @@
-//! DiffFit on a UNet (method.md §4): train the biases, the norms' affine parameters, the
-//! conditioning embeddings and new per-channel γ (init 1.0) on the attn1, attn2 and ff outputs
-//! of the transformer blocks; everything else stays frozen.
+//! DiffFit (method.md §4): train the biases, the norms' affine parameters, the conditioning
+//! embeddings and new per-channel γ (init 1.0) on the residual branches of the transformer
+//! blocks (a UNet's attn1, attn2 and ff; DiT's attn1 and ff, after the adaLN-Zero gate);
+//! everything else stays frozen.
+//!
+//! On DiT the conditioning embedding is the class table (`class_embedder`); the timestep MLP
+//! trains only its biases. When the blocks' embedding copies are one shared embedding
+//! ([`crate::models::dit::DiTTransformer2DModel::shares_conditioning`]), block 0's copy is the one that trains.
 
 use std::collections::HashMap;
 
 use tch::{nn, Kind, Tensor};
 
 use super::PeftError;
-use crate::models::transformer::{BasicTransformerBlock, BranchScales};
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::backbone::Backbone;
+use crate::models::transformer::BranchScales;
 
-/// Top-level modules that embed the conditioning (timestep, SDXL's added text/time, class).
+/// A UNet's top-level modules that embed the conditioning (timestep, SDXL's added text/time,
+/// class).
 const CONDITIONING: [&str; 3] = ["time_embedding.", "add_embedding.", "class_embedding."];
 
 /// Whether DiffFit trains the UNet variable `name`.
 pub fn trains(name: &str) -> bool {
-    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
-    let last = module.rsplit('.').next().unwrap_or("");
-    name.ends_with(".bias")
-        || (name.ends_with(".weight") && last.contains("norm"))
-        || CONDITIONING.iter().any(|p| name.starts_with(p))
+    is_bias_or_norm(name) || CONDITIONING.iter().any(|p| name.starts_with(p))
 }
 
-/// Every transformer block of the UNet, in module order (the index `peft.gamma_blocks` counts).
-pub fn blocks(unet: &UNet2DConditionModel) -> Vec<&BasicTransformerBlock> {
-    unet.transformers()
-        .into_iter()
-        .flat_map(|t| t.blocks())
-        .collect()
+fn is_bias_or_norm(name: &str) -> bool {
+    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+    let last = module.rsplit('.').next().unwrap_or("");
+    name.ends_with(".bias") || (name.ends_with(".weight") && last.contains("norm"))
+}
+
+/// Whether DiffFit trains the DiT variable `name`: biases, norm affines (`norm3` where the
+/// config gives it one) and the class table, where `shared` says only block 0's embedding
+/// copy is used (then the other copies are skipped).
+pub fn trains_dit(name: &str, shared: bool) -> bool {
+    if shared {
+        if let Some(rest) = name.strip_prefix("transformer_blocks.") {
+            let (block, inner) = rest.split_once('.').unwrap_or((rest, ""));
+            if block != "0" && inner.starts_with("norm1.emb.") {
+                return false;
+            }
+        }
+    }
+    // adaLN's `norm1.linear` and the output layer's `proj_out_1` are modulation, not norms.
+    let is_norm = is_bias_or_norm(name) && !name.contains("norm1.linear.");
+    is_norm || name.contains("class_embedder.embedding_table.")
+}
+
+fn trains_in(backbone: &Backbone, name: &str) -> bool {
+    match backbone {
+        Backbone::UNet(_) => trains(name),
+        Backbone::DiT(d) => trains_dit(name, d.shares_conditioning()),
+    }
+}
+
+/// The default γ range of a backbone with `blocks` transformer blocks: all of a UNet's, the
+/// first half of DiT's (reported best, method.md §4).
+fn default_gamma_blocks(backbone: &Backbone, blocks: usize) -> [u32; 2] {
+    match backbone {
+        Backbone::UNet(_) => [0, blocks as u32],
+        Backbone::DiT(_) => [0, blocks.div_ceil(2) as u32],
+    }
 }
 
 /// Makes DiffFit's tensors trainable and attaches γ = 1 to the blocks in `gamma_blocks`
-/// ([first, last), all when `None`); returns the trainable tensors, variables first (by name),
-/// then the γ in block order.
+/// ([first, last); default: every UNet block, the first half of DiT's); returns the trainable
+/// tensors, variables first (by name), then the γ in block order.
 pub fn select(
-    unet: &UNet2DConditionModel,
+    backbone: &Backbone,
     vs: &nn::VarStore,
     gamma_blocks: Option<[u32; 2]>,
 ) -> Result<Vec<(String, Tensor)>, PeftError> {
-    let all = blocks(unet);
-    let [first, last] = gamma_blocks.unwrap_or([0, all.len() as u32]);
-    if last as usize > all.len() {
+    let all = backbone.scaled_blocks();
+    let [first, last] = gamma_blocks.unwrap_or_else(|| default_gamma_blocks(backbone, all.len()));
+    if last as usize > all.len() || first > last {
         return Err(PeftError::Config(format!(
-            "peft.gamma_blocks = [{first}, {last}] but the UNet has {} transformer blocks; use a \
-             range within [0, {}]",
+            "peft.gamma_blocks = [{first}, {last}] but the model has {} transformer blocks; use \
+             a range [first, last) within [0, {}]",
             all.len(),
             all.len()
         )));
@@ -51,20 +84,14 @@ pub fn select(
     let mut params: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .filter(|(name, _)| trains(name))
+        .filter(|(name, _)| trains_in(backbone, name))
         .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, t) in &mut params {
         let _ = t.set_requires_grad(true);
     }
     for block in &all[first as usize..last as usize] {
-        let ones =
-            || Tensor::ones([block.dim()], (Kind::Float, vs.device())).set_requires_grad(true);
-        let scales = BranchScales {
-            attn1: ones(),
-            attn2: ones(),
-            ff: ones(),
-        };
+        let scales = BranchScales::ones(*block);
         for (suffix, t) in scales.named() {
             params.push((format!("{}.{suffix}", block.name()), t.shallow_clone()));
         }
@@ -73,10 +100,10 @@ pub fn select(
     Ok(params)
 }
 
-/// Loads DiffFit tensors from a file into the model: UNet variables are overwritten, γ are
+/// Loads DiffFit tensors from a file into the model: backbone variables are overwritten, γ are
 /// attached to their blocks. Returns how many tensors were applied.
 pub fn apply_tensors(
-    unet: &UNet2DConditionModel,
+    backbone: &Backbone,
     vs: &nn::VarStore,
     tensors: &HashMap<String, Tensor>,
     what: &str,
@@ -86,22 +113,29 @@ pub fn apply_tensors(
         why,
     };
     let variables = vs.variables();
-    let all = blocks(unet);
+    let all = backbone.scaled_blocks();
     let mut gammas: HashMap<&str, [Option<Tensor>; 3]> = HashMap::new();
     let mut updates = Vec::new();
     for (name, t) in tensors {
         if let Some((block, suffix)) = name.rsplit_once(".gamma_") {
-            let slot = match suffix {
-                "attn1" => 0,
-                "attn2" => 1,
-                "ff" => 2,
-                _ => return Err(err(format!("`{name}` is not a known γ (attn1, attn2, ff)"))),
-            };
             let b = all.iter().find(|b| b.name() == block).ok_or_else(|| {
                 err(format!(
-                    "`{name}`: `{block}` is not a transformer block of this UNet"
+                    "`{name}`: `{block}` is not a transformer block of this model"
                 ))
             })?;
+            let slot = match suffix {
+                "attn1" => 0,
+                "attn2" if b.has_cross_attention() => 1,
+                "ff" => 2,
+                _ => {
+                    let known = if b.has_cross_attention() {
+                        "attn1, attn2, ff"
+                    } else {
+                        "attn1, ff"
+                    };
+                    return Err(err(format!("`{name}` is not a γ of this block ({known})")));
+                }
+            };
             if t.size() != [b.dim()] {
                 return Err(err(format!(
                     "`{name}` has shape {:?}, the block needs [{}]",
@@ -113,13 +147,13 @@ pub fn apply_tensors(
         } else {
             let var = variables.get(name).ok_or_else(|| {
                 err(format!(
-                    "`{name}` is not a variable of this UNet; the file was written for another \
+                    "`{name}` is not a variable of this model; the file was written for another \
                      model"
                 ))
             })?;
             if var.size() != t.size() {
                 return Err(err(format!(
-                    "`{name}` has shape {:?}, the UNet's variable has {:?}",
+                    "`{name}` has shape {:?}, the model's variable has {:?}",
                     t.size(),
                     var.size()
                 )));
@@ -134,15 +168,13 @@ pub fn apply_tensors(
     });
     for b in all {
         if let Some(g) = gammas.remove(b.name()) {
-            let device = b.linears()[0].weight().device();
-            let [a1, a2, ff] = g.map(|t| {
-                t.unwrap_or_else(|| Tensor::ones([b.dim()], (Kind::Float, device)))
-                    .to_device(device)
-            });
+            let device = b.device();
+            let [a1, a2, ff] = g.map(|t| t.map(|t| t.to_device(device)));
+            let ones = || Tensor::ones([b.dim()], (Kind::Float, device));
             b.set_branch_scales(Some(BranchScales {
-                attn1: a1,
-                attn2: a2,
-                ff,
+                attn1: a1.unwrap_or_else(ones),
+                attn2: b.has_cross_attention().then(|| a2.unwrap_or_else(ones)),
+                ff: ff.unwrap_or_else(ones),
             }));
         }
     }

@@ -1,5 +1,6 @@
 //! `pso export` and `pso sample --adapter`: the trained tensors of a run as a diffusers LoRA
-//! file, a DiffFit file, or a merged diffusers UNet folder, and loading any of them back.
+//! file, a DiffFit file, or a merged diffusers UNet / DiT transformer folder, and loading any of
+//! them back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::{difffit, lora, PeftError};
 use crate::config::RunConfig;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::backbone::Backbone;
+use crate::pipeline::{load_backbone, LoadOptions};
 use crate::tensor_file;
 
 /// Metadata key naming what a pso-written file holds.
@@ -23,7 +25,8 @@ pub enum ExportFormat {
     DiffusersLora,
     /// The trained tensors and γ, with the base model in the metadata (DiffFit runs).
     Difffit,
-    /// A full diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors).
+    /// A full diffusers UNet or DiT transformer folder (config.json +
+    /// diffusion_pytorch_model.safetensors).
     Merged,
 }
 
@@ -66,6 +69,16 @@ pub fn export(
             )))
         }
     };
+    let root = crate::pipeline::hub::resolve_model(&config.model.id, None)
+        .map_err(|e| PeftError::Config(e.to_string()))?;
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        variant: None,
+        backbone_weights: config.model.unet.clone(),
+    };
+    let (vs, backbone) = load_backbone(&root, &opts)
+        .map_err(|e| PeftError::Config(format!("loading the base model for export: {e}")))?;
     match format {
         ExportFormat::DiffusersLora => {
             need("lora", "diffusers-lora")?;
@@ -73,8 +86,8 @@ pub fn export(
             meta.insert(FORMAT_KEY.into(), "diffusers-lora".into());
             meta.insert("pso.rank".into(), config.peft.rank.to_string());
             meta.insert("pso.scale_folded_into_lora_B".into(), scale.to_string());
-            tensor_file::write(out, &lora::to_diffusers(&tensors, scale), &meta)
-                .map_err(file_err)?;
+            let entries = lora::to_diffusers(&tensors, scale, backbone.folder());
+            tensor_file::write(out, &entries, &meta).map_err(file_err)?;
             Ok(out.to_owned())
         }
         ExportFormat::Difffit => {
@@ -84,44 +97,49 @@ pub fn export(
             Ok(out.to_owned())
         }
         ExportFormat::Merged => {
-            let root = crate::pipeline::hub::resolve_model(&config.model.id, None)
-                .map_err(|e| PeftError::Config(e.to_string()))?;
-            let unet_dir = root.join("unet");
-            let (vs, unet) = UNet2DConditionModel::load(&unet_dir, Device::Cpu, Kind::Float, None)
-                .map_err(|e| {
-                    PeftError::Config(format!("loading the base UNet for merging: {e}"))
-                })?;
             let map: HashMap<String, Tensor> = tensors.into_iter().collect();
             let what = format!("run tensors (peft.kind = {kind})");
             match kind {
                 "lora" => {
                     let scale = config.peft.alpha / config.peft.rank as f64;
-                    lora::attach_tensors(&unet, &map, scale, &what)?;
+                    lora::attach_tensors(&backbone, &map, scale, &what)?;
                 }
                 _ => {
-                    difffit::apply_tensors(&unet, &vs, &map, &what)?;
+                    difffit::apply_tensors(&backbone, &vs, &map, &what)?;
                 }
             }
-            merge(&unet);
-            write_unet_folder(&vs, &unet_dir, out, &meta)?;
+            merge(&backbone, &vs);
+            write_merged_folder(&vs, &root.join(backbone.folder()), out, &meta)?;
             Ok(out.to_owned())
         }
     }
 }
 
-/// Folds every attached adapter and γ into the base weights.
-pub fn merge(unet: &UNet2DConditionModel) {
-    for t in unet.transformers() {
-        for l in t.linears() {
-            l.merge_lora();
-        }
-        for b in t.blocks() {
-            b.merge_branch_scales();
+/// Folds every attached adapter and γ into the base weights. A DiT whose blocks share block 0's
+/// conditioning embedding (DiffFit trained only that copy) gets it copied into every block, as
+/// diffusers reads each block's own.
+pub fn merge(backbone: &Backbone, vs: &nn::VarStore) {
+    backbone.merge_adapters();
+    if let Backbone::DiT(d) = backbone {
+        if d.shares_conditioning() {
+            let vars = vs.variables();
+            let first = "transformer_blocks.0.norm1.emb.";
+            tch::no_grad(|| {
+                for (name, t) in &vars {
+                    let Some(rest) = name.strip_prefix(first) else {
+                        continue;
+                    };
+                    for i in 1..d.blocks().len() {
+                        let copy = &vars[&format!("transformer_blocks.{i}.norm1.emb.{rest}")];
+                        copy.shallow_clone().copy_(t);
+                    }
+                }
+            });
         }
     }
 }
 
-fn write_unet_folder(
+fn write_merged_folder(
     vs: &nn::VarStore,
     base: &Path,
     out: &Path,
@@ -147,8 +165,8 @@ fn write_unet_folder(
 /// What `pso sample --adapter PATH` found at PATH.
 #[derive(Debug)]
 pub enum AdapterSource {
-    /// A merged UNet folder: load its weights file in place of unet/'s.
-    MergedUnet(PathBuf),
+    /// A merged folder: load its weights file in place of the pipeline's unet/ or transformer/.
+    Merged(PathBuf),
     /// A tensor file to apply to the loaded UNet.
     File(tensor_file::TensorFile),
 }
@@ -161,20 +179,21 @@ pub fn open_adapter(path: &Path) -> Result<AdapterSource, PeftError> {
             return Err(tensors_err(
                 path,
                 "is a folder without diffusion_pytorch_model.safetensors; --adapter takes a \
-                 merged UNet folder, a diffusers LoRA file or a DiffFit file"
+                 merged export folder, a diffusers LoRA file or a DiffFit file"
                     .into(),
             ));
         }
-        return Ok(AdapterSource::MergedUnet(weights));
+        return Ok(AdapterSource::Merged(weights));
     }
     Ok(AdapterSource::File(
         tensor_file::read(path).map_err(file_err)?,
     ))
 }
 
-/// Applies a LoRA (diffusers layout) or DiffFit file to `unet`; returns a one-line description.
+/// Applies a LoRA (diffusers layout) or DiffFit file to `backbone`; returns a one-line
+/// description.
 pub fn apply_file(
-    unet: &UNet2DConditionModel,
+    backbone: &Backbone,
     vs: &nn::VarStore,
     file: tensor_file::TensorFile,
     path: &Path,
@@ -182,20 +201,22 @@ pub fn apply_file(
     let what = path.display().to_string();
     let is_lora = file.tensors.iter().any(|(n, _)| n.ends_with(lora::DOWN));
     if is_lora {
-        let map = lora::from_diffusers(file.tensors, &what)?;
+        let map = lora::from_diffusers(file.tensors, backbone.folder(), &what)?;
         // diffusers files carry no alpha when the scale is folded in (pso's) or equals 1.
-        let layers = lora::attach_tensors(unet, &map, 1.0, &what)?;
+        let layers = lora::attach_tensors(backbone, &map, 1.0, &what)?;
         return Ok(format!("LoRA on {layers} layers"));
     }
     if file.metadata.get(FORMAT_KEY).map(String::as_str) == Some("difffit") {
         let map: HashMap<String, Tensor> = file.tensors.into_iter().collect();
-        let n = difffit::apply_tensors(unet, vs, &map, &what)?;
+        let n = difffit::apply_tensors(backbone, vs, &map, &what)?;
         return Ok(format!("DiffFit, {n} tensors"));
     }
     Err(tensors_err(
         path,
-        "holds neither LoRA entries (`unet.MODULE.lora_A.weight`) nor a DiffFit file \
-         (metadata pso.format = difffit); export one with `pso export`"
-            .into(),
+        format!(
+            "holds neither LoRA entries (`{}.MODULE.lora_A.weight`) nor a DiffFit file \
+             (metadata pso.format = difffit); export one with `pso export`",
+            backbone.folder()
+        ),
     ))
 }

@@ -1,5 +1,5 @@
-//! LoRA (peft's `LoraConfig` semantics) on the linear layers of the UNet's transformer blocks,
-//! and the diffusers file layout `load_lora_weights` reads.
+//! LoRA (peft's `LoraConfig` semantics) on the linear layers of the backbone's transformer
+//! blocks, and the diffusers file layout `load_lora_weights` reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
@@ -9,23 +9,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::PeftError;
 use crate::config::PeftSection;
-use crate::models::linear::{Linear, Lora};
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::linear::Lora;
+use crate::models::backbone::Backbone;
 
 /// Suffix of an adapter's A matrix in trainable-tensor names.
 pub const DOWN: &str = ".lora_A.weight";
 /// Suffix of an adapter's B matrix.
 pub const UP: &str = ".lora_B.weight";
-/// Prefix diffusers gives the UNet's entries in a LoRA file.
-pub const DIFFUSERS_PREFIX: &str = "unet.";
-
-/// Every linear layer LoRA may target, in module order.
-pub fn candidates(unet: &UNet2DConditionModel) -> Vec<&Linear> {
-    unet.transformers()
-        .into_iter()
-        .flat_map(|t| t.linears())
-        .collect()
-}
 
 /// peft's `target_modules` rule: the name equals the pattern or ends with `.PATTERN`.
 pub fn matches(name: &str, pattern: &str) -> bool {
@@ -38,12 +28,12 @@ pub fn matches(name: &str, pattern: &str) -> bool {
 /// Attaches freshly initialised adapters (A from `seed` as `section.init` says, B = 0, fp32) to
 /// the targeted layers; returns the trainable tensors (A and B of each layer, module order).
 pub fn attach_new(
-    unet: &UNet2DConditionModel,
+    backbone: &Backbone,
     section: &PeftSection,
     seed: u64,
     switch: &Arc<AtomicBool>,
 ) -> Result<Vec<(String, Tensor)>, PeftError> {
-    let layers = candidates(unet);
+    let layers = backbone.lora_candidates();
     for pattern in &section.targets {
         if !layers.iter().any(|l| matches(l.name(), pattern)) {
             let examples = layers
@@ -96,7 +86,7 @@ pub fn attach_new(
 /// Attaches adapters read from a file (trainable-tensor names, without the diffusers prefix),
 /// each with `scale`; returns how many layers got one.
 pub fn attach_tensors(
-    unet: &UNet2DConditionModel,
+    backbone: &Backbone,
     tensors: &HashMap<String, Tensor>,
     scale: f64,
     what: &str,
@@ -105,7 +95,7 @@ pub fn attach_tensors(
         what: what.to_owned(),
         why,
     };
-    let layers = candidates(unet);
+    let layers = backbone.lora_candidates();
     let mut pairs: BTreeMap<&str, (Option<&Tensor>, Option<&Tensor>)> = BTreeMap::new();
     for (name, t) in tensors {
         if let Some(module) = name.strip_suffix(DOWN) {
@@ -127,8 +117,8 @@ pub fn attach_tensors(
         };
         let layer = layers.iter().find(|l| l.name() == *module).ok_or_else(|| {
             err(format!(
-                "`{module}` is not a linear layer of this UNet's transformer blocks; the adapter \
-                 was trained for another model"
+                "`{module}` is not a linear layer of this model's transformer blocks; the \
+                 adapter was trained for another model"
             ))
         })?;
         let (fan_in, fan_out) = layer.features();
@@ -150,9 +140,14 @@ pub fn attach_tensors(
     Ok(pairs.len())
 }
 
-/// The adapters as diffusers' `load_lora_weights` reads them: `unet.` + name, with the scale
-/// folded into B so that the file needs no alpha (diffusers then uses scale 1).
-pub fn to_diffusers(tensors: &[(String, Tensor)], scale: f64) -> Vec<(String, Tensor)> {
+/// The adapters as diffusers' `load_lora_weights` reads them: the backbone's component
+/// (`unet`, `transformer`) + `.` + name, with the scale folded into B so that the file needs no
+/// alpha (diffusers then uses scale 1).
+pub fn to_diffusers(
+    tensors: &[(String, Tensor)],
+    scale: f64,
+    component: &str,
+) -> Vec<(String, Tensor)> {
     tensors
         .iter()
         .map(|(name, t)| {
@@ -161,26 +156,30 @@ pub fn to_diffusers(tensors: &[(String, Tensor)], scale: f64) -> Vec<(String, Te
             } else {
                 t.shallow_clone()
             };
-            (format!("{DIFFUSERS_PREFIX}{name}"), t)
+            (format!("{component}.{name}"), t)
         })
         .collect()
 }
 
-/// Trainable-tensor names from a diffusers LoRA file's UNet entries (`unet.` stripped); entries
-/// of other components (text encoders) are refused with a message.
+/// Trainable-tensor names from a diffusers LoRA file's entries for `component` (`unet`,
+/// `transformer`; the prefix stripped); entries of other components (text encoders) are refused
+/// with a message.
 pub fn from_diffusers(
     tensors: Vec<(String, Tensor)>,
+    component: &str,
     what: &str,
 ) -> Result<HashMap<String, Tensor>, PeftError> {
+    let prefix = format!("{component}.");
     tensors
         .into_iter()
-        .map(|(name, t)| match name.strip_prefix(DIFFUSERS_PREFIX) {
+        .map(|(name, t)| match name.strip_prefix(&prefix) {
             Some(rest) => Ok((rest.to_owned(), t)),
             None => Err(PeftError::Tensors {
                 what: what.to_owned(),
                 why: format!(
-                    "entry `{name}` is not a UNet LoRA entry (`unet.MODULE.lora_A.weight`); pso \
-                     loads UNet adapters only"
+                    "entry `{name}` is not a LoRA entry of the model's {component} \
+                     (`{component}.MODULE.lora_A.weight`); pso loads adapters of the denoiser \
+                     only"
                 ),
             }),
         })
@@ -210,13 +209,13 @@ mod tests {
             (format!("m.to_q{DOWN}"), a.shallow_clone()),
             (format!("m.to_q{UP}"), b.shallow_clone()),
         ];
-        let theirs = to_diffusers(&ours, 0.5);
+        let theirs = to_diffusers(&ours, 0.5, "unet");
         assert_eq!(theirs[0].0, "unet.m.to_q.lora_A.weight");
         assert!(theirs[0].1.equal(&a));
         assert_eq!(theirs[1].1.double_value(&[0, 0]), 1.5);
-        let back = from_diffusers(theirs, "f").unwrap();
+        let back = from_diffusers(theirs, "unet", "f").unwrap();
         assert!(back.contains_key("m.to_q.lora_B.weight"));
-        let e = from_diffusers(vec![("text_encoder.x".into(), a)], "f.safetensors")
+        let e = from_diffusers(vec![("text_encoder.x".into(), a)], "unet", "f.safetensors")
             .unwrap_err()
             .to_string();
         assert!(

@@ -1,15 +1,16 @@
-//! Which tensors of the UNet train, and how the frozen reference model of PSO is obtained.
+//! Which tensors of the backbone (UNet or DiT) train, and how the frozen reference model of PSO
+//! is obtained.
 //!
 //! - [`lora`]: adapters on linear layers picked by name; the reference is the same model with
 //!   the adapters switched off (no second copy).
 //! - [`difffit`]: biases, norm affines, conditioning embeddings and per-channel γ on the
 //!   transformer blocks' branches; the reference swaps in the original values (γ = 1), a copy of
 //!   well under 1% of the model.
-//! - `full`: every parameter, against a frozen copy of the whole UNet.
+//! - `full`: every parameter, against a frozen copy of the whole backbone.
 //!
 //! Trainable tensors are named as in the exported files: LoRA `MODULE.lora_A.weight` /
-//! `MODULE.lora_B.weight`, DiffFit and full fine-tuning the UNet's own variable names, γ
-//! `BLOCK.gamma_attn1` / `gamma_attn2` / `gamma_ff`.
+//! `MODULE.lora_B.weight`, DiffFit and full fine-tuning the backbone's own variable names, γ
+//! `BLOCK.gamma_attn1` / `gamma_attn2` (UNet only) / `gamma_ff`.
 
 pub mod difffit;
 pub mod export;
@@ -21,14 +22,14 @@ use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
 
 use crate::config::PeftSection;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::backbone::Backbone;
 
 /// Errors choosing or attaching trainable tensors.
 #[derive(Debug, thiserror::Error)]
 pub enum PeftError {
     /// A LoRA target pattern matched no linear layer.
     #[error(
-        "peft.targets: `{pattern}` matches no linear layer of the UNet's transformer blocks; \
+        "peft.targets: `{pattern}` matches no linear layer of the model's transformer blocks; \
          layers are named like {examples}; fix peft.targets"
     )]
     NoMatch {
@@ -59,11 +60,11 @@ enum Reference {
     AdaptersOff(Arc<AtomicBool>),
     /// Copy these original values into the trainable tensors (same order), then back.
     Originals(Vec<Tensor>),
-    /// A frozen copy of the whole UNet.
-    Frozen(Box<(nn::VarStore, UNet2DConditionModel)>),
+    /// A frozen copy of the whole backbone.
+    Frozen(Box<(nn::VarStore, Backbone)>),
 }
 
-/// The trainable tensors of a UNet and its reference model.
+/// The trainable tensors of a backbone and its reference model.
 pub struct Adapter {
     kind: &'static str,
     params: Vec<(String, Tensor)>,
@@ -80,10 +81,10 @@ impl std::fmt::Debug for Adapter {
 }
 
 impl Adapter {
-    /// Makes the tensors `section` names trainable on `unet` (whose variables live in `vs`);
-    /// LoRA's initial A is drawn from `seed`.
+    /// Makes the tensors `section` names trainable on `backbone` (whose variables live in
+    /// `vs`); LoRA's initial A is drawn from `seed`.
     pub fn new(
-        unet: &UNet2DConditionModel,
+        backbone: &Backbone,
         vs: &nn::VarStore,
         section: &PeftSection,
         seed: u64,
@@ -91,7 +92,7 @@ impl Adapter {
         match section.kind.as_str() {
             "lora" => {
                 let switch = Arc::new(AtomicBool::new(true));
-                let params = lora::attach_new(unet, section, seed, &switch)?;
+                let params = lora::attach_new(backbone, section, seed, &switch)?;
                 Ok(Adapter {
                     kind: "lora",
                     params,
@@ -99,7 +100,7 @@ impl Adapter {
                 })
             }
             "difffit" => {
-                let params = difffit::select(unet, vs, section.gamma_blocks)?;
+                let params = difffit::select(backbone, vs, section.gamma_blocks)?;
                 let originals = tch::no_grad(|| params.iter().map(|(_, t)| t.copy()).collect());
                 Ok(Adapter {
                     kind: "difffit",
@@ -109,7 +110,7 @@ impl Adapter {
             }
             "full" => {
                 let mut frozen_vs = nn::VarStore::new(vs.device());
-                let frozen = UNet2DConditionModel::new(frozen_vs.root(), &unet.config);
+                let frozen = backbone.new_like(frozen_vs.root());
                 frozen_vs.set_kind(vs.kind());
                 frozen_vs.copy(vs)?;
                 frozen_vs.freeze();
@@ -153,11 +154,7 @@ impl Adapter {
     ///
     /// Call it before the policy's forward pass of the same step: swapping values in place
     /// would invalidate a policy graph that is still waiting for its backward pass.
-    pub fn reference<T>(
-        &self,
-        policy: &UNet2DConditionModel,
-        f: impl FnOnce(&UNet2DConditionModel) -> T,
-    ) -> T {
+    pub fn reference<T>(&self, policy: &Backbone, f: impl FnOnce(&Backbone) -> T) -> T {
         let _guard = tch::no_grad_guard();
         match &self.reference {
             Reference::AdaptersOff(switch) => {

@@ -13,12 +13,13 @@ use std::path::Path;
 
 use reward::load::read_json;
 use serde::Deserialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{Generated, ImageCodec, LoadOptions, PipelineError};
-use crate::models::dit::{DiTTransformer2DConfig, DiTTransformer2DModel};
+use super::{Conditioner, Conditioning, Generated, ImageCodec, LoadOptions, Pipeline, PipelineError};
+use crate::models::backbone::{Backbone, Condition};
+use crate::models::dit::DiTTransformer2DModel;
 use crate::sampling::{
-    sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, Timesteps,
+    sample, InitialLatents, NoiseSource, SamplingError, SchedulerConfig, Timesteps,
 };
 
 #[derive(Debug, Deserialize)]
@@ -38,7 +39,7 @@ pub fn is_dit_folder(root: &Path) -> bool {
 /// What to generate: one image per class label.
 #[derive(Debug)]
 pub struct ClassRequest {
-    /// Class ids, one per image (see [`DiTPipeline::class_id`]).
+    /// Class ids, one per image (see [`ClassNames::class_id`]).
     pub class_labels: Vec<i64>,
     /// Steps, or an explicit timestep list.
     pub timesteps: Timesteps,
@@ -52,85 +53,17 @@ pub struct ClassRequest {
     pub record: bool,
 }
 
-/// A loaded `DiTPipeline` folder: `transformer/`, `vae/`, `scheduler/`, and the class names of
-/// `model_index.json`'s `id2label`.
-pub struct DiTPipeline {
-    /// The denoiser.
-    pub transformer: DiTTransformer2DModel,
-    /// The transformer's parameters.
-    pub transformer_vs: nn::VarStore,
-    /// The autoencoder.
-    pub vae: ImageCodec,
-    /// `scheduler/scheduler_config.json`.
-    pub scheduler_config: SchedulerConfig,
+/// A DiT's classes: how many, and the names `model_index.json`'s `id2label` gives them.
+#[derive(Debug)]
+pub struct ClassNames {
     labels: BTreeMap<String, i64>,
-    device: Device,
-    kind: Kind,
+    num_classes: i64,
 }
 
-impl std::fmt::Debug for DiTPipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiTPipeline")
-            .field("transformer", &self.transformer.config)
-            .field("labels", &self.labels.len())
-            .finish()
-    }
-}
-
-impl DiTPipeline {
-    /// Loads a local `DiTPipeline` folder; `opts.unet_override` is refused (a DiT has no UNet).
-    pub fn load(root: &Path, opts: &LoadOptions) -> Result<DiTPipeline, PipelineError> {
-        let index_path = root.join("model_index.json");
-        let index: ModelIndex = read_json(&index_path)?;
-        if index.class_name != "DiTPipeline" {
-            return Err(PipelineError::Folder {
-                path: index_path,
-                why: format!("is a `{}`, not a DiTPipeline", index.class_name),
-            });
-        }
-        if opts.unet_override.is_some() {
-            return Err(PipelineError::Request(
-                "a DiT pipeline has no UNet to replace; drop the UNet override".into(),
-            ));
-        }
-        let variant = opts.variant.as_deref();
-        let (transformer_vs, transformer) = DiTTransformer2DModel::load(
-            &root.join("transformer"),
-            opts.device,
-            opts.kind,
-            variant,
-        )?;
-        let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
-        let scheduler_config =
-            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
-        let mut labels = BTreeMap::new();
-        for (id, names) in &index.id2label {
-            let id: i64 = id.parse().map_err(|_| PipelineError::Folder {
-                path: root.join("model_index.json"),
-                why: format!("id2label key `{id}` is not a class id (an integer)"),
-            })?;
-            // As DiTPipeline: every comma-separated synonym names the class.
-            for name in names.split(',') {
-                labels.insert(name.trim().to_owned(), id);
-            }
-        }
-        Ok(DiTPipeline {
-            transformer,
-            transformer_vs,
-            vae,
-            scheduler_config,
-            labels,
-            device: opts.device,
-            kind: opts.kind,
-        })
-    }
-
+impl ClassNames {
     /// Number of classes (the null class's id).
     pub fn num_classes(&self) -> i64 {
-        self.transformer
-            .config
-            .num_embeds_ada_norm
-            .expect("a loaded DiT is class-conditional")
+        self.num_classes
     }
 
     /// The class names of `id2label`, each with its id.
@@ -141,7 +74,7 @@ impl DiTPipeline {
     /// The class id of `label`: an integer in 0..num_classes, or a name from `id2label`
     /// (DiTPipeline's `get_label_ids`).
     pub fn class_id(&self, label: &str) -> Result<i64, PipelineError> {
-        let n = self.num_classes();
+        let n = self.num_classes;
         if let Ok(id) = label.trim().parse::<i64>() {
             return if (0..n).contains(&id) {
                 Ok(id)
@@ -163,76 +96,92 @@ impl DiTPipeline {
         })
     }
 
-    /// The transformer's training-size latent side.
-    pub fn default_latent_size(&self) -> i64 {
-        self.transformer.config.sample_size
-    }
-
-    /// A scheduler for `timesteps` from the pipeline's scheduler config.
-    pub fn scheduler(&self, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
-        Scheduler::new(self.scheduler_config.clone(), timesteps)
-    }
-
     /// The model's class labels for `class_labels` [B]: followed by B null classes when guided.
-    pub fn model_labels(&self, class_labels: &[i64], guided: bool) -> Tensor {
-        let null = guided.then(|| vec![self.num_classes(); class_labels.len()]);
+    pub fn model_labels(&self, class_labels: &[i64], guided: bool, device: Device) -> Tensor {
+        let null = guided.then(|| vec![self.num_classes; class_labels.len()]);
         let all: Vec<i64> = class_labels
             .iter()
             .chain(null.iter().flatten())
             .copied()
             .collect();
-        Tensor::from_slice(&all).to_device(self.device)
+        Tensor::from_slice(&all).to_device(device)
     }
+}
 
-    /// The model output the scheduler steps with, for latents `x` [B, …] and the
-    /// [`DiTPipeline::model_labels`] of their classes: guided ε, followed by the class half's
-    /// variance channels when `keep_variance` (a learned-variance DDPM) and the model has them.
-    pub fn predict(
-        &self,
-        model_labels: &Tensor,
-        guidance: Option<f64>,
-        x: &Tensor,
-        t: f64,
-        keep_variance: bool,
-    ) -> Tensor {
-        let b = x.size()[0];
-        let input = match guidance {
-            Some(_) => Tensor::cat(&[x, x], 0),
-            None => x.shallow_clone(),
-        };
-        let timestep = Tensor::from(t as f32).to_device(self.device);
-        let out = self
-            .transformer
-            .forward(&input.to_kind(self.kind), &timestep, model_labels);
-        let c = self.transformer.config.in_channels;
-        let eps = out.narrow(1, 0, c);
-        let variance = out.narrow(1, c, out.size()[1] - c);
-        let (eps, variance) = match guidance {
-            Some(g) => {
-                let (cond, null) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
-                (&null + (&cond - &null) * g, variance.narrow(0, 0, b))
-            }
-            None => (eps, variance),
-        };
-        if keep_variance && variance.size()[1] > 0 {
-            Tensor::cat(&[eps, variance], 1)
-        } else {
-            eps
+/// Loads a local `DiTPipeline` folder (`transformer/`, `vae/`, `scheduler/`, `id2label`).
+pub(super) fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
+    let index_path = root.join("model_index.json");
+    let index: ModelIndex = read_json(&index_path)?;
+    let variant = opts.variant.as_deref();
+    let (transformer_vs, backbone) = super::load_backbone(root, opts)?;
+    let Backbone::DiT(transformer) = backbone else {
+        unreachable!("a DiTPipeline folder loads a DiT")
+    };
+    let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
+    let scheduler_config =
+        SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+    let mut labels = BTreeMap::new();
+    for (id, names) in &index.id2label {
+        let id: i64 = id.parse().map_err(|_| PipelineError::Folder {
+            path: index_path.clone(),
+            why: format!("id2label key `{id}` is not a class id (an integer)"),
+        })?;
+        // As DiTPipeline: every comma-separated synonym names the class.
+        for name in names.split(',') {
+            labels.insert(name.trim().to_owned(), id);
+        }
+    }
+    let num_classes = transformer
+        .config
+        .num_embeds_ada_norm
+        .expect("a loaded DiT is class-conditional");
+    Ok(Pipeline {
+        backbone: Backbone::DiT(transformer),
+        backbone_vs: transformer_vs,
+        vae,
+        scheduler_config,
+        conditioner: Conditioner::Classes(ClassNames {
+            labels,
+            num_classes,
+        }),
+        device: opts.device,
+        kind: opts.kind,
+    })
+}
+
+impl Pipeline {
+    /// The classes of a DiT pipeline; an error naming the fix for a text-to-image one.
+    pub fn classes(&self) -> Result<&ClassNames, PipelineError> {
+        match &self.conditioner {
+            Conditioner::Classes(names) => Ok(names),
+            Conditioner::Text { .. } => Err(PipelineError::Request(
+                "this is a text-to-image pipeline: give prompts, not class labels".into(),
+            )),
         }
     }
 
-    /// Generates one image per requested class.
-    pub fn generate(
+    fn dit(&self) -> Result<&DiTTransformer2DModel, PipelineError> {
+        match &self.backbone {
+            Backbone::DiT(d) => Ok(d),
+            Backbone::UNet(_) => Err(PipelineError::Request(
+                "this is a text-to-image pipeline: give prompts, not class labels".into(),
+            )),
+        }
+    }
+
+    /// Generates one image per requested class, batched, as DiTPipeline does.
+    pub fn generate_classes(
         &self,
         req: ClassRequest,
         noise: &mut dyn NoiseSource,
     ) -> Result<Generated, PipelineError> {
+        let (names, config) = (self.classes()?, &self.dit()?.config);
         if req.class_labels.is_empty() {
             return Err(PipelineError::Request(
                 "no class labels given; ask for at least one image".into(),
             ));
         }
-        let n = self.num_classes();
+        let n = names.num_classes();
         if let Some(bad) = req.class_labels.iter().find(|&&c| !(0..n).contains(&c)) {
             return Err(PipelineError::Request(format!(
                 "class {bad} is out of range 0..{n}"
@@ -240,8 +189,7 @@ impl DiTPipeline {
         }
         let scheduler = self.scheduler(req.timesteps)?;
         let learned = scheduler.learns_variance();
-        let config: &DiTTransformer2DConfig = &self.transformer.config;
-        if learned && config.out_channels() != 2 * config.in_channels {
+        if learned && !self.backbone.learns_variance() {
             return Err(PipelineError::Request(format!(
                 "the scheduler's variance_type is learned_range but the transformer predicts no \
                  variance (out_channels {} = in_channels); use variance_type fixed_small",
@@ -270,8 +218,23 @@ impl DiTPipeline {
         .to_device(self.device)
         .to_kind(Kind::Float);
         let guidance = (req.guidance > 1.0).then_some(req.guidance);
-        let labels = self.model_labels(&req.class_labels, guidance.is_some());
-        let mut denoiser = |x: &Tensor, t: f64| self.predict(&labels, guidance, x, t, learned);
+        let cond = Conditioning {
+            inputs: Condition::Classes(names.model_labels(
+                &req.class_labels,
+                guidance.is_some(),
+                self.device,
+            )),
+            cfg: guidance,
+        };
+        let c = config.in_channels;
+        let mut denoiser = |x: &Tensor, t: f64| {
+            let out = self.predict(&cond, x, t);
+            if learned {
+                out
+            } else {
+                out.narrow(1, 0, c)
+            }
+        };
         let mut first_rows;
         let noise: &mut dyn NoiseSource = match guidance {
             Some(_) => {

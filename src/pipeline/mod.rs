@@ -1,8 +1,9 @@
 //! Text-to-image pipelines as diffusers' `StableDiffusionPipeline` and
 //! `StableDiffusionXLPipeline` run them: a diffusers folder loaded into the models of
 //! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
-//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. [`dit`] is
-//! diffusers' class-conditional `DiTPipeline`.
+//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. The same
+//! [`Pipeline`] loads diffusers' class-conditional `DiTPipeline` ([`dit`]): its "prompts" are class
+//! ids or names, and everything downstream drives either through [`Backbone`].
 
 pub mod dit;
 pub mod hub;
@@ -15,6 +16,8 @@ use reward::RewardError;
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::models::backbone::{Backbone, Condition};
+use crate::models::dit::DiTTransformer2DModel;
 use crate::models::unet::{AddedCond, PerBlock, UNet2DConditionModel};
 use crate::models::vae::AutoencoderKL;
 use crate::sampling::{
@@ -57,8 +60,9 @@ pub struct LoadOptions {
     pub kind: Kind,
     /// Weight-file variant (e.g. `fp16`).
     pub variant: Option<String>,
-    /// A safetensors file replacing the UNet's weights (e.g. DMD2's UNet in an SDXL folder).
-    pub unet_override: Option<PathBuf>,
+    /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
+    /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
+    pub backbone_weights: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,30 +73,49 @@ struct ModelIndex {
     force_zeros_for_empty_prompt: bool,
 }
 
-/// A loaded text-to-image pipeline.
+/// How prompts become conditioning.
+enum Conditioner {
+    /// Tokenizers and text encoders (SD, SDXL).
+    Text {
+        encoders: TextEncoders,
+        force_zeros_for_empty_prompt: bool,
+    },
+    /// Class ids and `id2label` names (DiT).
+    Classes(dit::ClassNames),
+}
+
+/// A loaded pipeline: text-to-image (SD, SDXL) or class-conditional (DiT).
 pub struct Pipeline {
     /// The denoiser.
-    pub unet: UNet2DConditionModel,
-    /// The UNet's parameters (what PEFT adapts).
-    pub unet_vs: nn::VarStore,
+    pub backbone: Backbone,
+    /// The denoiser's parameters (what PEFT adapts).
+    pub backbone_vs: nn::VarStore,
     /// The autoencoder.
     pub vae: ImageCodec,
-    /// Tokenizers and text encoders.
-    pub text: TextEncoders,
     /// `scheduler/scheduler_config.json`.
     pub scheduler_config: SchedulerConfig,
-    force_zeros_for_empty_prompt: bool,
+    conditioner: Conditioner,
     device: Device,
     kind: Kind,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("backbone", &self.backbone.folder())
+            .field("device", &self.device)
+            .field("kind", &self.kind)
+            .finish()
+    }
 }
 
 /// Per-request conditioning, computed once and reused at every step.
 #[derive(Debug)]
 pub struct Conditioning {
-    /// Text embeddings, negative half first when guided.
-    embeds: Tensor,
-    added: Option<AddedCond>,
-    timestep_cond: Option<Tensor>,
+    /// The backbone's inputs; with guidance the unconditional half is part of them (the
+    /// negative prompt first for a UNet, the null class second for DiT, as diffusers orders
+    /// them).
+    inputs: Condition,
     /// The guidance scale, when classifier-free guidance runs.
     cfg: Option<f64>,
 }
@@ -108,39 +131,77 @@ impl Conditioning {
                     .into(),
             ));
         }
-        let cat = |f: &dyn Fn(&Conditioning) -> Option<&Tensor>| {
-            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| f(c)).collect();
-            all.map(|v| Tensor::cat(&v, 0))
-        };
-        Ok(Conditioning {
-            embeds: cat(&|c| Some(&c.embeds)).expect("every part has embeddings"),
-            added: cat(&|c| c.added.as_ref().map(|a| &a.text_embeds)).map(|text_embeds| {
-                AddedCond {
-                    text_embeds,
-                    time_ids: cat(&|c| c.added.as_ref().map(|a| &a.time_ids))
-                        .expect("added conditioning has time ids"),
+        let inputs = match &parts[0].inputs {
+            Condition::Classes(_) => {
+                let labels: Vec<&Tensor> = parts
+                    .iter()
+                    .filter_map(|c| match &c.inputs {
+                        Condition::Classes(l) => Some(l),
+                        Condition::Text { .. } => None,
+                    })
+                    .collect();
+                Condition::Classes(Tensor::cat(&labels, 0))
+            }
+            Condition::Text { .. } => {
+                let text: Vec<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> = parts
+                    .iter()
+                    .filter_map(|c| match &c.inputs {
+                        Condition::Text {
+                            embeds,
+                            added,
+                            timestep_cond,
+                        } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
+                        Condition::Classes(_) => None,
+                    })
+                    .collect();
+                let all = |v: Vec<Option<&Tensor>>| {
+                    v.into_iter()
+                        .collect::<Option<Vec<&Tensor>>>()
+                        .map(|v| Tensor::cat(&v, 0))
+                };
+                let embeds: Vec<&Tensor> = text.iter().map(|t| t.0).collect();
+                let added = all(text.iter().map(|t| t.1.map(|a| &a.text_embeds)).collect())
+                    .map(|text_embeds| AddedCond {
+                        text_embeds,
+                        time_ids: all(text.iter().map(|t| t.1.map(|a| &a.time_ids)).collect())
+                            .expect("added conditioning has time ids"),
+                    });
+                Condition::Text {
+                    embeds: Tensor::cat(&embeds, 0),
+                    added,
+                    timestep_cond: all(text.iter().map(|t| t.2).collect()),
                 }
-            }),
-            timestep_cond: cat(&|c| c.timestep_cond.as_ref()),
-            cfg: None,
-        })
+            }
+        };
+        if inputs.rows() != parts.iter().map(|c| c.inputs.rows()).sum::<i64>() {
+            return Err(PipelineError::Request(
+                "batched conditioning mixes text and class conditioning".into(),
+            ));
+        }
+        Ok(Conditioning { inputs, cfg: None })
     }
 
-    /// The tensors as diffusers' UNet arguments name them: `encoder_hidden_states`, and for
-    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM).
+    /// The tensors as diffusers' models name their arguments: `encoder_hidden_states`, and for
+    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "encoder_hidden_states".to_string(),
-            self.embeds.shallow_clone(),
-        )];
-        if let Some(a) = &self.added {
-            out.push(("text_embeds".into(), a.text_embeds.shallow_clone()));
-            out.push(("time_ids".into(), a.time_ids.shallow_clone()));
+        match &self.inputs {
+            Condition::Classes(labels) => vec![("class_labels".into(), labels.shallow_clone())],
+            Condition::Text {
+                embeds,
+                added,
+                timestep_cond,
+            } => {
+                let mut out = vec![("encoder_hidden_states".to_string(), embeds.shallow_clone())];
+                if let Some(a) = added {
+                    out.push(("text_embeds".into(), a.text_embeds.shallow_clone()));
+                    out.push(("time_ids".into(), a.time_ids.shallow_clone()));
+                }
+                if let Some(c) = timestep_cond {
+                    out.push(("timestep_cond".into(), c.shallow_clone()));
+                }
+                out
+            }
         }
-        if let Some(c) = &self.timestep_cond {
-            out.push(("timestep_cond".into(), c.shallow_clone()));
-        }
-        out
     }
 
     /// The same conditioning repeated `times` along the batch (rows in order 0..n, 0..n, …).
@@ -150,13 +211,23 @@ impl Conditioning {
             reps[0] = times;
             t.repeat(reps.as_slice())
         };
+        let inputs = match &self.inputs {
+            Condition::Classes(labels) => Condition::Classes(rep(labels)),
+            Condition::Text {
+                embeds,
+                added,
+                timestep_cond,
+            } => Condition::Text {
+                embeds: rep(embeds),
+                added: added.as_ref().map(|a| AddedCond {
+                    text_embeds: rep(&a.text_embeds),
+                    time_ids: rep(&a.time_ids),
+                }),
+                timestep_cond: timestep_cond.as_ref().map(rep),
+            },
+        };
         Conditioning {
-            embeds: rep(&self.embeds),
-            added: self.added.as_ref().map(|a| AddedCond {
-                text_embeds: rep(&a.text_embeds),
-                time_ids: rep(&a.time_ids),
-            }),
-            timestep_cond: self.timestep_cond.as_ref().map(rep),
+            inputs,
             cfg: self.cfg,
         }
     }
@@ -272,6 +343,38 @@ pub struct Generated {
     pub trajectory: Option<Trajectory>,
 }
 
+/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiTPipeline, else
+/// `unet/`, with `opts.backbone_weights` in place of the folder's weights when given.
+pub fn load_backbone(
+    root: &Path,
+    opts: &LoadOptions,
+) -> Result<(nn::VarStore, Backbone), PipelineError> {
+    let variant = opts.variant.as_deref();
+    let files = opts.backbone_weights.as_ref().map(std::slice::from_ref);
+    if dit::is_dit_folder(root) {
+        let dir = root.join("transformer");
+        let config = reward::load::read_config(&dir)?;
+        let (vs, model) = match files {
+            None => DiTTransformer2DModel::load_with_config(
+                &dir, &config, opts.device, opts.kind, variant,
+            )?,
+            Some(files) => {
+                DiTTransformer2DModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
+            }
+        };
+        return Ok((vs, Backbone::DiT(model)));
+    }
+    let dir = root.join("unet");
+    let (vs, model) = match files {
+        None => UNet2DConditionModel::load(&dir, opts.device, opts.kind, variant)?,
+        Some(files) => {
+            let config = reward::load::read_config(&dir)?;
+            UNet2DConditionModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
+        }
+    };
+    Ok((vs, Backbone::UNet(model)))
+}
+
 /// LCM's `get_guidance_scale_embedding` of `w` ([N]) into `dim` channels.
 fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
@@ -287,8 +390,9 @@ fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
 }
 
 impl Pipeline {
-    /// Loads a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/, and for SDXL text_encoder_2/, tokenizer_2/).
+    /// Loads a local diffusers folder: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+    /// (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL
+    /// text_encoder_2/, tokenizer_2/), or a `DiTPipeline` (transformer/, vae/, scheduler/).
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
         if !root.is_dir() {
             return Err(PipelineError::Folder {
@@ -301,34 +405,27 @@ impl Pipeline {
         let dual = match index.class_name.as_str() {
             "StableDiffusionPipeline" => false,
             "StableDiffusionXLPipeline" => true,
+            "DiTPipeline" => return dit::load(root, opts),
             other => {
                 return Err(PipelineError::Folder {
                     path: root.join("model_index.json"),
                     why: format!(
-                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline or \
-                         StableDiffusionXLPipeline folder"
+                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline, \
+                         StableDiffusionXLPipeline or DiTPipeline folder"
                     ),
                 })
             }
         };
         let variant = opts.variant.as_deref();
-        let (unet_vs, unet) = match &opts.unet_override {
-            None => {
-                UNet2DConditionModel::load(&root.join("unet"), opts.device, opts.kind, variant)?
-            }
-            Some(file) => {
-                let config = reward::load::read_config(&root.join("unet"))?;
-                UNet2DConditionModel::load_with_weights(
-                    &root.join("unet"),
-                    &config,
-                    std::slice::from_ref(file),
-                    opts.device,
-                    opts.kind,
-                )?
-            }
+        let (unet_vs, backbone) = load_backbone(root, opts)?;
+        let Backbone::UNet(unet) = &backbone else {
+            return Err(PipelineError::Folder {
+                path: root.join("model_index.json"),
+                why: "a text-to-image pipeline needs a unet/ folder".into(),
+            });
         };
         let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
-        let text = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
+        let encoders = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
         let scheduler_config =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         if unet.needs_added_cond() != dual {
@@ -338,12 +435,14 @@ impl Pipeline {
             });
         }
         Ok(Pipeline {
-            unet,
-            unet_vs,
+            backbone,
+            backbone_vs: unet_vs,
             vae,
-            text,
             scheduler_config,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            conditioner: Conditioner::Text {
+                encoders,
+                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            },
             device: opts.device,
             kind: opts.kind,
         })
@@ -354,13 +453,16 @@ impl Pipeline {
         self.vae.scale_factor()
     }
 
-    /// The image size the UNet was trained at (height, width).
+    /// The image size the backbone was trained at (height, width).
     pub fn default_size(&self) -> (i64, i64) {
         let f = self.vae_scale_factor();
-        match &self.unet.config.sample_size {
-            Some(PerBlock::Many(hw)) if hw.len() == 2 => (hw[0] * f, hw[1] * f),
-            Some(PerBlock::One(s)) => (s * f, s * f),
-            _ => (64 * f, 64 * f),
+        match &self.backbone {
+            Backbone::DiT(d) => (d.config.sample_size * f, d.config.sample_size * f),
+            Backbone::UNet(u) => match &u.config.sample_size {
+                Some(PerBlock::Many(hw)) if hw.len() == 2 => (hw[0] * f, hw[1] * f),
+                Some(PerBlock::One(s)) => (s * f, s * f),
+                _ => (64 * f, 64 * f),
+            },
         }
     }
 
@@ -369,8 +471,14 @@ impl Pipeline {
         Scheduler::new(self.scheduler_config.clone(), timesteps)
     }
 
+    /// Whether prompts are class ids or names (a DiT pipeline).
+    pub fn is_class_conditional(&self) -> bool {
+        matches!(self.conditioner, Conditioner::Classes(_))
+    }
+
     /// Encodes `prompt` for `num_images` images, with guidance when `guidance > 1` (and the UNet
-    /// has no LCM guidance embedding, which takes the scale instead).
+    /// has no LCM guidance embedding, which takes the scale instead). For a DiT pipeline the
+    /// prompt is a class id or `id2label` name, and there is no negative prompt.
     pub fn condition(
         &self,
         prompt: &str,
@@ -381,9 +489,42 @@ impl Pipeline {
         num_images: i64,
     ) -> Result<Conditioning, PipelineError> {
         let _no_grad = tch::no_grad_guard();
-        let lcm_dim = self.unet.config.time_cond_proj_dim;
+        let (encoders, force_zeros_for_empty_prompt, unet) =
+            match (&self.conditioner, &self.backbone) {
+                (
+                    Conditioner::Text {
+                        encoders,
+                        force_zeros_for_empty_prompt,
+                    },
+                    Backbone::UNet(unet),
+                ) => (encoders, *force_zeros_for_empty_prompt, unet),
+                (Conditioner::Classes(names), _) => {
+                    if negative_prompt.is_some() {
+                        return Err(PipelineError::Request(
+                            "a class-conditional DiT has no negative prompt; guidance is \
+                             against the null class"
+                                .into(),
+                        ));
+                    }
+                    let id = names.class_id(prompt)?;
+                    let ids = vec![id; num_images as usize];
+                    let cfg = (guidance > 1.0).then_some(guidance);
+                    return Ok(Conditioning {
+                        inputs: Condition::Classes(names.model_labels(
+                            &ids,
+                            cfg.is_some(),
+                            self.device,
+                        )),
+                        cfg,
+                    });
+                }
+                (Conditioner::Text { .. }, Backbone::DiT(_)) => {
+                    unreachable!("text pipelines load a UNet")
+                }
+            };
+        let lcm_dim = unet.config.time_cond_proj_dim;
         let cfg = (guidance > 1.0 && lcm_dim.is_none()).then_some(guidance);
-        let positive = self.text.encode(&[prompt], self.device)?;
+        let positive = encoders.encode(&[prompt], self.device)?;
         let repeat = |t: &Tensor| {
             let mut reps = vec![1i64; t.dim()];
             reps[0] = num_images;
@@ -392,16 +533,14 @@ impl Pipeline {
         let mut embeds = repeat(&positive.embeds);
         let mut pooled = positive.pooled.as_ref().map(repeat);
         if cfg.is_some() {
-            let zero = negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
+            let zero = negative_prompt.is_none() && force_zeros_for_empty_prompt;
             let (neg_embeds, neg_pooled) = if zero {
                 (
                     positive.embeds.zeros_like(),
                     positive.pooled.as_ref().map(Tensor::zeros_like),
                 )
             } else {
-                let n = self
-                    .text
-                    .encode(&[negative_prompt.unwrap_or("")], self.device)?;
+                let n = encoders.encode(&[negative_prompt.unwrap_or("")], self.device)?;
                 (n.embeds, n.pooled)
             };
             embeds = Tensor::cat(&[repeat(&neg_embeds), embeds], 0);
@@ -427,9 +566,11 @@ impl Pipeline {
             guidance_embedding(&w, dim).to_kind(self.kind)
         });
         Ok(Conditioning {
-            embeds: embeds.to_kind(self.kind),
-            added,
-            timestep_cond,
+            inputs: Condition::Text {
+                embeds: embeds.to_kind(self.kind),
+                added,
+                timestep_cond,
+            },
             cfg,
         })
     }
@@ -439,7 +580,9 @@ impl Pipeline {
         self.device
     }
 
-    /// The (guided) model output for scaled latents `model_input` at timestep `t`.
+    /// The (guided) model output for scaled latents `model_input` at timestep `t`: the noise
+    /// prediction, followed for a learned-variance DiT by the conditional half's variance
+    /// channels.
     pub fn predict(&self, cond: &Conditioning, model_input: &Tensor, t: f64) -> Tensor {
         let input = match cond.cfg {
             Some(_) => Tensor::cat(&[model_input, model_input], 0),
@@ -447,42 +590,56 @@ impl Pipeline {
         }
         .to_kind(self.kind);
         let timestep = Tensor::from(t as f32).to_device(self.device);
-        let out = self.unet.forward(
-            &input,
-            &timestep,
-            &cond.embeds,
-            cond.added.as_ref(),
-            cond.timestep_cond.as_ref(),
-        );
-        match cond.cfg {
-            Some(g) => {
-                let parts = out.chunk(2, 0);
-                &parts[0] + (&parts[1] - &parts[0]) * g
+        let out = self.backbone.forward(&input, &timestep, &cond.inputs);
+        let Some(g) = cond.cfg else {
+            return out;
+        };
+        let b = model_input.size()[0];
+        let c = self.backbone.in_channels();
+        let eps = out.narrow(1, 0, c);
+        match &self.backbone {
+            Backbone::UNet(_) => {
+                let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                &uncond + (&text - &uncond) * g
             }
-            None => out,
+            // DiTPipeline guides the ε channels only and keeps the class half's variance.
+            Backbone::DiT(_) => {
+                let (class, null) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                let guided = &null + (&class - &null) * g;
+                let variance = out.narrow(1, c, out.size()[1] - c).narrow(0, 0, b);
+                Tensor::cat(&[guided, variance], 1)
+            }
         }
     }
 
-    /// The unguided output of `unet` (the pipeline's, its frozen copy, …) for scaled latents `x`
-    /// [B, C, h, w] at one timestep per sample (`timesteps` [B]), as training needs it.
+    /// The unguided noise prediction of `backbone` (the pipeline's, its frozen copy, …) for
+    /// scaled latents `x` [B, C, h, w] at one timestep per sample (`timesteps` [B]), as
+    /// training needs it. A learned-variance DiT's variance channels are dropped (see
+    /// [`Pipeline::predict_batch_with_variance`]).
     pub fn predict_batch(
         &self,
-        unet: &UNet2DConditionModel,
+        backbone: &Backbone,
         cond: &Conditioning,
         x: &Tensor,
         timesteps: &Tensor,
     ) -> Tensor {
-        unet.forward(
-            &x.to_kind(self.kind),
-            timesteps,
-            &cond.embeds,
-            cond.added.as_ref(),
-            cond.timestep_cond.as_ref(),
-        )
+        self.predict_batch_with_variance(backbone, cond, x, timesteps)
+            .narrow(1, 0, backbone.in_channels())
     }
 
-    /// Encodes [N, H, W, 3] uint8 images to the UNet's latent space (the posterior mean, scaled
-    /// as the pipelines scale), fp32.
+    /// [`Pipeline::predict_batch`] with the whole output, variance channels included.
+    pub fn predict_batch_with_variance(
+        &self,
+        backbone: &Backbone,
+        cond: &Conditioning,
+        x: &Tensor,
+        timesteps: &Tensor,
+    ) -> Tensor {
+        backbone.forward(&x.to_kind(self.kind), timesteps, &cond.inputs)
+    }
+
+    /// Encodes [N, H, W, 3] uint8 images to the backbone's latent space (the posterior mean,
+    /// scaled as the pipelines scale), fp32.
     pub fn encode(&self, images: &Tensor) -> Tensor {
         self.vae.encode(images)
     }
@@ -493,7 +650,7 @@ impl Pipeline {
         self.vae.decode(latents)
     }
 
-    /// Generates images for one prompt.
+    /// Generates images for one prompt (for a DiT pipeline: one class id or name).
     pub fn generate(
         &self,
         req: GenerateRequest,
@@ -506,9 +663,34 @@ impl Pipeline {
                 req.height, req.width
             )));
         }
+        if let Conditioner::Classes(names) = &self.conditioner {
+            if req.negative_prompt.is_some() {
+                return Err(PipelineError::Request(
+                    "a class-conditional DiT has no negative prompt".into(),
+                ));
+            }
+            if req.height != req.width {
+                return Err(PipelineError::Request(format!(
+                    "DiT images are square; got {}x{}",
+                    req.height, req.width
+                )));
+            }
+            let id = names.class_id(req.prompt)?;
+            return self.generate_classes(
+                dit::ClassRequest {
+                    class_labels: vec![id; req.num_images.max(0) as usize],
+                    timesteps: req.timesteps,
+                    guidance: req.guidance,
+                    latent_size: Some(req.height / f),
+                    init_latents: req.init_latents,
+                    record: req.record,
+                },
+                noise,
+            );
+        }
         let shape = vec![
             req.num_images,
-            self.unet.config.in_channels,
+            self.backbone.in_channels(),
             req.height / f,
             req.width / f,
         ];

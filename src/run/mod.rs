@@ -100,7 +100,7 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             device,
             kind: config.model.dtype.kind(),
             variant: None,
-            unet_override: config.model.unet.clone(),
+            backbone_weights: config.model.unet.clone(),
         },
     )?;
     pipeline.scheduler_config.kind = SchedulerKind::from_name(&config.sampler.name)?;

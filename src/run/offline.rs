@@ -85,8 +85,8 @@ impl Trainer {
             ));
         }
         let adapter = Adapter::new(
-            &pipeline.unet,
-            &pipeline.unet_vs,
+            &pipeline.backbone,
+            &pipeline.backbone_vs,
             &config.peft,
             config.run.seed,
         )?;
@@ -108,7 +108,7 @@ impl Trainer {
     fn latent(&self, record: &PairRecord, side: usize) -> Result<Tensor, RunError> {
         let f = self.pipeline.vae_scale_factor();
         let want = [
-            self.pipeline.unet.config.in_channels,
+            self.pipeline.backbone.in_channels(),
             self.height as i64 / f,
             self.width as i64 / f,
         ];
@@ -212,7 +212,7 @@ impl Trainer {
                 let t = Tensor::from_slice(&t).to_device(x0.device());
                 let pred = self
                     .pipeline
-                    .predict_batch(&self.pipeline.unet, &batch.cond, &x, &t);
+                    .predict_batch(&self.pipeline.backbone, &batch.cond, &x, &t);
                 return Ok(sft_loss(&pred, &target)?);
             }
             Objective::PsoDb(db) => {
@@ -220,7 +220,7 @@ impl Trainer {
                 let n = self.noised(batch, &noise, &ts)?;
                 let policy = self
                     .pipeline
-                    .predict_batch(&self.pipeline.unet, &n.cond, &n.x, &n.t);
+                    .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
                 let (train, reference) = halves(&policy);
                 let p = &n.pair;
                 return Ok(db.loss(&train, &reference, &p.target_winner, &p.target_loser)?);
@@ -230,12 +230,12 @@ impl Trainer {
         let ts = dpo.timesteps.draw(&mut rng, pairs);
         let n = self.noised(batch, &noise, &ts)?;
         let p = &n.pair;
-        let reference = self.adapter.reference(&self.pipeline.unet, |unet| {
-            self.pipeline.predict_batch(unet, &n.cond, &n.x, &n.t)
+        let reference = self.adapter.reference(&self.pipeline.backbone, |reference| {
+            self.pipeline.predict_batch(reference, &n.cond, &n.x, &n.t)
         });
         let policy = self
             .pipeline
-            .predict_batch(&self.pipeline.unet, &n.cond, &n.x, &n.t);
+            .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
         let (pw, pl) = halves(&policy);
         let (rw, rl) = halves(&reference);
         Ok(dpo.loss(

@@ -132,8 +132,8 @@ fn actor_settings(config: &RunConfig) -> ActorSettings {
 /// Attaches `config.peft` to the pipeline's UNet: learner and actor copies start equal.
 fn attach(pipeline: &Pipeline, config: &RunConfig) -> Result<Adapter, RunError> {
     Ok(Adapter::new(
-        &pipeline.unet,
-        &pipeline.unet_vs,
+        &pipeline.backbone,
+        &pipeline.backbone_vs,
         &config.peft,
         config.run.seed,
     )?)
@@ -261,11 +261,11 @@ impl OnlineTrainer {
         let times = Tensor::from_slice(&times).to_device(x.device());
         let conds: Vec<&Conditioning> = pairs.iter().map(|p| &p.cond).collect();
         let cond = Conditioning::cat(&conds)?.repeat(2);
-        let unet = &self.pipeline.unet;
-        let reference = self.adapter.reference(unet, |u| {
-            self.pipeline.predict_batch(u, &cond, &inputs, &times)
+        let backbone = &self.pipeline.backbone;
+        let reference = self.adapter.reference(backbone, |b| {
+            self.pipeline.predict_batch(b, &cond, &inputs, &times)
         });
-        let policy = self.pipeline.predict_batch(unet, &cond, &inputs, &times);
+        let policy = self.pipeline.predict_batch(backbone, &cond, &inputs, &times);
         let kernels = |out: &Tensor| -> Result<(Tensor, Vec<f64>), RunError> {
             let out = out.to_kind(Kind::Float);
             let mut means = Vec::with_capacity(row_steps.len());
@@ -339,7 +339,7 @@ impl OnlineTrainer {
         let cond = Conditioning::cat(&conds)?;
         let pred = self
             .pipeline
-            .predict_batch(&self.pipeline.unet, &cond, &x, &t);
+            .predict_batch(&self.pipeline.backbone, &cond, &x, &t);
         Ok(sft_loss(&pred, &target)?)
     }
 }

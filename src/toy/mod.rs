@@ -528,7 +528,7 @@ pub fn build(
                 device,
                 kind: Kind::Float,
                 variant: None,
-                unet_override: None,
+                backbone_weights: None,
             },
         )
     };
