@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use pso::models::dit::{
-    sincos_pos_embed_2d, DiTTransformer2DConfig, DiTTransformer2DModel,
-};
+use pso::models::dit::{sincos_pos_embed_2d, DiTTransformer2DConfig, DiTTransformer2DModel};
 use pso::models::load::read_config;
 use pso::models::transformer::{BranchScales, ScaledBlock};
 use pso::pipeline::dit::ClassRequest;

@@ -388,3 +388,112 @@ fn training_images_against_fresh_samples_train_pso_db() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--train-images"), "{e}");
 }
+
+/// Offline PSO on a class-conditional DiT: the pairs' prompts are class names or ids, and the
+/// DiffFit export (a file of a few tensors, or a merged transformer folder) samples again.
+#[test]
+fn dit_offline_pso_on_class_prompts_exports_what_pso_sample_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = ["kitty", "dog", "0"];
+    let labelled: Vec<PairRecord> = records(1..8)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.prompt = classes[i % 3].to_owned();
+            r.negative_prompt = None;
+            r
+        })
+        .collect();
+    let pairs = store(dir.path(), labelled);
+    let model = models().join("dit");
+    let model_set = format!("model.id={}", s(&model));
+    let sets = [
+        model_set.as_str(),
+        "sampler.name=ddim",
+        "learner.max_steps=2",
+    ];
+    let cfg = config(dir.path(), "difffit", &sets);
+    let run = dir.path().join("run");
+    ok(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--pairs",
+        s(&pairs),
+        "--out",
+        s(&run),
+        "--set",
+        "optim.lr=0.05",
+    ]);
+    let file = dir.path().join("dit.safetensors");
+    let merged = dir.path().join("dit-merged");
+    for (format, out) in [("difffit", &file), ("merged", &merged)] {
+        ok(&[
+            "export",
+            "--run",
+            s(&run),
+            "--format",
+            format,
+            "--out",
+            s(out),
+        ]);
+    }
+    // The file holds the few DiffFit tensors, far below the model's size.
+    let exported = std::fs::metadata(&file).unwrap().len();
+    let full = std::fs::metadata(model.join("transformer/diffusion_pytorch_model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(exported * 4 < full, "{exported} bytes vs {full}");
+
+    let sample = |out: &Path, adapter: Option<&Path>| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            s(&model),
+            "--class-label",
+            "dog",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        ok(&args);
+        image::open(out.join("000000.png")).unwrap().to_rgb8()
+    };
+    let max_diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap()
+    };
+    let base = sample(&dir.path().join("base"), None);
+    let from_file = sample(&dir.path().join("file"), Some(&file));
+    let from_merged = sample(&dir.path().join("merged-out"), Some(&merged));
+    assert!(max_diff(&from_file, &from_merged) <= 1, "file vs merged");
+    assert!(max_diff(&from_file, &base) > 1, "training changed nothing");
+
+    // A prompt that names no class is refused with the names the model knows.
+    let pairs = store(&dir.path().join("bad"), records(1..3));
+    let out = pso(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--pairs",
+        s(&pairs),
+        "--out",
+        s(&dir.path().join("bad-run")),
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("is not a class name") && e.contains("kitty"),
+        "{e}"
+    );
+}

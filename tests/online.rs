@@ -691,3 +691,41 @@ fn the_sft_baseline_trains_on_winners_and_resumes_exactly() {
     };
     assert_eq!(losses(&whole), losses(&split));
 }
+
+/// The online loop on a class-conditional DiT: prompts are class names or ids, pairs keep them,
+/// and DiffFit trains.
+#[test]
+fn an_online_run_on_a_dit_samples_classes_and_trains_difffit() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("classes.txt");
+    std::fs::write(&prompts, "kitty\ndog\n0\n").unwrap();
+    let text = config_text(&format!("[prompts]\ntrain = \"{}\"\n", prompts.display()))
+        .replace(
+            &models().join("sd").display().to_string(),
+            &models().join("dit").display().to_string(),
+        )
+        .replace("name = \"euler_ancestral\"", "name = \"ddpm\"")
+        .replace("kind = \"lora\"", "kind = \"difffit\"")
+        .replace(
+            "[eval]\n",
+            &format!("[eval]\nprompts = \"{}\"\n", prompts.display()),
+        );
+    let config = dir.path().join("dit.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = dir.path().join("run");
+    let stdout = ok(online(&config, &run, &[]));
+    assert!(stdout.contains("done after 6 steps"), "{stdout}");
+    let m = metrics(&run);
+    assert!(m.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    let stored = pairs(&run);
+    assert_eq!(stored.len(), 9);
+    assert!(stored
+        .iter()
+        .all(|r| ["kitty", "dog", "0"].contains(&r.prompt.as_str())));
+    let trained =
+        tch::Tensor::read_safetensors(run.join("checkpoints/step-00000006/trainable.safetensors"))
+            .unwrap();
+    assert!(trained
+        .iter()
+        .any(|(n, _)| n == "transformer_blocks.0.gamma_attn1"));
+}

@@ -261,7 +261,9 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
         assert_close(&output(&fresh, &i), &ours, "reloaded");
         // Merged into the base weights: the same function without adapters.
         merge(&fresh.backbone, &fresh.backbone_vs);
-        assert!(fresh.backbone.lora_candidates()
+        assert!(fresh
+            .backbone
+            .lora_candidates()
             .iter()
             .all(|l| l.lora().is_none()));
         assert_close(&output(&fresh, &i), &ours, "merged");
@@ -333,4 +335,171 @@ fn lora_targets_that_match_nothing_are_named() {
         e.contains(&format!("has {blocks} transformer blocks")),
         "{e}"
     );
+}
+
+/// Fixed DiT inputs: a batch of 2 at timesteps 999 and 499, classes given by name.
+fn dit_inputs(p: &Pipeline) -> Inputs {
+    tch::manual_seed(5);
+    let cat = p.condition("kitty", None, 0.0, 16, 16, 1).unwrap();
+    let dog = p.condition("1", None, 0.0, 16, 16, 1).unwrap();
+    Inputs {
+        x: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+        t: Tensor::from_slice(&[999i64, 499]),
+        cond: pso::pipeline::Conditioning::cat(&[&cat, &dog]).unwrap(),
+    }
+}
+
+#[test]
+fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
+    for kind in ["lora", "difffit", "full"] {
+        let p = load("dit", Kind::Float);
+        assert!(p.is_class_conditional());
+        let i = dit_inputs(&p);
+        let base = output(&p, &i);
+        assert_eq!(base.size(), [2, 4, 8, 8], "the noise prediction only");
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
+        randomize_up(&adapter);
+        if kind != "lora" {
+            tch::no_grad(|| {
+                for (_, t) in adapter.params() {
+                    let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
+                }
+            });
+        }
+        let reference = adapter.reference(&p.backbone, |b| p.predict_batch(b, &i.cond, &i.x, &i.t));
+        assert_close(&reference, &base, kind);
+        let tuned = p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t);
+        assert!(
+            !tuned.allclose(&base, 1e-4, 1e-5, false),
+            "{kind}: no effect"
+        );
+        tuned.square().mean(Kind::Float).backward();
+        let trainable: HashMap<&str, &Tensor> = adapter
+            .params()
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        for (name, t) in adapter.params() {
+            assert!(t.grad().defined(), "{kind}: `{name}` got no gradient");
+        }
+        for (name, t) in p.backbone_vs.variables() {
+            if !trainable.contains_key(name.as_str()) {
+                assert!(
+                    !t.grad().defined(),
+                    "{kind}: frozen `{name}` got a gradient"
+                );
+            }
+        }
+        let names: Vec<&str> = trainable.keys().copied().collect();
+        match kind {
+            "lora" => {
+                // attn1's four projections and the feed-forward's two layers, × A and B, × 4 blocks.
+                assert_eq!(names.len(), 4 * 4 * 2, "{names:?}");
+            }
+            "difffit" => {
+                let has = |n: &str| names.contains(&n);
+                // γ on attn1 and ff of the first half of the 4 blocks, none on attn2.
+                for b in 0..4 {
+                    for g in ["gamma_attn1", "gamma_ff"] {
+                        let name = format!("transformer_blocks.{b}.{g}");
+                        assert_eq!(has(&name), b < 2, "{name}");
+                    }
+                }
+                assert!(!names.iter().any(|n| n.contains("gamma_attn2")));
+                // The shared class table trains once, in block 0; the copies are never read.
+                let table = |b: u32| {
+                    format!(
+                        "transformer_blocks.{b}.norm1.emb.class_embedder.embedding_table.weight"
+                    )
+                };
+                assert!(has(&table(0)) && !has(&table(1)), "{names:?}");
+                assert!(has("transformer_blocks.2.norm3.weight"));
+                assert!(has("transformer_blocks.3.ff.net.2.bias"));
+                assert!(has("proj_out_2.bias") && has("pos_embed.proj.bias"));
+                assert!(!has("transformer_blocks.0.norm1.linear.weight"));
+                assert!(!has("transformer_blocks.0.attn1.to_q.weight"));
+                assert!(!has(
+                    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight"
+                ));
+            }
+            _ => {
+                // Every variable but the 3 blocks' unread embedding copies (class table and
+                // the timestep MLP's two layers, weight and bias).
+                let copies = 3 * (1 + 4);
+                assert_eq!(names.len(), p.backbone_vs.variables().len() - copies);
+            }
+        }
+    }
+}
+
+#[test]
+fn dit_difffit_and_lora_merges_load_in_diffusers_with_the_same_output() {
+    let dir = oracle_dir();
+    for kind in ["difffit", "lora"] {
+        let p = load("dit", Kind::Float);
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
+        randomize_up(&adapter);
+        tch::no_grad(|| {
+            for (_, t) in adapter.params() {
+                let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
+            }
+        });
+        let i = dit_inputs(&p);
+        let tuned =
+            tch::no_grad(|| p.predict_batch_with_variance(&p.backbone, &i.cond, &i.x, &i.t));
+
+        // A DiffFit file applies to a fresh base; then everything merges into plain weights.
+        let fresh = load("dit", Kind::Float);
+        if kind == "difffit" {
+            let path = dir.join("dit-difffit.safetensors");
+            let meta = HashMap::from([(
+                pso::peft::export::FORMAT_KEY.to_string(),
+                "difffit".to_string(),
+            )]);
+            tensor_file::write(&path, &adapter.tensors(), &meta).unwrap();
+            let file = tensor_file::read(&path).unwrap();
+            apply_file(&fresh.backbone, &fresh.backbone_vs, file, &path).unwrap();
+            let applied = tch::no_grad(|| {
+                fresh.predict_batch_with_variance(&fresh.backbone, &i.cond, &i.x, &i.t)
+            });
+            assert_close(&applied, &tuned, "DiT DiffFit file");
+            merge(&fresh.backbone, &fresh.backbone_vs);
+        } else {
+            merge(&p.backbone, &p.backbone_vs);
+        }
+        let merged_vs = if kind == "difffit" {
+            &fresh.backbone_vs
+        } else {
+            &p.backbone_vs
+        };
+        let folder = dir.join(format!("dit-{kind}-merged"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(
+            dir.join("dit/transformer/config.json"),
+            folder.join("config.json"),
+        )
+        .unwrap();
+        merged_vs
+            .save(folder.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
+        let mut feed = vec![
+            ("sample".to_string(), i.x.shallow_clone()),
+            ("timestep".to_string(), i.t.shallow_clone()),
+        ];
+        feed.extend(i.cond.tensors());
+        let inputs_file = dir.join("dit-inputs.safetensors");
+        tensor_file::write(&inputs_file, &feed, &HashMap::new()).unwrap();
+        let out_file = dir.join("dit-out.safetensors");
+        common::oracle(
+            "peft_oracle.py",
+            &[
+                "transformer".as_ref(),
+                folder.as_os_str(),
+                inputs_file.as_os_str(),
+                out_file.as_os_str(),
+            ],
+        );
+        let theirs = tensor_file::read(&out_file).unwrap().tensors.remove(0).1;
+        assert_close(&theirs, &tuned, &format!("DiT {kind} merged, in diffusers"));
+    }
 }

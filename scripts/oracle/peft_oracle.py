@@ -1,21 +1,29 @@
 """Oracle for the PEFT tests: tiny pipelines, and diffusers' `load_lora_weights` on a pso export.
 
   peft_oracle.py make OUT
-      writes OUT/sd (tiny SD 2.x-like pipeline, Euler, trailing spacing) and OUT/sdxl (tiny
-      SDXL-like pipeline, Euler ancestral).
+      writes OUT/sd (tiny SD 2.x-like pipeline, Euler, trailing spacing), OUT/sdxl (tiny
+      SDXL-like pipeline, Euler ancestral) and OUT/dit (tiny DiTPipeline, learned sigma, norm3
+      with affine parameters, every block's embedding a copy of block 0's as in converted DiT
+      checkpoints, DDIM).
   peft_oracle.py lora PIPELINE LORA_FILE INPUTS OUT
       loads PIPELINE, applies LORA_FILE with `pipe.load_lora_weights`, runs the UNet on INPUTS
       (`sample`, `timestep`, `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`) and
       writes its output as `sample` to OUT.
+  peft_oracle.py transformer FOLDER INPUTS OUT
+      loads the DiTTransformer2DModel FOLDER (a merged export), runs it on INPUTS (`sample`,
+      `timestep`, `class_labels`) and writes its output as `sample` to OUT.
 """
+import json
 import sys
 from pathlib import Path
 
 import torch
-from diffusers import (DiffusionPipeline, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from safetensors.torch import load_file, save_file
 
+from make_dit import randomize
 from tiny_models import TRAILING, text_encoder, tokenizer, unet, vae
 
 
@@ -32,6 +40,18 @@ def make(out: Path):
                                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
                               scheduler=EulerAncestralDiscreteScheduler(**TRAILING),
                               force_zeros_for_empty_prompt=True).save_pretrained(out / "sdxl")
+    dit = randomize(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                          num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                          norm_elementwise_affine=True), 0.2)
+    with torch.no_grad():
+        for block in dit.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(dit.transformer_blocks[0].norm1.emb.state_dict())
+    DiTPipeline(transformer=dit, vae=vae(False),
+                scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False)).save_pretrained(out / "dit")
+    index_file = out / "dit" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["id2label"] = {"0": "cat, kitty", "1": "dog"}
+    index_file.write_text(json.dumps(index, indent=1))
 
 
 def lora(pipeline: str, lora_file: str, inputs: str, out: str):
@@ -47,10 +67,20 @@ def lora(pipeline: str, lora_file: str, inputs: str, out: str):
     save_file({"sample": sample.contiguous()}, out)
 
 
+def transformer(folder: str, inputs: str, out: str):
+    model = DiTTransformer2DModel.from_pretrained(folder)
+    x = load_file(inputs)
+    with torch.no_grad():
+        sample = model(x["sample"], timestep=x["timestep"], class_labels=x["class_labels"]).sample
+    save_file({"sample": sample.contiguous()}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
     elif sys.argv[1] == "lora":
         lora(*sys.argv[2:6])
+    elif sys.argv[1] == "transformer":
+        transformer(*sys.argv[2:5])
     else:
         sys.exit(f"unknown command {sys.argv[1]}; see the docstring")

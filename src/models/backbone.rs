@@ -70,6 +70,15 @@ impl Backbone {
         }
     }
 
+    /// Whether the forward pass reads the variable `name` (a DiT sharing block 0's embedding
+    /// never reads the other blocks' copies, so they neither train nor get gradients).
+    pub fn reads(&self, name: &str) -> bool {
+        match self {
+            Backbone::UNet(_) => true,
+            Backbone::DiT(d) => d.reads(name),
+        }
+    }
+
     /// The whole output [B, C_out, h, w] for latents `x` at `timestep` (a scalar or [B]).
     ///
     /// Panics when `cond` is of the other backbone's kind: pipelines build the one that fits.
@@ -131,5 +140,4 @@ impl Backbone {
             block.merge_branch_scales();
         }
     }
-
 }

@@ -16,8 +16,8 @@ use tch::{Device, Kind, Tensor};
 use super::attention::{Attention, AttentionConfig};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
-use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
 use super::resnet::conv;
+use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
 use reward::load::{build_and_load, read_config, weight_files, LoadError};
 
 /// `transformer/config.json` of a DiT pipeline. Also reads the legacy `Transformer2DModel`
@@ -586,6 +586,21 @@ impl DiTTransformer2DModel {
         let mut model = DiTTransformer2DModel::new(vs, &self.config);
         model.shared_conditioning = self.shared_conditioning;
         model
+    }
+
+    /// Whether the forward pass reads the variable `name`: all but the blocks' embedding copies
+    /// that block 0's shared embedding stands in for.
+    pub fn reads(&self, name: &str) -> bool {
+        if !self.shared_conditioning {
+            return true;
+        }
+        match name
+            .strip_prefix("transformer_blocks.")
+            .and_then(|rest| rest.split_once('.'))
+        {
+            Some((block, inner)) => block == "0" || !inner.starts_with("norm1.emb."),
+            None => true,
+        }
     }
 
     /// Whether block 0's conditioning embedding serves every block (see

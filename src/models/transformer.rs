@@ -48,9 +48,8 @@ pub struct BranchScales {
 impl BranchScales {
     /// γ = 1 for every branch of `block`, fp32, trainable.
     pub fn ones(block: &dyn ScaledBlock) -> BranchScales {
-        let ones = || {
-            Tensor::ones([block.dim()], (Kind::Float, block.device())).set_requires_grad(true)
-        };
+        let ones =
+            || Tensor::ones([block.dim()], (Kind::Float, block.device())).set_requires_grad(true);
         BranchScales {
             attn1: ones(),
             attn2: block.has_cross_attention().then(ones),
@@ -134,7 +133,10 @@ impl GammaSlot {
 
     /// Takes the content out.
     pub fn take(&self) -> Option<BranchScales> {
-        self.0.lock().expect("the γ slot lock is never poisoned").take()
+        self.0
+            .lock()
+            .expect("the γ slot lock is never poisoned")
+            .take()
     }
 }
 

@@ -31,27 +31,19 @@ fn is_bias_or_norm(name: &str) -> bool {
 }
 
 /// Whether DiffFit trains the DiT variable `name`: biases, norm affines (`norm3` where the
-/// config gives it one) and the class table, where `shared` says only block 0's embedding
-/// copy is used (then the other copies are skipped).
-pub fn trains_dit(name: &str, shared: bool) -> bool {
-    if shared {
-        if let Some(rest) = name.strip_prefix("transformer_blocks.") {
-            let (block, inner) = rest.split_once('.').unwrap_or((rest, ""));
-            if block != "0" && inner.starts_with("norm1.emb.") {
-                return false;
-            }
-        }
-    }
-    // adaLN's `norm1.linear` and the output layer's `proj_out_1` are modulation, not norms.
+/// config gives it one) and the class table.
+pub fn trains_dit(name: &str) -> bool {
+    // adaLN's `norm1.linear` is modulation, not a norm.
     let is_norm = is_bias_or_norm(name) && !name.contains("norm1.linear.");
     is_norm || name.contains("class_embedder.embedding_table.")
 }
 
 fn trains_in(backbone: &Backbone, name: &str) -> bool {
-    match backbone {
-        Backbone::UNet(_) => trains(name),
-        Backbone::DiT(d) => trains_dit(name, d.shares_conditioning()),
-    }
+    backbone.reads(name)
+        && match backbone {
+            Backbone::UNet(_) => trains(name),
+            Backbone::DiT(_) => trains_dit(name),
+        }
 }
 
 /// The default γ range of a backbone with `blocks` transformer blocks: all of a UNet's, the

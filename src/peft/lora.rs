@@ -9,8 +9,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::PeftError;
 use crate::config::PeftSection;
-use crate::models::linear::Lora;
 use crate::models::backbone::Backbone;
+use crate::models::linear::Lora;
 
 /// Suffix of an adapter's A matrix in trainable-tensor names.
 pub const DOWN: &str = ".lora_A.weight";

@@ -6,7 +6,7 @@
 //! - [`difffit`]: biases, norm affines, conditioning embeddings and per-channel γ on the
 //!   transformer blocks' branches; the reference swaps in the original values (γ = 1), a copy of
 //!   well under 1% of the model.
-//! - `full`: every parameter, against a frozen copy of the whole backbone.
+//! - `full`: every parameter the forward pass reads, against a frozen copy of the whole backbone.
 //!
 //! Trainable tensors are named as in the exported files: LoRA `MODULE.lora_A.weight` /
 //! `MODULE.lora_B.weight`, DiffFit and full fine-tuning the backbone's own variable names, γ
@@ -114,7 +114,11 @@ impl Adapter {
                 frozen_vs.set_kind(vs.kind());
                 frozen_vs.copy(vs)?;
                 frozen_vs.freeze();
-                let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+                let mut params: Vec<(String, Tensor)> = vs
+                    .variables()
+                    .into_iter()
+                    .filter(|(name, _)| backbone.reads(name))
+                    .collect();
                 params.sort_by(|a, b| a.0.cmp(&b.0));
                 for (_, t) in &mut params {
                     let _ = t.set_requires_grad(true);

@@ -15,7 +15,9 @@ use reward::load::read_json;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{Conditioner, Conditioning, Generated, ImageCodec, LoadOptions, Pipeline, PipelineError};
+use super::{
+    Conditioner, Conditioning, Generated, ImageCodec, LoadOptions, Pipeline, PipelineError,
+};
 use crate::models::backbone::{Backbone, Condition};
 use crate::models::dit::DiTTransformer2DModel;
 use crate::sampling::{

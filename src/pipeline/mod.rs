@@ -160,12 +160,13 @@ impl Conditioning {
                         .map(|v| Tensor::cat(&v, 0))
                 };
                 let embeds: Vec<&Tensor> = text.iter().map(|t| t.0).collect();
-                let added = all(text.iter().map(|t| t.1.map(|a| &a.text_embeds)).collect())
-                    .map(|text_embeds| AddedCond {
+                let added = all(text.iter().map(|t| t.1.map(|a| &a.text_embeds)).collect()).map(
+                    |text_embeds| AddedCond {
                         text_embeds,
                         time_ids: all(text.iter().map(|t| t.1.map(|a| &a.time_ids)).collect())
                             .expect("added conditioning has time ids"),
-                    });
+                    },
+                );
                 Condition::Text {
                     embeds: Tensor::cat(&embeds, 0),
                     added,
@@ -356,11 +357,19 @@ pub fn load_backbone(
         let config = reward::load::read_config(&dir)?;
         let (vs, model) = match files {
             None => DiTTransformer2DModel::load_with_config(
-                &dir, &config, opts.device, opts.kind, variant,
+                &dir,
+                &config,
+                opts.device,
+                opts.kind,
+                variant,
             )?,
-            Some(files) => {
-                DiTTransformer2DModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
-            }
+            Some(files) => DiTTransformer2DModel::load_with_weights(
+                &dir,
+                &config,
+                files,
+                opts.device,
+                opts.kind,
+            )?,
         };
         return Ok((vs, Backbone::DiT(model)));
     }

@@ -210,17 +210,17 @@ impl Trainer {
                 let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
                 let t: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
                 let t = Tensor::from_slice(&t).to_device(x0.device());
-                let pred = self
-                    .pipeline
-                    .predict_batch(&self.pipeline.backbone, &batch.cond, &x, &t);
+                let pred =
+                    self.pipeline
+                        .predict_batch(&self.pipeline.backbone, &batch.cond, &x, &t);
                 return Ok(sft_loss(&pred, &target)?);
             }
             Objective::PsoDb(db) => {
                 let ts = TimestepPolicy::Distilled(self.distilled.clone()).draw(&mut rng, pairs);
                 let n = self.noised(batch, &noise, &ts)?;
-                let policy = self
-                    .pipeline
-                    .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
+                let policy =
+                    self.pipeline
+                        .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
                 let (train, reference) = halves(&policy);
                 let p = &n.pair;
                 return Ok(db.loss(&train, &reference, &p.target_winner, &p.target_loser)?);
@@ -230,9 +230,11 @@ impl Trainer {
         let ts = dpo.timesteps.draw(&mut rng, pairs);
         let n = self.noised(batch, &noise, &ts)?;
         let p = &n.pair;
-        let reference = self.adapter.reference(&self.pipeline.backbone, |reference| {
-            self.pipeline.predict_batch(reference, &n.cond, &n.x, &n.t)
-        });
+        let reference = self
+            .adapter
+            .reference(&self.pipeline.backbone, |reference| {
+                self.pipeline.predict_batch(reference, &n.cond, &n.x, &n.t)
+            });
         let policy = self
             .pipeline
             .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);

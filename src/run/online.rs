@@ -265,7 +265,9 @@ impl OnlineTrainer {
         let reference = self.adapter.reference(backbone, |b| {
             self.pipeline.predict_batch(b, &cond, &inputs, &times)
         });
-        let policy = self.pipeline.predict_batch(backbone, &cond, &inputs, &times);
+        let policy = self
+            .pipeline
+            .predict_batch(backbone, &cond, &inputs, &times);
         let kernels = |out: &Tensor| -> Result<(Tensor, Vec<f64>), RunError> {
             let out = out.to_kind(Kind::Float);
             let mut means = Vec::with_capacity(row_steps.len());
