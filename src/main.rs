@@ -311,12 +311,24 @@ struct OfflineArgs {
     pairs: Vec<PathBuf>,
     /// Instead of --pairs: a folder of training images (style or subject; prompt in NAME.txt
     /// beside each, or --prompt), each paired against a fresh sample of the current model
-    /// (objective.kind = pso_db or offline_pso).
+    /// (objective.kind = pso_db or offline_pso). With objective.kind = sft (DiffFit's dataset
+    /// fine-tuning): a folder with one sub-folder per class, named by a class id or an id2label
+    /// name of a DiT (or a prompt of a text-to-image model); latents are encoded once, and a
+    /// learned-variance DiT trains with iDDPM's hybrid loss.
     #[arg(long, conflicts_with_all = ["pairs", "relabel_with"])]
     train_images: Option<PathBuf>,
     /// Prompt of training images that have no NAME.txt.
     #[arg(long, requires = "train_images")]
     prompt: Option<String>,
+    /// With --train-images and objective.kind = sft: draw each image's class (sub-folder or
+    /// prompt) uniformly, then an image of it, so that rare classes are seen as often as common
+    /// ones.
+    #[arg(long, requires = "train_images")]
+    class_balanced: bool,
+    /// With --train-images and objective.kind = sft: mirror each drawn image left-right with
+    /// probability 1/2 (both latents are encoded once and cached).
+    #[arg(long, requires = "train_images")]
+    random_flip: bool,
     /// Run directory (default: run.out/run.name).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -447,6 +459,8 @@ fn offline(args: OfflineArgs) -> Result<()> {
             pairs: args.pairs,
             train_images: args.train_images,
             prompt: args.prompt,
+            class_balanced: args.class_balanced,
+            random_flip: args.random_flip,
             relabel_with,
             out: out.clone(),
             resume: args.resume,

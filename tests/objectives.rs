@@ -10,12 +10,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use pso::objective::{
-    add_noise, noise_pair, regression_target, sft_loss, Diagnostics, Dpo, Loss, OnlinePso,
-    PairPredictions, PsoDb, Transitions,
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Diagnostics, Dpo, Loss,
+    OnlinePso, PairPredictions, PsoDb, Transitions,
 };
 use pso::sampling::PredictionType;
 use serde::Deserialize;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Relative tolerance of fp32 results.
 const TOL: f64 = 1e-5;
@@ -370,4 +370,23 @@ fn sft_matches_mse_on_eps_v_and_x0_targets() {
         let out = sft_loss(&p, &target).unwrap();
         check_loss(case, &t, out, &[(&p, "grad_policy")]);
     }
+}
+
+#[test]
+fn hybrid_matches_iddpm_mse_plus_vlb_with_the_decoder_nll_at_t0() {
+    let ac = alphas_cumprod();
+    for (case, t) in cases(&["hybrid"]) {
+        let name = case.name.as_str();
+        let (x0, noise) = (get(&t, name, "x0"), get(&t, name, "noise"));
+        let noisy = add_noise(x0, noise, &case.timesteps, &ac).unwrap();
+        assert_close(name, "noisy", &noisy, get(&t, name, "noisy"), 1.0);
+        let p = leaf(get(&t, name, "policy"));
+        let out = hybrid_loss(&p, noise, x0, &noisy, &case.timesteps, &ac).unwrap();
+        check_loss(case, &t, out, &[(&p, "grad_policy")]);
+    }
+    let z = Tensor::zeros([1, 2, 2, 2], (Kind::Float, Device::Cpu));
+    let e = hybrid_loss(&z, &z, &z, &z, &[0], &ac)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("twice the latent's 2"), "{e}");
 }

@@ -497,3 +497,75 @@ fn dit_offline_pso_on_class_prompts_exports_what_pso_sample_loads() {
         "{e}"
     );
 }
+
+/// DiffFit's dataset fine-tuning on a DiT: SFT with the hybrid loss on a class-per-folder image
+/// set, class-balanced with random flips; 3 + 3 resumed steps equal 6, and a folder that names
+/// no class is refused before training.
+#[test]
+fn dit_sft_on_class_folders_resumes_exactly_and_refuses_unknown_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    for (class, count) in [("dog", 3), ("0", 1)] {
+        let sub = images.join(class);
+        std::fs::create_dir_all(&sub).unwrap();
+        for i in 0..count {
+            image::RgbImage::from_fn(16, 16, |x, y| {
+                image::Rgb([(x * 16) as u8, (y * 16) as u8, (i * 80) as u8])
+            })
+            .save(sub.join(format!("{i}.png")))
+            .unwrap();
+        }
+    }
+    let model_set = format!("model.id={}", s(&models().join("dit")));
+    let sets = [
+        model_set.as_str(),
+        "sampler.name=ddpm",
+        "objective.kind=sft",
+        "learner.grad_accumulation=1",
+    ];
+    let cfg = config(dir.path(), "difffit", &sets);
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "offline",
+            "--config",
+            s(&cfg),
+            "--train-images",
+            s(&images),
+            "--class-balanced",
+            "--random-flip",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        ok(&args)
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    train(&a, &[]);
+    train(&b, &["--max-steps", "3"]);
+    train(&b, &["--resume"]);
+    let read = |run: &Path| {
+        std::fs::read(run.join("checkpoints/step-00000006/trainable.safetensors")).unwrap()
+    };
+    assert!(read(&a) == read(&b), "6 steps differ from 3 + 3 resumed");
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb);
+    assert!(la.iter().all(|(_, l)| l.is_finite() && *l > 0.0), "{la:?}");
+
+    std::fs::create_dir_all(images.join("zebra")).unwrap();
+    image::RgbImage::new(16, 16)
+        .save(images.join("zebra/0.png"))
+        .unwrap();
+    let out = pso(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--train-images",
+        s(&images),
+        "--out",
+        s(&dir.path().join("c")),
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("`zebra` is not a class name"), "{e}");
+}

@@ -18,6 +18,12 @@ Sources (read, re-implemented here):
   sigma space, x0 = x - sigma * eps_hat, sigma^-2 weighting, in float64 (the fp32 EDM route loses
   digits at small sigma; mathematically it is the eps-MSE the Rust objective computes).
 - sft: DiffusionDPO train.py l. 1120 (F.mse_loss on float).
+- hybrid: iDDPM / DiT gaussian_diffusion.py `training_losses` with learned-range variance: MSE on
+  eps plus the one-timestep VLB term (bits per dim, mean gradient stopped). Here the model's
+  posterior mean and log-variance come from diffusers' DDPMScheduler (learned_range) step, the
+  true posterior from the same step given the true eps, the KL from torch.distributions; at t = 0
+  the decoder NLL with iDDPM's tanh CDF and the log-variance clipped to log beta~_1 (where
+  diffusers clamps beta~_0 to 1e-20 instead).
 """
 import json
 import math
@@ -335,6 +341,70 @@ def sft_case(name, seed, timesteps, prediction):
     return entry, tensors
 
 
+def hybrid_case(name, seed, timesteps):
+    g = gen(seed)
+    b = len(timesteps)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000, variance_type="learned_range", clip_sample=False)
+    sched.set_timesteps(1000)
+    x0, noise = randn(g, b, *SHAPE), randn(g, b, *SHAPE)
+    t = torch.tensor(timesteps, dtype=torch.long)
+    noisy = sched.add_noise(x0, noise, t)
+    eps = noise + 0.3 * randn(g, b, *SHAPE)
+    v = torch.tanh(randn(g, b, *SHAPE))
+    pred = torch.cat([eps, v], 1).requires_grad_(True)
+    eps_hat, v_hat = pred[:, :SHAPE[0]], pred[:, SHAPE[0]:]
+    mse = ((eps_hat - noise) ** 2).flatten(1).mean(1)
+    vb = []
+    for i, ti in enumerate(timesteps):
+        def mean_of(e):
+            step = sched.step(torch.cat([e, v_hat[i:i + 1].detach()], 1), ti, noisy[i:i + 1], generator=gen(99))
+            if ti == 0:
+                return step.prev_sample
+            z = torch.randn(noisy[i:i + 1].shape, generator=gen(99))
+            return step.prev_sample - torch.exp(0.5 * sched._get_variance(ti, v_hat[i:i + 1].detach())) * z
+        model_mean = mean_of(eps_hat[i:i + 1].detach())
+        if ti > 0:
+            true_mean = mean_of(noise[i:i + 1])
+            model_log_var = sched._get_variance(ti, v_hat[i:i + 1])
+            prev = ti - 1
+            beta_t = 1 - sched.alphas_cumprod[ti] / sched.alphas_cumprod[prev]
+            true_var = beta_t * (1 - sched.alphas_cumprod[prev]) / (1 - sched.alphas_cumprod[ti])
+            kl = torch.distributions.kl_divergence(
+                torch.distributions.Normal(true_mean, true_var.sqrt()),
+                torch.distributions.Normal(model_mean, torch.exp(0.5 * model_log_var)))
+            vb.append(kl.flatten().mean() / math.log(2.0))
+        else:
+            ac = sched.alphas_cumprod.double()
+            beta0 = 1 - ac[0]
+            beta1 = 1 - ac[1] / ac[0]
+            post1 = beta1 * (1 - ac[0]) / (1 - ac[1])
+            frac = (v_hat[i:i + 1] + 1) / 2
+            log_var = frac * math.log(beta0) + (1 - frac) * math.log(post1)
+            log_scale = 0.5 * log_var
+
+            def cdf(x):
+                return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+            x = x0[i:i + 1]
+            centered = x - model_mean
+            inv = torch.exp(-log_scale)
+            cdf_plus, cdf_min = cdf(inv * (centered + 1 / 255)), cdf(inv * (centered - 1 / 255))
+            log_probs = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                                    torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                                (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+            vb.append(-log_probs.flatten().mean() / math.log(2.0))
+    vb = torch.stack(vb).float()
+    loss = (mse + 0.001 * 1000 * vb).mean()
+    loss.backward()
+    tensors = {"x0": x0, "noise": noise, "noisy": noisy, "policy": pred.detach(), "loss": loss.detach(),
+               "grad_policy": pred.grad}
+    entry = {
+        "name": name, "objective": "hybrid", "prediction": "epsilon", "timesteps": timesteps,
+        "diagnostics": {"loss": loss.item(), "counted": b, "skipped": 0, "mse_policy": mse.mean().item()},
+    }
+    return entry, tensors
+
+
 def main(out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,6 +444,8 @@ def main(out):
         sft_case("sft_eps", 31, [5, 500, 999], "epsilon"),
         sft_case("sft_v", 32, [5, 500, 999], "v_prediction"),
         sft_case("sft_sample", 33, [250, 750], "sample"),
+        hybrid_case("hybrid", 34, [0, 1, 2, 500, 999]),
+        hybrid_case("hybrid_low", 35, [0, 0, 3]),
     ]
     index = {"alphas_cumprod_file": "alphas_cumprod.safetensors", "cases": []}
     save_file({"alphas_cumprod": sd.alphas_cumprod.contiguous()}, str(out / "alphas_cumprod.safetensors"))

@@ -28,7 +28,7 @@ pub use dpo::{Dpo, PairPredictions, TimestepPolicy};
 pub use noising::{add_noise, noise_pair, regression_target, NoisedPair};
 pub use online_pso::{OnlinePso, Transitions};
 pub use pso_db::PsoDb;
-pub use sft::sft_loss;
+pub use sft::{hybrid_loss, sft_loss};
 
 /// Errors of the objectives; each says what was wrong and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,12 @@
-//! Source c of method.md §3: training images (a style or a subject) with their prompts, each
-//! paired as the preferred side against a reference image freshly sampled from the current
-//! model for the same prompt.
+//! Training images with their prompts: source c of method.md §3 (a style or a subject, each
+//! image paired as the preferred side against a reference image freshly sampled from the
+//! current model for the same prompt), and the dataset of SFT fine-tuning (DiffFit's Algorithm
+//! 2: a folder with one sub-folder per class, whose name is the class).
 
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
@@ -17,16 +18,20 @@ use super::{step_seed, RunError};
 pub struct TrainingImage {
     /// The file.
     pub path: PathBuf,
-    /// Its prompt (`NAME.txt` next to it, or the default prompt).
+    /// Its prompt (`NAME.txt` next to it, its class sub-folder's name, or the default prompt).
     pub prompt: String,
     /// [H, W, 3] uint8.
     pub pixels: Tensor,
+    /// Its latent and its mirror image's, [2, C, h, w], once encoded.
+    latents: Option<Tensor>,
 }
 
 /// The images of a folder in a seeded order per epoch, with a cursor for checkpoints.
 #[derive(Debug)]
 pub struct TrainingImages {
     images: Vec<TrainingImage>,
+    /// Image indices per prompt (class), when sampling is class-balanced.
+    balanced: Option<Vec<Vec<usize>>>,
     seed: u64,
     order: Vec<usize>,
     epoch: u64,
@@ -35,7 +40,8 @@ pub struct TrainingImages {
 
 impl TrainingImages {
     /// Reads every PNG / JPEG of `dir` (sorted by name). A prompt comes from `NAME.txt` beside
-    /// the image, else from `default_prompt`.
+    /// the image, else from `default_prompt`. A `dir` whose images sit in sub-folders is a
+    /// class-per-folder dataset: each image's prompt is its sub-folder's name.
     pub fn open(
         dir: &Path,
         default_prompt: Option<&str>,
@@ -43,33 +49,35 @@ impl TrainingImages {
         width: u32,
         seed: u64,
     ) -> Result<TrainingImages, RunError> {
-        let io = |source| RunError::Io {
-            path: dir.to_owned(),
-            source,
-        };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
-                })
-            })
-            .collect();
-        paths.sort();
-        if paths.is_empty() {
+        let mut found = image_files(dir)?
+            .into_iter()
+            .map(|p| (p, None))
+            .collect::<Vec<_>>();
+        if found.is_empty() {
+            for class_dir in sub_folders(dir)? {
+                let class = class_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                for path in image_files(&class_dir)? {
+                    found.push((path, Some(class.clone())));
+                }
+            }
+        }
+        if found.is_empty() {
             return Err(RunError::Data(format!(
-                "{} holds no .png / .jpg training image",
+                "{} holds no .png / .jpg training image, neither directly nor in class \
+                 sub-folders",
                 dir.display()
             )));
         }
-        let mut images = Vec::with_capacity(paths.len());
-        for path in paths {
+        let mut images = Vec::with_capacity(found.len());
+        for (path, class) in found {
             let caption = path.with_extension("txt");
-            let prompt = match std::fs::read_to_string(&caption) {
-                Ok(text) => text.trim().to_owned(),
-                Err(_) => default_prompt.map(str::to_owned).ok_or_else(|| {
+            let prompt = match (std::fs::read_to_string(&caption), class) {
+                (Ok(text), _) => text.trim().to_owned(),
+                (Err(_), Some(class)) => class,
+                (Err(_), None) => default_prompt.map(str::to_owned).ok_or_else(|| {
                     RunError::Data(format!(
                         "{} has no prompt: write it into {} or give --prompt",
                         path.display(),
@@ -86,10 +94,12 @@ impl TrainingImages {
                 path,
                 prompt,
                 pixels,
+                latents: None,
             });
         }
         let mut out = TrainingImages {
             images,
+            balanced: None,
             seed,
             order: Vec::new(),
             epoch: 0,
@@ -110,8 +120,34 @@ impl TrainingImages {
         self.consumed
     }
 
-    /// The index of the next image, reshuffling at each epoch.
+    /// Draws the next image's class uniformly, then an image of it, instead of going through
+    /// the images in shuffled epochs (so rare classes are seen as often as common ones).
+    pub fn balance_classes(&mut self) {
+        let mut classes: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for (i, image) in self.images.iter().enumerate() {
+            classes.entry(&image.prompt).or_default().push(i);
+        }
+        self.balanced = Some(classes.into_values().collect());
+    }
+
+    /// The distinct prompts (classes), sorted.
+    pub fn prompts(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.images.iter().map(|i| i.prompt.as_str()).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The index of the next image, reshuffling at each epoch (or class-balanced).
     pub fn next_index(&mut self) -> usize {
+        if let Some(classes) = &self.balanced {
+            // Drawn from the cursor, so that a resumed run draws the same images.
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(step_seed(self.seed, self.consumed, u32::MAX - 2));
+            let class = &classes[rng.random_range(0..classes.len())];
+            self.consumed += 1;
+            return class[rng.random_range(0..class.len())];
+        }
         let n = self.images.len() as u64;
         let epoch = self.consumed / n;
         if epoch != self.epoch {
@@ -121,6 +157,16 @@ impl TrainingImages {
         let index = self.order[(self.consumed % n) as usize];
         self.consumed += 1;
         index
+    }
+
+    /// The latents [2, C, h, w] of image `index` and of its mirror image, encoded with `encode`
+    /// ([N, H, W, 3] uint8 → latents) on first use and cached.
+    pub fn latents(&mut self, index: usize, encode: impl FnOnce(&Tensor) -> Tensor) -> &Tensor {
+        let image = &mut self.images[index];
+        image.latents.get_or_insert_with(|| {
+            let both = Tensor::stack(&[&image.pixels, &image.pixels.flip([1])], 0);
+            encode(&both)
+        })
     }
 
     /// Image `index` (as [`TrainingImages::next_index`] returns).
@@ -134,6 +180,39 @@ impl TrainingImages {
             self.next_index();
         }
     }
+}
+
+/// The .png / .jpg / .jpeg files of `dir`, sorted.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>, RunError> {
+    let mut paths: Vec<PathBuf> = entries(dir)?
+        .into_iter()
+        .filter(|p| {
+            p.is_file()
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// The sub-folders of `dir`, sorted.
+fn sub_folders(dir: &Path) -> Result<Vec<PathBuf>, RunError> {
+    let mut dirs: Vec<PathBuf> = entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn entries(dir: &Path) -> Result<Vec<PathBuf>, RunError> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|source| RunError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect())
 }
 
 #[cfg(test)]
@@ -179,5 +258,47 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let e = TrainingImages::open(empty.path(), Some("x"), 8, 8, 0).unwrap_err();
         assert!(e.to_string().contains("no .png / .jpg"), "{e}");
+    }
+
+    #[test]
+    fn class_folders_name_the_prompts_and_balanced_draws_favour_no_class() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, count) in [("cat", 9), ("dog", 1)] {
+            let sub = dir.path().join(class);
+            std::fs::create_dir(&sub).unwrap();
+            for i in 0..count {
+                image::RgbImage::from_pixel(8, 8, image::Rgb([i as u8, 0, 0]))
+                    .save(sub.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let mut set = TrainingImages::open(dir.path(), None, 8, 8, 0).unwrap();
+        assert_eq!(set.prompts(), ["cat", "dog"]);
+        let dogs = |set: &mut TrainingImages| {
+            (0..400)
+                .filter(|_| {
+                    let i = set.next_index();
+                    set.get(i).prompt == "dog"
+                })
+                .count()
+        };
+        assert_eq!(dogs(&mut set), 40, "shuffled epochs: 1 in 10");
+        set.balance_classes();
+        let balanced = dogs(&mut set);
+        assert!((160..240).contains(&balanced), "{balanced} of 400");
+
+        // Latents are encoded once, with the mirror image second.
+        let mut calls = 0;
+        let mut encode = |px: &Tensor| {
+            calls += 1;
+            assert_eq!(px.size(), [2, 8, 8, 3]);
+            px.to_kind(tch::Kind::Float)
+        };
+        let first = set.latents(0, &mut encode).shallow_clone();
+        let again = set.latents(0, &mut encode).shallow_clone();
+        assert!(first.equal(&again));
+        assert!(first.get(1).equal(&first.get(0).flip([1])));
+        drop(encode);
+        assert_eq!(calls, 1);
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -20,8 +20,8 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::LearnerError;
 use crate::objective::{
-    add_noise, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair, Objective,
-    PairPredictions, TimestepPolicy,
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair,
+    Objective, PairPredictions, TimestepPolicy,
 };
 use crate::pairs::schema::{Label, PairRecord};
 use crate::peft::Adapter;
@@ -32,11 +32,16 @@ use crate::sampling::{PredictionType, SeededNoise, Timesteps};
 pub struct OfflineOptions {
     /// Pair shards or directories of shards (the store of a run, or an import).
     pub pairs: Vec<PathBuf>,
-    /// Or: a folder of training images (+ `NAME.txt` prompts), each paired with a fresh sample
-    /// of the current model (method.md §3 source c; `pso_db` or `offline_pso`).
+    /// Or: a folder of training images (+ `NAME.txt` prompts, or one sub-folder per class),
+    /// each paired with a fresh sample of the current model (method.md §3 source c; `pso_db` or
+    /// `offline_pso`), or regressed on (`sft`, with cached latents).
     pub train_images: Option<PathBuf>,
     /// Prompt of training images without a `NAME.txt`.
     pub prompt: Option<String>,
+    /// SFT on images: draw classes uniformly instead of images.
+    pub class_balanced: bool,
+    /// SFT on images: mirror each drawn image with probability 1/2.
+    pub random_flip: bool,
     /// Label every pair again with this scorer as it is read (`--relabel-with`).
     pub relabel_with: Option<Relabeler>,
     /// The run directory.
@@ -187,6 +192,39 @@ impl Trainer {
         })
     }
 
+    /// An SFT micro-batch of training images: their cached latents (each mirrored with
+    /// probability 1/2 when `random_flip`, drawn from `seed`) and prompts. SFT reads only the
+    /// winners; the losers are the same tensors.
+    pub fn sft_batch(
+        &self,
+        images: &mut TrainingImages,
+        picked: &[usize],
+        random_flip: bool,
+        seed: u64,
+    ) -> Result<Batch, RunError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5f1f);
+        let (mut latents, mut conds) = (Vec::new(), Vec::new());
+        for &i in picked {
+            let side = i64::from(random_flip && rng.random_bool(0.5));
+            let both = images.latents(i, |pixels| self.pipeline.encode(pixels));
+            latents.push(both.get(side));
+            conds.push(self.pipeline.condition(
+                &images.get(i).prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        let x0 = Tensor::stack(&latents, 0);
+        Ok(Batch {
+            x0_loser: x0.shallow_clone(),
+            x0_winner: x0,
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
+        })
+    }
+
     /// The loss of one micro-batch of pairs; every random draw comes from `seed`.
     pub fn loss(&self, records: &[PairRecord], seed: u64) -> Result<Loss, RunError> {
         self.batch_loss(&self.batch(records)?, seed)
@@ -210,9 +248,14 @@ impl Trainer {
                 let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
                 let t: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
                 let t = Tensor::from_slice(&t).to_device(x0.device());
-                let pred =
-                    self.pipeline
-                        .predict_batch(&self.pipeline.backbone, &batch.cond, &x, &t);
+                let backbone = &self.pipeline.backbone;
+                if backbone.learns_variance() && self.prediction == PredictionType::Epsilon {
+                    let pred =
+                        self.pipeline
+                            .predict_batch_with_variance(backbone, &batch.cond, &x, &t);
+                    return Ok(hybrid_loss(&pred, &noise, x0, &x, &ts, ac)?);
+                }
+                let pred = self.pipeline.predict_batch(backbone, &batch.cond, &x, &t);
                 return Ok(sft_loss(&pred, &target)?);
             }
             Objective::PsoDb(db) => {
@@ -358,7 +401,16 @@ pub fn run_with(
                 config.sampler.width,
                 config.run.seed,
             )?;
+            if opts.class_balanced {
+                images.balance_classes();
+            }
             images.skip(cursor);
+            // Every prompt must condition the model (a class name of a DiT, …): fail now, not
+            // at the batch that first draws it.
+            for prompt in images.prompts() {
+                let (h, w) = (config.sampler.height as i64, config.sampler.width as i64);
+                trainer.pipeline.condition(prompt, None, 0.0, h, w, 1)?;
+            }
             Source::Images(images)
         }
         None => {
@@ -417,11 +469,14 @@ pub fn run_with(
                 }
                 Source::Images(images) => {
                     let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
-                    let chosen: Vec<&TrainingImage> =
-                        picked.iter().map(|&i| images.get(i)).collect();
-                    trainer
-                        .image_batch(&chosen, micro_seed)
-                        .and_then(|b| trainer.batch_loss(&b, micro_seed))
+                    let batch = if let Objective::Sft = trainer.objective {
+                        trainer.sft_batch(images, &picked, opts.random_flip, micro_seed)
+                    } else {
+                        let chosen: Vec<&TrainingImage> =
+                            picked.iter().map(|&i| images.get(i)).collect();
+                        trainer.image_batch(&chosen, micro_seed)
+                    };
+                    batch.and_then(|b| trainer.batch_loss(&b, micro_seed))
                 }
             };
             loss.map_err(|e| LearnerError::Batch(Box::new(e)))
