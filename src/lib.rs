@@ -6,6 +6,7 @@ pub mod actor;
 pub mod checkpoint;
 pub mod config;
 pub mod doctor;
+pub mod fid;
 pub mod learner;
 pub mod logging;
 pub mod models;

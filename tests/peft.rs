@@ -417,6 +417,7 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
                 assert!(has("transformer_blocks.3.ff.net.2.bias"));
                 assert!(has("proj_out_2.bias") && has("pos_embed.proj.bias"));
                 assert!(!has("transformer_blocks.0.norm1.linear.weight"));
+                assert!(has("transformer_blocks.0.norm1.linear.bias"));
                 assert!(!has("transformer_blocks.0.attn1.to_q.weight"));
                 assert!(!has(
                     "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight"

@@ -588,6 +588,30 @@ impl DiTTransformer2DModel {
         model
     }
 
+    /// Makes every block use block 0's conditioning embedding, as DiT's one embedder (copies its
+    /// values into the other blocks' copies, so a diffusers export stays consistent).
+    pub fn share_conditioning(&mut self, vs: &nn::VarStore) {
+        self.copy_shared_conditioning(vs);
+        self.shared_conditioning = true;
+    }
+
+    /// Copies block 0's conditioning embedding (what trains when it is shared) into the other
+    /// blocks' copies, which diffusers reads.
+    pub fn copy_shared_conditioning(&self, vs: &nn::VarStore) {
+        let vars = vs.variables();
+        let first = "transformer_blocks.0.norm1.emb.";
+        tch::no_grad(|| {
+            for (name, t) in &vars {
+                if let Some(rest) = name.strip_prefix(first) {
+                    for i in 1..self.transformer_blocks.len() {
+                        let copy = &vars[&format!("transformer_blocks.{i}.norm1.emb.{rest}")];
+                        copy.shallow_clone().copy_(t);
+                    }
+                }
+            }
+        });
+    }
+
     /// Whether the forward pass reads the variable `name`: all but the blocks' embedding copies
     /// that block 0's shared embedding stands in for.
     pub fn reads(&self, name: &str) -> bool {

@@ -30,12 +30,10 @@ fn is_bias_or_norm(name: &str) -> bool {
     name.ends_with(".bias") || (name.ends_with(".weight") && last.contains("norm"))
 }
 
-/// Whether DiffFit trains the DiT variable `name`: biases, norm affines (`norm3` where the
-/// config gives it one) and the class table.
+/// Whether DiffFit trains the DiT variable `name`: biases (adaLN's modulation included), norm
+/// affines (`norm3` where the config gives it one) and the class table.
 pub fn trains_dit(name: &str) -> bool {
-    // adaLN's `norm1.linear` is modulation, not a norm.
-    let is_norm = is_bias_or_norm(name) && !name.contains("norm1.linear.");
-    is_norm || name.contains("class_embedder.embedding_table.")
+    is_bias_or_norm(name) || name.contains("class_embedder.embedding_table.")
 }
 
 fn trains_in(backbone: &Backbone, name: &str) -> bool {

@@ -122,19 +122,7 @@ pub fn merge(backbone: &Backbone, vs: &nn::VarStore) {
     backbone.merge_adapters();
     if let Backbone::DiT(d) = backbone {
         if d.shares_conditioning() {
-            let vars = vs.variables();
-            let first = "transformer_blocks.0.norm1.emb.";
-            tch::no_grad(|| {
-                for (name, t) in &vars {
-                    let Some(rest) = name.strip_prefix(first) else {
-                        continue;
-                    };
-                    for i in 1..d.blocks().len() {
-                        let copy = &vars[&format!("transformer_blocks.{i}.norm1.emb.{rest}")];
-                        copy.shallow_clone().copy_(t);
-                    }
-                }
-            });
+            d.copy_shared_conditioning(vs);
         }
     }
 }
