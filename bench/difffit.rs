@@ -65,7 +65,7 @@ fn build(config: &DiTTransformer2DConfig, device: Device) -> (nn::VarStore, Back
     let mut model = DiTTransformer2DModel::new(vs.root(), config);
     // Converted DiT checkpoints: one conditioning embedding, copied into every block.
     model.share_conditioning(&vs);
-    (vs, Backbone::DiT(model))
+    (vs, Backbone::DiT(Box::new(model)))
 }
 
 /// Parameters the model's forward pass reads (the per-block embedding copies are not DiT's).

@@ -219,7 +219,7 @@ pub struct PeftSection {
     /// (peft's default); B starts at zero either way.
     pub init: String,
     /// DiffFit: transformer blocks [first, last) that get γ, counted in module order over the
-    /// whole UNet; unset means every block.
+    /// whole model; unset means every block of a UNet and the first half of a DiT's.
     pub gamma_blocks: Option<[u32; 2]>,
 }
 

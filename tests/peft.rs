@@ -393,7 +393,7 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
         let names: Vec<&str> = trainable.keys().copied().collect();
         match kind {
             "lora" => {
-                // attn1's four projections and the feed-forward's two layers, × A and B, × 4 blocks.
+                // The default targets: attn1's four projections, × A and B, × 4 blocks.
                 assert_eq!(names.len(), 4 * 4 * 2, "{names:?}");
             }
             "difffit" => {

@@ -39,9 +39,9 @@ impl Condition {
 #[derive(Debug)]
 pub enum Backbone {
     /// diffusers' `UNet2DConditionModel`.
-    UNet(UNet2DConditionModel),
+    UNet(Box<UNet2DConditionModel>),
     /// diffusers' `DiTTransformer2DModel`.
-    DiT(DiTTransformer2DModel),
+    DiT(Box<DiTTransformer2DModel>),
 }
 
 impl Backbone {
@@ -100,8 +100,8 @@ impl Backbone {
     /// The same architecture with fresh parameters under `vs` (a frozen copy's skeleton).
     pub fn new_like(&self, vs: nn::Path) -> Backbone {
         match self {
-            Backbone::UNet(u) => Backbone::UNet(UNet2DConditionModel::new(vs, &u.config)),
-            Backbone::DiT(d) => Backbone::DiT(d.clone_layout(vs)),
+            Backbone::UNet(u) => Backbone::UNet(Box::new(UNet2DConditionModel::new(vs, &u.config))),
+            Backbone::DiT(d) => Backbone::DiT(Box::new(d.clone_layout(vs))),
         }
     }
 

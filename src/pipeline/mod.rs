@@ -77,7 +77,7 @@ struct ModelIndex {
 enum Conditioner {
     /// Tokenizers and text encoders (SD, SDXL).
     Text {
-        encoders: TextEncoders,
+        encoders: Box<TextEncoders>,
         force_zeros_for_empty_prompt: bool,
     },
     /// Class ids and `id2label` names (DiT).
@@ -371,7 +371,7 @@ pub fn load_backbone(
                 opts.kind,
             )?,
         };
-        return Ok((vs, Backbone::DiT(model)));
+        return Ok((vs, Backbone::DiT(Box::new(model))));
     }
     let dir = root.join("unet");
     let (vs, model) = match files {
@@ -381,7 +381,7 @@ pub fn load_backbone(
             UNet2DConditionModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
         }
     };
-    Ok((vs, Backbone::UNet(model)))
+    Ok((vs, Backbone::UNet(Box::new(model))))
 }
 
 /// LCM's `get_guidance_scale_embedding` of `w` ([N]) into `dim` channels.
@@ -449,7 +449,7 @@ impl Pipeline {
             vae,
             scheduler_config,
             conditioner: Conditioner::Text {
-                encoders,
+                encoders: Box::new(encoders),
                 force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             },
             device: opts.device,

@@ -289,16 +289,19 @@ mod tests {
 
         // Latents are encoded once, with the mirror image second.
         let mut calls = 0;
-        let mut encode = |px: &Tensor| {
-            calls += 1;
-            assert_eq!(px.size(), [2, 8, 8, 3]);
-            px.to_kind(tch::Kind::Float)
+        let (first, again) = {
+            let mut encode = |px: &Tensor| {
+                calls += 1;
+                assert_eq!(px.size(), [2, 8, 8, 3]);
+                px.to_kind(tch::Kind::Float)
+            };
+            (
+                set.latents(0, &mut encode).shallow_clone(),
+                set.latents(0, &mut encode).shallow_clone(),
+            )
         };
-        let first = set.latents(0, &mut encode).shallow_clone();
-        let again = set.latents(0, &mut encode).shallow_clone();
         assert!(first.equal(&again));
         assert!(first.get(1).equal(&first.get(0).flip([1])));
-        drop(encode);
         assert_eq!(calls, 1);
     }
 }
