@@ -148,7 +148,8 @@ struct SampleArgs {
     #[arg(long)]
     init_noise: Option<PathBuf>,
     /// Trained weights to apply: a diffusers LoRA file, a DiffFit file, or a merged UNet / DiT
-    /// transformer folder (what `pso export` writes). Several DiffFit files can share one base.
+    /// transformer folder (what `pso export` writes); keep one DiffFit file per dataset and
+    /// apply whichever the images are for.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Number of images (default 1, or N of --init-noise).

@@ -454,12 +454,8 @@ impl ScaledBlock for DiTBlock {
         self.ff.proj_out.weight().device()
     }
 
-    fn set_branch_scales(&self, gamma: Option<BranchScales>) {
-        self.gamma.set(gamma);
-    }
-
-    fn branch_scales(&self) -> Option<BranchScales> {
-        self.gamma.get()
+    fn gamma_slot(&self) -> &GammaSlot {
+        &self.gamma
     }
 
     fn merge_branch_scales(&self) {

@@ -103,10 +103,16 @@ pub trait ScaledBlock {
     fn has_cross_attention(&self) -> bool;
     /// Where the block's weights live.
     fn device(&self) -> Device;
+    /// The block's γ slot.
+    fn gamma_slot(&self) -> &GammaSlot;
     /// Attaches (or with `None` removes) the branch scales.
-    fn set_branch_scales(&self, gamma: Option<BranchScales>);
+    fn set_branch_scales(&self, gamma: Option<BranchScales>) {
+        self.gamma_slot().set(gamma);
+    }
     /// The attached branch scales (sharing their tensors), if any.
-    fn branch_scales(&self) -> Option<BranchScales>;
+    fn branch_scales(&self) -> Option<BranchScales> {
+        self.gamma_slot().get()
+    }
     /// Folds attached scales into the layers that end each branch (attention's to_out.0,
     /// ff.net.2) and removes them; the block computes the same function after.
     fn merge_branch_scales(&self);
@@ -226,12 +232,8 @@ impl ScaledBlock for BasicTransformerBlock {
         self.ff.proj_out.weight().device()
     }
 
-    fn set_branch_scales(&self, gamma: Option<BranchScales>) {
-        self.gamma.set(gamma);
-    }
-
-    fn branch_scales(&self) -> Option<BranchScales> {
-        self.gamma.get()
+    fn gamma_slot(&self) -> &GammaSlot {
+        &self.gamma
     }
 
     fn merge_branch_scales(&self) {
