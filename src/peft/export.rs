@@ -71,14 +71,6 @@ pub fn export(
     };
     let root = crate::pipeline::hub::resolve_model(&config.model.id, None)
         .map_err(|e| PeftError::Config(e.to_string()))?;
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        kind: Kind::Float,
-        variant: None,
-        backbone_weights: config.model.unet.clone(),
-    };
-    let (vs, backbone) = load_backbone(&root, &opts)
-        .map_err(|e| PeftError::Config(format!("loading the base model for export: {e}")))?;
     match format {
         ExportFormat::DiffusersLora => {
             need("lora", "diffusers-lora")?;
@@ -86,7 +78,13 @@ pub fn export(
             meta.insert(FORMAT_KEY.into(), "diffusers-lora".into());
             meta.insert("pso.rank".into(), config.peft.rank.to_string());
             meta.insert("pso.scale_folded_into_lora_B".into(), scale.to_string());
-            let entries = lora::to_diffusers(&tensors, scale, backbone.folder());
+            // diffusers names the denoiser's entries by its pipeline component.
+            let component = if crate::pipeline::dit::is_dit_folder(&root) {
+                "transformer"
+            } else {
+                "unet"
+            };
+            let entries = lora::to_diffusers(&tensors, scale, component);
             tensor_file::write(out, &entries, &meta).map_err(file_err)?;
             Ok(out.to_owned())
         }
@@ -97,6 +95,15 @@ pub fn export(
             Ok(out.to_owned())
         }
         ExportFormat::Merged => {
+            let opts = LoadOptions {
+                device: Device::Cpu,
+                kind: Kind::Float,
+                variant: None,
+                backbone_weights: config.model.unet.clone(),
+            };
+            let (vs, backbone) = load_backbone(&root, &opts).map_err(|e| {
+                PeftError::Config(format!("loading the base model for merging: {e}"))
+            })?;
             let map: HashMap<String, Tensor> = tensors.into_iter().collect();
             let what = format!("run tensors (peft.kind = {kind})");
             match kind {
