@@ -49,23 +49,29 @@ CASES = {
     ),
 }
 
-out = Path(sys.argv[1])
-cases = {}
-for name, case in CASES.items():
-    torch.manual_seed(0)
-    model = randomize(DiTTransformer2DModel(**COMMON, **case["config"]), 0.2)
-    model.save_pretrained(out / name)
-    if case["interpolation"] is not None:
-        # Read by PatchEmbed.forward when the token grid differs from the configured one.
-        model.pos_embed.interpolation_scale = case["interpolation"]
-    size = case["size"]
-    inputs = {
-        "sample": torch.randn(3, 4, size, size),
-        "timestep": torch.tensor([999.0, 10.0, 500.0]),
-        "class_labels": torch.tensor([3, 10, 7]),
-    }
-    with torch.no_grad():
-        inputs["output"] = model(inputs["sample"], inputs["timestep"], inputs["class_labels"]).sample
-    cases.update({f"{name}.{k}": v.contiguous() for k, v in inputs.items()})
-cases["pos_embed"] = get_2d_sincos_pos_embed(16, (3, 5), base_size=4, interpolation_scale=2.0).float()
-save_file(cases, str(out / "dit_cases.safetensors"))
+
+def main(out: Path):
+    cases = {}
+    for name, case in CASES.items():
+        torch.manual_seed(0)
+        model = randomize(DiTTransformer2DModel(**COMMON, **case["config"]), 0.2)
+        model.save_pretrained(out / name)
+        if case["interpolation"] is not None:
+            # Read by PatchEmbed.forward when the token grid differs from the configured one.
+            model.pos_embed.interpolation_scale = case["interpolation"]
+        size = case["size"]
+        inputs = {
+            "sample": torch.randn(3, 4, size, size),
+            "timestep": torch.tensor([999.0, 10.0, 500.0]),
+            "class_labels": torch.tensor([3, 10, 7]),
+        }
+        with torch.no_grad():
+            inputs["output"] = model(inputs["sample"], inputs["timestep"], inputs["class_labels"]).sample
+        cases.update({f"{name}.{k}": v.contiguous() for k, v in inputs.items()})
+    cases["pos_embed"] = get_2d_sincos_pos_embed(16, (3, 5), base_size=4, interpolation_scale=2.0).float()
+    save_file(cases, str(out / "dit_cases.safetensors"))
+
+
+# Other oracles import `randomize`; only a run as a script writes files.
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

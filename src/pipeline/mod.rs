@@ -131,54 +131,47 @@ impl Conditioning {
                     .into(),
             ));
         }
-        let inputs = match &parts[0].inputs {
-            Condition::Classes(_) => {
-                let labels: Vec<&Tensor> = parts
-                    .iter()
-                    .filter_map(|c| match &c.inputs {
-                        Condition::Classes(l) => Some(l),
-                        Condition::Text { .. } => None,
-                    })
-                    .collect();
-                Condition::Classes(Tensor::cat(&labels, 0))
-            }
-            Condition::Text { .. } => {
-                let text: Vec<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> = parts
-                    .iter()
-                    .filter_map(|c| match &c.inputs {
-                        Condition::Text {
-                            embeds,
-                            added,
-                            timestep_cond,
-                        } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
-                        Condition::Classes(_) => None,
-                    })
-                    .collect();
-                let all = |v: Vec<Option<&Tensor>>| {
-                    v.into_iter()
-                        .collect::<Option<Vec<&Tensor>>>()
-                        .map(|v| Tensor::cat(&v, 0))
-                };
-                let embeds: Vec<&Tensor> = text.iter().map(|t| t.0).collect();
-                let added = all(text.iter().map(|t| t.1.map(|a| &a.text_embeds)).collect()).map(
-                    |text_embeds| AddedCond {
-                        text_embeds,
-                        time_ids: all(text.iter().map(|t| t.1.map(|a| &a.time_ids)).collect())
-                            .expect("added conditioning has time ids"),
-                    },
-                );
-                Condition::Text {
-                    embeds: Tensor::cat(&embeds, 0),
-                    added,
-                    timestep_cond: all(text.iter().map(|t| t.2).collect()),
-                }
-            }
+        // Each field of every part, concatenated; `None` when some part lacks it.
+        let cat = |field: &dyn Fn(&Condition) -> Option<&Tensor>| {
+            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| field(&c.inputs)).collect();
+            all.map(|v| Tensor::cat(&v, 0))
         };
-        if inputs.rows() != parts.iter().map(|c| c.inputs.rows()).sum::<i64>() {
+        fn labels(c: &Condition) -> Option<&Tensor> {
+            match c {
+                Condition::Classes(l) => Some(l),
+                Condition::Text { .. } => None,
+            }
+        }
+        fn text(c: &Condition) -> Option<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> {
+            match c {
+                Condition::Text {
+                    embeds,
+                    added,
+                    timestep_cond,
+                } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
+                Condition::Classes(_) => None,
+            }
+        }
+        fn added(c: &Condition) -> Option<&AddedCond> {
+            text(c).and_then(|t| t.1)
+        }
+        let inputs = if let Some(labels) = cat(&labels) {
+            Condition::Classes(labels)
+        } else if let Some(embeds) = cat(&|c| text(c).map(|t| t.0)) {
+            Condition::Text {
+                embeds,
+                added: cat(&|c| added(c).map(|a| &a.text_embeds)).map(|text_embeds| AddedCond {
+                    text_embeds,
+                    time_ids: cat(&|c| added(c).map(|a| &a.time_ids))
+                        .expect("added conditioning has time ids"),
+                }),
+                timestep_cond: cat(&|c| text(c).and_then(|t| t.2)),
+            }
+        } else {
             return Err(PipelineError::Request(
                 "batched conditioning mixes text and class conditioning".into(),
             ));
-        }
+        };
         Ok(Conditioning { inputs, cfg: None })
     }
 
