@@ -114,13 +114,22 @@ struct SampleArgs {
     #[arg(long)]
     model: String,
     /// Text prompt (text-to-image pipelines).
-    #[arg(long, required_unless_present = "class_label")]
+    #[arg(long, required_unless_present_any = ["class_label", "per_class"])]
     prompt: Option<String>,
     /// Class-conditional (DiT) pipelines: the classes to draw, one image each, as ids or as
     /// names from the folder's id2label: --class-label 207,360 or --class-label "golden
     /// retriever". Use --guidance 4 and --steps 50 for DiTPipeline's defaults.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
     class_label: Vec<String>,
+    /// Evaluation samples for `pso eval fid`: N images of every --class-label (of every class
+    /// when none is given), generated --batch-size at a time across classes into
+    /// classCCCC_IIIII.png. Image I of class C uses seed SEED + C·N + I, so it does not depend
+    /// on the batch size, and a rerun into the same --out generates only the missing files.
+    #[arg(long, conflicts_with_all = ["prompt", "init_noise", "num_images"])]
+    per_class: Option<u32>,
+    /// Images per sampler call with --per-class.
+    #[arg(long, default_value_t = 16, requires = "per_class")]
+    batch_size: usize,
     /// Negative prompt (used only with --guidance > 1).
     #[arg(long)]
     negative_prompt: Option<String>,
@@ -377,10 +386,11 @@ enum EvalCommand {
     /// Fréchet Inception Distance between a reference set and generated samples.
     ///
     /// Features come from the FID Inception-v3 weights you supply as TorchScript (e.g. NVIDIA's
-    /// inception-2015-12-05.pt, which resizes to 299 itself); pso downloads nothing. Images are
+    /// inception-2015-12-05.pt, which resizes to 299 itself), as a file or from a Hub
+    /// repository through the HF cache; pso bundles no weights. Images are
     /// fed as float [N, 3, H, W] in 0..=255. The distance is pytorch-fid's: ‖μ₁ − μ₂‖² +
     /// Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) in float64. Use thousands of images (50 000 for the usual
-    /// ImageNet numbers); generate them with `pso sample --class-label …`.
+    /// ImageNet numbers); generate them with `pso sample --per-class 50 …`.
     #[command(
         after_help = "Example: pso eval fid --inception inception-2015-12-05.pt \
   --reference                       imagenet_256_stats.npz --samples out/samples"
@@ -397,9 +407,10 @@ struct FidArgs {
     #[arg(long)]
     samples: PathBuf,
     /// The feature extractor: a TorchScript file mapping [N, 3, H, W] images in 0..=255 to
-    /// features [N, D].
+    /// features [N, D]; or a Hub model repository holding one, as owner/name/FILE or as
+    /// owner/name when it has a single .pt file (HF cache, HF_HUB_OFFLINE as for --model).
     #[arg(long)]
-    inception: PathBuf,
+    inception: String,
     /// Images per forward pass.
     #[arg(long, default_value_t = 50)]
     batch_size: usize,
@@ -414,8 +425,10 @@ struct FidArgs {
 fn eval_fid(args: FidArgs) -> Result<()> {
     use pso::fid::{frechet_distance, FeatureExtractor, FeatureStats};
     let device = resolve_device(&args.device).map_err(anyhow::Error::msg)?;
-    let extractor = FeatureExtractor::load(&args.inception, device)
-        .with_context(|| format!("--inception {}", args.inception.display()))?;
+    let inception = pso::pipeline::hub::resolve_file(&args.inception, &[".pt", ".torchscript"])
+        .with_context(|| format!("--inception {}", args.inception))?;
+    let extractor = FeatureExtractor::load(&inception, device)
+        .with_context(|| format!("--inception {}", args.inception))?;
     let reference = if args.reference.is_dir() {
         extractor.folder_stats(&args.reference, args.batch_size)
     } else {
@@ -738,7 +751,8 @@ fn sample(args: SampleArgs) -> Result<()> {
     }
     let Some(prompt) = args.prompt.as_deref() else {
         anyhow::bail!(
-            "{} is a text-to-image pipeline: give --prompt (--class-label is for DiT pipelines)",
+            "{} is a text-to-image pipeline: give --prompt (--class-label and --per-class are for DiT \
+             pipelines)",
             root.display()
         );
     };
@@ -811,7 +825,7 @@ fn sample_classes(
         root.display()
     );
     anyhow::ensure!(
-        !args.class_label.is_empty(),
+        !args.class_label.is_empty() || args.per_class.is_some(),
         "{} is a class-conditional DiT pipeline: give --class-label (ids or id2label names)",
         root.display()
     );
@@ -837,12 +851,40 @@ fn sample_classes(
              (got {h:?} × {w:?})"
         ),
     };
+    let timesteps = match &args.timesteps {
+        Some(list) => Timesteps::Explicit(list.clone()),
+        None => Timesteps::Steps(args.steps),
+    };
+    if let Some(per_class) = args.per_class {
+        use pso::run::class_samples::{write_class_samples, ClassSamples};
+        let req = ClassSamples {
+            classes: if class_labels.is_empty() {
+                (0..classes.num_classes()).collect()
+            } else {
+                class_labels
+            },
+            per_class,
+            batch_size: args.batch_size,
+            seed: args.seed,
+            timesteps,
+            guidance: args.guidance,
+            latent_size,
+            progress: std::io::stderr().is_terminal(),
+        };
+        let report = write_class_samples(pipeline, &req, &args.out)
+            .with_context(|| format!("writing samples into {}", args.out.display()))?;
+        println!(
+            "{} images in {} ({} generated now, {} already there)",
+            report.written + report.kept,
+            args.out.display(),
+            report.written,
+            report.kept
+        );
+        return Ok(());
+    }
     let request = ClassRequest {
         class_labels,
-        timesteps: match &args.timesteps {
-            Some(list) => Timesteps::Explicit(list.clone()),
-            None => Timesteps::Steps(args.steps),
-        },
+        timesteps,
         guidance: args.guidance,
         latent_size,
         init_latents,

@@ -1,6 +1,7 @@
 //! FID: the Fréchet distance against pytorch-fid's scipy computation on random features
 //! (singular covariances included), and `pso eval fid` end to end with a tiny TorchScript
-//! feature extractor, references as a folder and as pytorch-fid's .npz (scripts/oracle/fid.py).
+//! feature extractor (as a file and as a Hub id in the HF cache), references as a folder and as
+//! pytorch-fid's .npz (scripts/oracle/fid.py).
 
 mod common;
 
@@ -42,11 +43,14 @@ fn fid_matches_pytorch_fid_on_features_and_through_the_cli() {
         "singular c vs d",
     );
 
-    let run = |reference: &std::path::Path, extra: &[&str]| {
+    let extractor = dir.path().join("extractor.pt");
+    let run_with = |inception: &std::ffi::OsStr, reference: &std::path::Path, extra: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_pso"))
             .args(["eval", "fid", "--device", "cpu", "--batch-size", "4"])
             .arg("--inception")
-            .arg(dir.path().join("extractor.pt"))
+            .arg(inception)
+            .env("HF_HOME", dir.path().join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
             .arg("--reference")
             .arg(reference)
             .arg("--samples")
@@ -64,6 +68,9 @@ fn fid_matches_pytorch_fid_on_features_and_through_the_cli() {
             .trim()
             .parse::<f64>()
             .unwrap()
+    };
+    let run = |reference: &std::path::Path, extra: &[&str]| {
+        run_with(extractor.as_os_str(), reference, extra)
     };
     let saved = dir.path().join("samples.npz");
     let from_folder = run(
@@ -83,6 +90,21 @@ fn fid_matches_pytorch_fid_on_features_and_through_the_cli() {
     );
     // The samples' own statistics as the reference: distance 0.
     assert!(run(&saved, &[]).abs() < 1e-6);
+
+    // The extractor as a Hub id, from the HF cache (offline).
+    let repo = dir.path().join("hf/hub/models--tiny--fid-extractor");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::copy(&extractor, snapshot.join("extractor.pt")).unwrap();
+    for id in ["tiny/fid-extractor", "tiny/fid-extractor/extractor.pt"] {
+        close(
+            run_with(id.as_ref(), &dir.path().join("ref_stats.npz"), &[]),
+            expected["folders"],
+            id,
+        );
+    }
 
     let bad = Command::new(env!("CARGO_BIN_EXE_pso"))
         .args(["eval", "fid", "--device", "cpu", "--inception"])

@@ -1,6 +1,6 @@
-//! `--model` as a Hugging Face Hub id: found in the standard HF cache (`HF_HOME`, default
-//! `~/.cache/huggingface`), or downloaded into it with hf-hub. With `HF_HUB_OFFLINE=1` only the
-//! cache is used.
+//! `--model` (a pipeline) and single-file arguments such as `--inception` as Hugging Face Hub
+//! ids: found in the standard HF cache (`HF_HOME`, default `~/.cache/huggingface`), or
+//! downloaded into it with hf-hub. With `HF_HUB_OFFLINE=1` only the cache is used.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -133,6 +133,122 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, Pipel
     Ok(root.expect("model_index.json was downloaded"))
 }
 
+/// Resolves a one-file argument: an existing file as is; otherwise `owner/name/PATH` (that file
+/// of a Hub model repository) or `owner/name` (the repository's one file ending in one of
+/// `extensions`), through the HF cache as [`resolve_model`].
+pub fn resolve_file(spec: &str, extensions: &[&str]) -> Result<PathBuf, PipelineError> {
+    resolve_file_in(&hf_hub::Cache::from_env(), offline(), spec, extensions)
+}
+
+fn resolve_file_in(
+    cache: &hf_hub::Cache,
+    offline: bool,
+    spec: &str,
+    extensions: &[&str],
+) -> Result<PathBuf, PipelineError> {
+    let path = Path::new(spec);
+    let parts: Vec<&str> = spec.splitn(3, '/').collect();
+    let (repo_id, file) = match parts.as_slice() {
+        _ if path.exists() => return Ok(path.to_owned()),
+        [owner, name, file] if is_repo_id(&format!("{owner}/{name}")) => {
+            (format!("{owner}/{name}"), Some(*file))
+        }
+        _ if is_repo_id(spec) => (spec.to_owned(), None),
+        _ => return Ok(path.to_owned()),
+    };
+    let wanted = |f: &str| extensions.iter().any(|e| f.ends_with(e));
+    let pick = |files: Vec<String>, where_: &str| -> Result<String, PipelineError> {
+        let found: Vec<String> = files.into_iter().filter(|f| wanted(f)).collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(PipelineError::Folder {
+                path: PathBuf::from(spec),
+                why: format!(
+                    "{where_} holds {} file(s) ending in {}{}; name one as {repo_id}/FILE",
+                    found.len(),
+                    extensions.join(" / "),
+                    if found.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", found.join(", "))
+                    }
+                ),
+            }),
+        }
+    };
+    if offline {
+        let snapshot = cached_snapshot(cache, &repo_id);
+        let file = match (file, &snapshot) {
+            (Some(f), _) => Some(f.to_owned()),
+            (None, Some(dir)) => Some(pick(files_under(dir, dir), "the cached snapshot")?),
+            (None, None) => None,
+        };
+        return file
+            .and_then(|f| cache.model(repo_id.clone()).get(&f))
+            .ok_or_else(|| PipelineError::Folder {
+                path: PathBuf::from(spec),
+                why: format!(
+                    "neither a local file nor in the Hugging Face cache ({}), and HF_HUB_OFFLINE                      is set; download it where there is network (`hf download {repo_id}`) and                      copy the cache, set HF_HOME to where it is, or pass a local file",
+                    cache.path().display()
+                ),
+            });
+    }
+    let hub_error = |why: String| PipelineError::Folder {
+        path: PathBuf::from(spec),
+        why,
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(std::io::stderr().is_terminal())
+        .build()
+        .map_err(|e| hub_error(format!("cannot reach the Hugging Face Hub: {e}")))?;
+    let repo = api.model(repo_id.clone());
+    let file = match file {
+        Some(f) => f.to_owned(),
+        None => {
+            let info = repo.info().map_err(|e| {
+                hub_error(format!(
+                    "not a local file, and the Hub lookup of {repo_id} failed: {e} (check the                      id and your network; HF_HUB_OFFLINE=1 uses the cache only)"
+                ))
+            })?;
+            let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+            pick(files, &format!("the repository {repo_id}"))?
+        }
+    };
+    tracing::info!("downloading {repo_id}/{file}");
+    repo.get(&file).map_err(|e| {
+        hub_error(format!(
+            "not a local file, and downloading {file} from {repo_id} failed: {e}"
+        ))
+    })
+}
+
+/// The snapshot folder `refs/main` of a cached model repository points at.
+fn cached_snapshot(cache: &hf_hub::Cache, repo_id: &str) -> Option<PathBuf> {
+    let repo = cache
+        .path()
+        .join(hf_hub::Repo::model(repo_id.to_owned()).folder_name());
+    let commit = std::fs::read_to_string(repo.join("refs/main")).ok()?;
+    Some(repo.join("snapshots").join(commit.trim())).filter(|p| p.is_dir())
+}
+
+/// The files under `dir`, as paths relative to `root` with `/` separators.
+fn files_under(dir: &Path, root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+        if path.is_dir() {
+            out.extend(files_under(&path, root));
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy()).collect();
+            out.push(parts.join("/"));
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +268,46 @@ mod tests {
         ] {
             assert!(!is_repo_id(not), "{not}");
         }
+    }
+
+    #[test]
+    fn single_files_resolve_from_the_cache_offline_by_path_or_by_extension() {
+        let home = tempfile::tempdir().unwrap();
+        let repo = home.path().join("hub/models--fid--inception");
+        let snapshot = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(snapshot.join("jit")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+        std::fs::write(snapshot.join("jit/inception.pt"), b"x").unwrap();
+        std::fs::write(snapshot.join("README.md"), b"x").unwrap();
+        let cache = hf_hub::Cache::new(home.path().join("hub"));
+        let resolve_file = |spec: &str, ext: &[&str]| resolve_file_in(&cache, true, spec, ext);
+        let want = snapshot.join("jit/inception.pt");
+        assert_eq!(resolve_file("fid/inception", &[".pt"]).unwrap(), want);
+        assert_eq!(
+            resolve_file("fid/inception/jit/inception.pt", &[".pt"]).unwrap(),
+            want
+        );
+        let e = resolve_file("fid/inception", &[".pth"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0 file(s) ending in .pth") && e.contains("fid/inception/FILE"),
+            "{e}"
+        );
+        std::fs::write(snapshot.join("other.pt"), b"x").unwrap();
+        let e = resolve_file("fid/inception", &[".pt"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(jit/inception.pt, other.pt)"), "{e}");
+        let e = resolve_file("fid/missing/x.pt", &[".pt"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
+        let local = home.path().join("local.pt");
+        std::fs::write(&local, b"x").unwrap();
+        let spec = local.to_str().unwrap();
+        assert_eq!(resolve_file(spec, &[".pt"]).unwrap(), local);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Orchestration of training runs: the run directory contract (docs/design.md), metrics,
 //! checkpoints and resume, shared by `pso offline` and `pso online`.
 
+pub mod class_samples;
 pub mod data;
 pub mod eval;
 pub mod images;
@@ -361,14 +362,19 @@ pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result
 
 /// A progress bar over optimizer steps (hidden when `show` is false).
 pub fn progress(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
+    progress_of("step", show, total, done)
+}
+
+/// A progress bar counting `unit`s (hidden when `show` is false).
+pub fn progress_of(unit: &str, show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] step {pos}/{len} ({per_sec}, eta {eta})",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:40}}] {unit} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
+        ))
         .expect("valid template")
         .progress_chars("=> "),
     );

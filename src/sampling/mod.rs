@@ -23,7 +23,7 @@ pub use config::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
     TimestepType, VarianceType,
 };
-pub use noise::{ExplicitNoise, NoiseSource, SeededNoise};
+pub use noise::{ExplicitNoise, NoiseSource, RowSeededNoise, SeededNoise};
 pub use sampler::{sample, Denoiser, InitialLatents, SampleOutput, Trajectory};
 pub use scheduler::{Kernel, Scheduler, Timesteps};
 

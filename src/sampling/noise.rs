@@ -64,6 +64,55 @@ impl NoiseSource for SeededNoise {
     }
 }
 
+/// Noise for a batch of images that each have their own seed: image i's rows come from
+/// `SeededNoise::new(seeds[i])`, so every image gets what it would draw alone, whatever batch it
+/// is generated in.
+///
+/// A draw of k·R rows (R images) gives each image's stream k rows, row j of image i landing at
+/// j·R + i: a guided DiT draws noise for its doubled batch and keeps the first R rows, which are
+/// then each image's first row, as when it is sampled alone.
+#[derive(Debug, Clone)]
+pub struct RowSeededNoise {
+    rows: Vec<SeededNoise>,
+}
+
+impl RowSeededNoise {
+    /// One stream per image, in batch order.
+    pub fn new(seeds: impl IntoIterator<Item = u64>) -> RowSeededNoise {
+        RowSeededNoise {
+            rows: seeds.into_iter().map(SeededNoise::new).collect(),
+        }
+    }
+}
+
+impl NoiseSource for RowSeededNoise {
+    fn draw(&mut self, shape: &[i64], count: usize) -> Result<Vec<Tensor>, SamplingError> {
+        let images = self.rows.len() as i64;
+        let per_image = match shape.first() {
+            Some(&n) if images > 0 && n > 0 && n % images == 0 => n / images,
+            _ => {
+                return Err(SamplingError::Noise(format!(
+                    "a draw of shape {shape:?} does not split into the {images} images' seeds"
+                )))
+            }
+        };
+        let mut row_shape = shape.to_vec();
+        row_shape[0] = per_image;
+        let streams = self
+            .rows
+            .iter_mut()
+            .map(|r| r.draw(&row_shape, count))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((0..count)
+            .map(|j| {
+                let parts: Vec<&Tensor> = streams.iter().map(|s| &s[j]).collect();
+                // [k, R, …] → [k·R, …]: row j·R + i is image i's row j.
+                Tensor::stack(&parts, 1).reshape(shape)
+            })
+            .collect())
+    }
+}
+
 /// Noise given as tensors, used in order (e.g. the same tensors handed to diffusers in a test).
 #[derive(Debug, Default)]
 pub struct ExplicitNoise {
@@ -131,6 +180,24 @@ mod tests {
         let all = SeededNoise::new(7).draw(&[2, 3], 3).unwrap();
         assert!(first[0].equal(&all[0]) && first[1].equal(&all[1]) && second[0].equal(&all[2]));
         assert!(!first[0].equal(&first[1]));
+    }
+
+    #[test]
+    fn row_seeded_noise_gives_each_image_its_own_stream() {
+        let mut batch = RowSeededNoise::new([3, 8]);
+        let drawn = batch.draw(&[4, 2], 2).unwrap();
+        for (i, seed) in [3, 8].into_iter().enumerate() {
+            let alone = SeededNoise::new(seed).draw(&[2, 2], 2).unwrap();
+            for (d, a) in drawn.iter().zip(&alone) {
+                assert!(d.get(i as i64).equal(&a.get(0)), "image {i}, first row");
+                assert!(
+                    d.get(2 + i as i64).equal(&a.get(1)),
+                    "image {i}, second row"
+                );
+            }
+        }
+        let e = batch.draw(&[3, 2], 1).unwrap_err().to_string();
+        assert!(e.contains("[3, 2]") && e.contains("2 images"), "{e}");
     }
 
     #[test]
