@@ -116,9 +116,10 @@ struct SampleArgs {
     /// Text prompt (text-to-image pipelines).
     #[arg(long, required_unless_present_any = ["class_label", "per_class"])]
     prompt: Option<String>,
-    /// Class-conditional (DiT) pipelines: the classes to draw, one image each, as ids or as
-    /// names from the folder's id2label: --class-label 207,360 or --class-label "golden
-    /// retriever". Use --guidance 4 and --steps 50 for DiTPipeline's defaults.
+    /// Class-conditional (DiT) pipelines: the classes to draw, one image each, as ids, id
+    /// ranges (0..101 is 0 to 100) or names from the folder's id2label: --class-label 207,360 or
+    /// --class-label "golden retriever". Use --guidance 4 and --steps 50 for DiTPipeline's
+    /// defaults.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
     class_label: Vec<String>,
     /// Evaluation samples for `pso eval fid`: N images of every --class-label (of every class
@@ -327,12 +328,28 @@ struct OfflineArgs {
     /// (objective.kind = pso_db or offline_pso). With objective.kind = sft (DiffFit's dataset
     /// fine-tuning): a folder with one sub-folder per class, named by a class id or an id2label
     /// name of a DiT (or a prompt of a text-to-image model); latents are encoded once, and a
-    /// learned-variance DiT trains with iDDPM's hybrid loss.
+    /// learned-variance DiT trains with iDDPM's hybrid loss. Either may also be a Parquet table
+    /// of image + label: a .parquet file, or a folder of them such as a Hugging Face dataset
+    /// (data/train-*.parquet with an Image and a ClassLabel or text column).
     #[arg(long, conflicts_with_all = ["pairs", "relabel_with"])]
     train_images: Option<PathBuf>,
     /// Prompt of training images that have no NAME.txt.
     #[arg(long, requires = "train_images")]
     prompt: Option<String>,
+    /// The image column of a --train-images table (default: the Image feature of its metadata,
+    /// else image, img, jpg, png, …).
+    #[arg(long, requires = "train_images")]
+    image_column: Option<String>,
+    /// The label column of a --train-images table (default: the ClassLabel feature of its
+    /// metadata, else label, labels, class, text, caption, prompt).
+    #[arg(long, requires = "train_images")]
+    label_column: Option<String>,
+    /// What a table's integer labels are: class ids of a DiT (the default for class-conditional
+    /// models; a new dataset's classes 0..K train rows 0..K of the class table) or their
+    /// ClassLabel names (the default for text-to-image models, as prompts; for a DiT, names
+    /// looked up in its id2label).
+    #[arg(long, value_enum, requires = "train_images")]
+    label_as: Option<pso::run::images::LabelAs>,
     /// With --train-images and objective.kind = sft: draw each image's class (sub-folder or
     /// prompt) uniformly, then an image of it, so that rare classes are seen as often as common
     /// ones.
@@ -538,6 +555,11 @@ fn offline(args: OfflineArgs) -> Result<()> {
             pairs: args.pairs,
             train_images: args.train_images,
             prompt: args.prompt,
+            columns: pso::run::image_table::TableColumns {
+                image: args.image_column,
+                label: args.label_column,
+            },
+            label_as: args.label_as,
             class_balanced: args.class_balanced,
             random_flip: args.random_flip,
             relabel_with,
@@ -830,11 +852,20 @@ fn sample_classes(
         root.display()
     );
     let classes = pipeline.classes()?;
-    let class_labels = args
-        .class_label
-        .iter()
-        .map(|l| classes.class_id(l))
-        .collect::<Result<Vec<i64>, _>>()?;
+    let mut class_labels = Vec::new();
+    for label in &args.class_label {
+        match label
+            .split_once("..")
+            .map(|(a, b)| (a.trim().parse::<i64>(), b.trim().parse::<i64>()))
+        {
+            Some((Ok(start), Ok(end))) => {
+                for id in start..end {
+                    class_labels.push(classes.class_id(&id.to_string())?);
+                }
+            }
+            _ => class_labels.push(classes.class_id(label)?),
+        }
+    }
     if let Some(n) = args.num_images {
         anyhow::ensure!(
             n == class_labels.len() as i64,

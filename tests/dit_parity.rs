@@ -272,6 +272,10 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
     let classes = pipeline.classes().unwrap();
     assert_eq!(classes.class_id("golden retriever").unwrap(), 207);
     assert_eq!(classes.class_id("Galeocerdo cuvieri").unwrap(), 3);
+    assert_eq!(
+        classes.class_id("tiger shark, Galeocerdo cuvieri").unwrap(),
+        3
+    );
     assert_eq!(classes.class_id("12").unwrap(), 12);
     for bad in ["1000", "-1", "golden retriver"] {
         let err = classes.class_id(bad).unwrap_err().to_string();
@@ -365,7 +369,7 @@ fn per_class_samples_do_not_depend_on_batching_and_resume() {
     let out = dir.path().join("eval");
     let per_class = [
         "--class-label",
-        "golden retriever,3",
+        "golden retriever,3..4",
         "--per-class",
         "3",
         "--seed",

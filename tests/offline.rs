@@ -569,3 +569,111 @@ fn dit_sft_on_class_folders_resumes_exactly_and_refuses_unknown_classes() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("`zebra` is not a class name"), "{e}");
 }
+
+/// SFT data as a Parquet table, written by Hugging Face `datasets`
+/// (scripts/oracle/make_image_table.py): every row's pixels and label in order (class ids,
+/// ClassLabel names or a text column), unlabelled rows refused with their row; then a DiT
+/// trained through the CLI on the sharded dataset folder, its integer labels as class ids or as
+/// names through id2label.
+#[test]
+fn dit_sft_reads_hugging_face_image_tables() {
+    use pso::run::images::{ImageSetOptions, LabelAs, TrainingImages};
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_image_table.py", &[dir.path().as_os_str()]);
+    let pixels: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(dir.path().join("expected.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let labels: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
+            .unwrap();
+    let opts = |label_as| ImageSetOptions {
+        default_prompt: None,
+        columns: Default::default(),
+        label_as,
+        height: 16,
+        width: 16,
+        seed: 0,
+    };
+    let prompts = |set: &TrainingImages, table: &str| -> Vec<String> {
+        assert_eq!(set.len() as i64, pixels[table].size()[0], "{table}");
+        (0..set.len())
+            .map(|i| {
+                let image = set.get(i);
+                assert!(
+                    image.pixels.equal(&pixels[table].get(i as i64)),
+                    "{table} row {i}"
+                );
+                image.prompt.clone()
+            })
+            .collect()
+    };
+    let classes = dir.path().join("classes");
+    let by_id = TrainingImages::open(&classes, &opts(LabelAs::Id)).unwrap();
+    let ids: Vec<String> = labels["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(prompts(&by_id, "classes"), ids);
+    assert!(by_id
+        .get(4)
+        .source
+        .ends_with("train-00001-of-00002.parquet, row 1"));
+    let by_name = TrainingImages::open(&classes, &opts(LabelAs::Name)).unwrap();
+    assert_eq!(
+        prompts(&by_name, "classes"),
+        ["dog", "cat, kitty", "dog", "dog", "cat, kitty"]
+    );
+    let captions =
+        TrainingImages::open(&dir.path().join("captions.parquet"), &opts(LabelAs::Id)).unwrap();
+    assert_eq!(
+        serde_json::to_value(prompts(&captions, "captions")).unwrap(),
+        labels["captions"]
+    );
+    let e = TrainingImages::open(&dir.path().join("unlabelled.parquet"), &opts(LabelAs::Id))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unlabelled.parquet: row 0: label -1"), "{e}");
+    let mut bad_column = opts(LabelAs::Id);
+    bad_column.columns.image = Some("jpg".into());
+    let e = TrainingImages::open(&classes, &bad_column)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no column `jpg` (--image-column); its columns are image, label"),
+        "{e}"
+    );
+
+    let model_set = format!("model.id={}", s(&models().join("dit")));
+    let sets = [
+        model_set.as_str(),
+        "sampler.name=ddpm",
+        "objective.kind=sft",
+        "learner.grad_accumulation=1",
+        "learner.max_steps=2",
+    ];
+    let cfg = config(dir.path(), "difffit", &sets);
+    for (label_as, out) in [("id", "by-id"), ("name", "by-name")] {
+        let out = dir.path().join(out);
+        ok(&[
+            "offline",
+            "--config",
+            s(&cfg),
+            "--train-images",
+            s(&classes),
+            "--label-as",
+            label_as,
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(losses(&out).len(), 2, "--label-as {label_as}");
+    }
+    // Both name the same classes (id2label: 0 "cat, kitty", 1 "dog"), so they train alike.
+    assert_eq!(
+        losses(&dir.path().join("by-id")),
+        losses(&dir.path().join("by-name"))
+    );
+}

@@ -128,10 +128,12 @@ pub(super) fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, Pipeline
             path: index_path.clone(),
             why: format!("id2label key `{id}` is not a class id (an integer)"),
         })?;
-        // As DiTPipeline: every comma-separated synonym names the class.
+        // As DiTPipeline: every comma-separated synonym names the class; so does the whole
+        // entry, as datasets' ImageNet ClassLabel names spell it.
         for name in names.split(',') {
             labels.insert(name.trim().to_owned(), id);
         }
+        labels.insert(names.trim().to_owned(), id);
     }
     let num_classes = transformer
         .config

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use super::PipelineError;
 
 /// Component folders of the pipelines this crate runs, and the files they need besides weights.
-const COMPONENTS: [&str; 7] = [
+const COMPONENTS: [&str; 8] = [
     "unet",
+    "transformer",
     "vae",
     "text_encoder",
     "text_encoder_2",
@@ -320,6 +321,8 @@ mod tests {
             "unet/diffusion_pytorch_model.safetensors",
             "unet/diffusion_pytorch_model.fp16.safetensors",
             "unet/diffusion_pytorch_model.bin",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.safetensors",
             "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
             "vae/diffusion_pytorch_model.safetensors.index.json",
             "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
@@ -339,6 +342,8 @@ mod tests {
                 "model_index.json",
                 "unet/config.json",
                 "unet/diffusion_pytorch_model.safetensors",
+                "transformer/config.json",
+                "transformer/diffusion_pytorch_model.safetensors",
                 "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
                 "vae/diffusion_pytorch_model.safetensors.index.json",
                 "text_encoder/model.safetensors",

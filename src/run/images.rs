@@ -1,7 +1,8 @@
 //! Training images with their prompts: source c of method.md §3 (a style or a subject, each
 //! image paired as the preferred side against a reference image freshly sampled from the
 //! current model for the same prompt), and the dataset of SFT fine-tuning (DiffFit's Algorithm
-//! 2: a folder with one sub-folder per class, whose name is the class).
+//! 2: a folder with one sub-folder per class, whose name is the class, or a Parquet table of
+//! image + label).
 
 use std::path::{Path, PathBuf};
 
@@ -10,20 +11,50 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
+use rayon::prelude::*;
+
 use super::data::image_tensor;
+use super::image_table::{parquet_files, read_image_table, TableColumns, TableLabel};
 use super::{step_seed, RunError};
 
 /// One training image, resized and centre-cropped to the run's size.
 #[derive(Debug)]
 pub struct TrainingImage {
-    /// The file.
-    pub path: PathBuf,
-    /// Its prompt (`NAME.txt` next to it, its class sub-folder's name, or the default prompt).
+    /// Where it came from: its file, or `TABLE, row N`.
+    pub source: String,
+    /// Its prompt (`NAME.txt` next to it, its class sub-folder's name, its table label, or the
+    /// default prompt).
     pub prompt: String,
     /// [H, W, 3] uint8.
     pub pixels: Tensor,
     /// Its latent and its mirror image's, [2, C, h, w], once encoded.
     latents: Option<Tensor>,
+}
+
+/// What an integer class label of a table becomes as a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelAs {
+    /// The id itself (a class-conditional model's class).
+    Id,
+    /// Its ClassLabel name (a text-to-image model's prompt, or a DiT's id2label name).
+    Name,
+}
+
+/// Where training images are read from and how their prompts are found.
+#[derive(Debug, Clone)]
+pub struct ImageSetOptions {
+    /// Prompt of folder images without a `NAME.txt`.
+    pub default_prompt: Option<String>,
+    /// The columns of a Parquet table.
+    pub columns: TableColumns,
+    /// What a table's integer labels become.
+    pub label_as: LabelAs,
+    /// Run height in pixels.
+    pub height: u32,
+    /// Run width in pixels.
+    pub width: u32,
+    /// Seed of the order.
+    pub seed: u64,
 }
 
 /// The images of a folder in a seeded order per epoch, with a cursor for checkpoints.
@@ -39,68 +70,32 @@ pub struct TrainingImages {
 }
 
 impl TrainingImages {
-    /// Reads every PNG / JPEG of `dir` (sorted by name). A prompt comes from `NAME.txt` beside
-    /// the image, else from `default_prompt`. A `dir` whose images sit in sub-folders is a
-    /// class-per-folder dataset: each image's prompt is its sub-folder's name.
-    pub fn open(
-        dir: &Path,
-        default_prompt: Option<&str>,
-        height: u32,
-        width: u32,
-        seed: u64,
-    ) -> Result<TrainingImages, RunError> {
-        let mut found = image_files(dir)?
-            .into_iter()
-            .map(|p| (p, None))
-            .collect::<Vec<_>>();
-        if found.is_empty() {
-            for class_dir in sub_folders(dir)? {
-                let class = class_dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                for path in image_files(&class_dir)? {
-                    found.push((path, Some(class.clone())));
-                }
+    /// Reads a folder or a Parquet table of training images.
+    ///
+    /// A folder's PNG / JPEG images (sorted by name) take their prompt from `NAME.txt` beside
+    /// them, else from the default prompt; a folder whose images sit in sub-folders is a
+    /// class-per-folder dataset, each image's prompt its sub-folder's name. A `.parquet` file, or
+    /// a folder of them (a Hugging Face dataset), holds one image and its label per row.
+    pub fn open(path: &Path, opts: &ImageSetOptions) -> Result<TrainingImages, RunError> {
+        let images = if path.is_dir() && !has_images(path)? {
+            let tables = parquet_files(path)?;
+            if tables.is_empty() {
+                return Err(RunError::Data(format!(
+                    "{} holds no .png / .jpg training image, neither directly nor in class \
+                     sub-folders, and no .parquet table",
+                    path.display()
+                )));
             }
-        }
-        if found.is_empty() {
-            return Err(RunError::Data(format!(
-                "{} holds no .png / .jpg training image, neither directly nor in class \
-                 sub-folders",
-                dir.display()
-            )));
-        }
-        let mut images = Vec::with_capacity(found.len());
-        for (path, class) in found {
-            let caption = path.with_extension("txt");
-            let prompt = match (std::fs::read_to_string(&caption), class) {
-                (Ok(text), _) => text.trim().to_owned(),
-                (Err(_), Some(class)) => class,
-                (Err(_), None) => default_prompt.map(str::to_owned).ok_or_else(|| {
-                    RunError::Data(format!(
-                        "{} has no prompt: write it into {} or give --prompt",
-                        path.display(),
-                        caption.display()
-                    ))
-                })?,
-            };
-            let bytes = std::fs::read(&path).map_err(|source| RunError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let pixels = image_tensor(&bytes, height, width, &path.display().to_string())?;
-            images.push(TrainingImage {
-                path,
-                prompt,
-                pixels,
-                latents: None,
-            });
-        }
+            table_images(&tables, opts)?
+        } else if path.is_file() {
+            table_images(&[path.to_owned()], opts)?
+        } else {
+            folder_images(path, opts)?
+        };
         let mut out = TrainingImages {
             images,
             balanced: None,
-            seed,
+            seed: opts.seed,
             order: Vec::new(),
             epoch: 0,
             consumed: 0,
@@ -169,7 +164,17 @@ impl TrainingImages {
         })
     }
 
-    /// Image `index` (as [`TrainingImages::next_index`] returns).
+    /// How many images there are.
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Whether there are none (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// Image `index` (as [`TrainingImages::next_index`] returns), in reading order.
     pub fn get(&self, index: usize) -> &TrainingImage {
         &self.images[index]
     }
@@ -215,9 +220,140 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>, RunError> {
         .collect())
 }
 
+/// Whether `dir` holds images, directly or in sub-folders.
+fn has_images(dir: &Path) -> Result<bool, RunError> {
+    if !image_files(dir)?.is_empty() {
+        return Ok(true);
+    }
+    for sub in sub_folders(dir)? {
+        if !image_files(&sub)?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Decodes, resizes and crops one image (run from rayon's threads).
+fn decode(
+    source: String,
+    prompt: String,
+    bytes: &[u8],
+    opts: &ImageSetOptions,
+) -> Result<TrainingImage, RunError> {
+    let pixels = image_tensor(bytes, opts.height, opts.width, &source)?;
+    Ok(TrainingImage {
+        source,
+        prompt,
+        pixels,
+        latents: None,
+    })
+}
+
+/// The images of a folder (directly, or one sub-folder per class) with their prompts.
+fn folder_images(dir: &Path, opts: &ImageSetOptions) -> Result<Vec<TrainingImage>, RunError> {
+    let mut found = image_files(dir)?
+        .into_iter()
+        .map(|p| (p, None))
+        .collect::<Vec<_>>();
+    if found.is_empty() {
+        for class_dir in sub_folders(dir)? {
+            let class = class_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for path in image_files(&class_dir)? {
+                found.push((path, Some(class.clone())));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(RunError::Data(format!(
+            "{} holds no .png / .jpg training image, neither directly nor in class sub-folders",
+            dir.display()
+        )));
+    }
+    found
+        .into_par_iter()
+        .map(|(path, class)| {
+            let caption = path.with_extension("txt");
+            let prompt = match (std::fs::read_to_string(&caption), class) {
+                (Ok(text), _) => text.trim().to_owned(),
+                (Err(_), Some(class)) => class,
+                (Err(_), None) => opts.default_prompt.clone().ok_or_else(|| {
+                    RunError::Data(format!(
+                        "{} has no prompt: write it into {} or give --prompt",
+                        path.display(),
+                        caption.display()
+                    ))
+                })?,
+            };
+            let bytes = std::fs::read(&path).map_err(super::io(&path))?;
+            decode(path.display().to_string(), prompt, &bytes, opts)
+        })
+        .collect()
+}
+
+/// The images of Parquet tables, each row's prompt its label.
+fn table_images(
+    tables: &[PathBuf],
+    opts: &ImageSetOptions,
+) -> Result<Vec<TrainingImage>, RunError> {
+    let mut images = Vec::new();
+    read_image_table(tables, &opts.columns, |rows| {
+        let decoded: Vec<TrainingImage> = rows
+            .into_par_iter()
+            .map(|row| {
+                let prompt = match (row.label, opts.label_as) {
+                    (TableLabel::Text(text), _) => text,
+                    (TableLabel::Class { id, .. }, LabelAs::Id) => id.to_string(),
+                    (
+                        TableLabel::Class {
+                            name: Some(name), ..
+                        },
+                        LabelAs::Name,
+                    ) => name,
+                    (TableLabel::Class { id, name: None }, LabelAs::Name) => {
+                        return Err(RunError::Data(format!(
+                            "{}: label {id} is a class id, and the file's metadata lists no \
+                             ClassLabel names to prompt a text-to-image model with; use a text \
+                             label column (--label-column) or --label-as id",
+                            row.source
+                        )))
+                    }
+                };
+                decode(row.source, prompt, &row.bytes, opts)
+            })
+            .collect::<Result<_, _>>()?;
+        images.extend(decoded);
+        Ok(())
+    })?;
+    if images.is_empty() {
+        return Err(RunError::Data(format!(
+            "{} hold(s) no rows",
+            tables
+                .iter()
+                .map(|t| t.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(images)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opts(default_prompt: Option<&str>) -> ImageSetOptions {
+        ImageSetOptions {
+            default_prompt: default_prompt.map(str::to_owned),
+            columns: TableColumns::default(),
+            label_as: LabelAs::Id,
+            height: 8,
+            width: 8,
+            seed: 0,
+        }
+    }
 
     #[test]
     fn prompts_come_from_captions_or_the_default_and_epochs_cover_every_image() {
@@ -228,19 +364,23 @@ mod tests {
                 .unwrap();
         }
         std::fs::write(dir.path().join("b.txt"), "a photo of sks dog\n").unwrap();
-        let e = TrainingImages::open(dir.path(), None, 8, 8, 0)
+        let e = TrainingImages::open(dir.path(), &opts(None))
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("a.png has no prompt") && e.contains("a.txt"),
             "{e}"
         );
-        let mut set = TrainingImages::open(dir.path(), Some("a dog"), 8, 8, 0).unwrap();
+        let mut set = TrainingImages::open(dir.path(), &opts(Some("a dog"))).unwrap();
         let mut seen: Vec<(String, String)> = (0..3)
             .map(|_| {
                 let i = set.next_index();
                 let t = set.get(i);
-                let name = t.path.file_name().unwrap().to_string_lossy().into_owned();
+                let name = Path::new(&t.source)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 assert_eq!(t.pixels.size(), [8, 8, 3]);
                 (name, t.prompt.clone())
             })
@@ -256,7 +396,7 @@ mod tests {
         );
         assert_eq!(set.consumed(), 3);
         let empty = tempfile::tempdir().unwrap();
-        let e = TrainingImages::open(empty.path(), Some("x"), 8, 8, 0).unwrap_err();
+        let e = TrainingImages::open(empty.path(), &opts(Some("x"))).unwrap_err();
         assert!(e.to_string().contains("no .png / .jpg"), "{e}");
     }
 
@@ -272,7 +412,7 @@ mod tests {
                     .unwrap();
             }
         }
-        let mut set = TrainingImages::open(dir.path(), None, 8, 8, 0).unwrap();
+        let mut set = TrainingImages::open(dir.path(), &opts(None)).unwrap();
         assert_eq!(set.prompts(), ["cat", "dog"]);
         let dogs = |set: &mut TrainingImages| {
             (0..400)

@@ -4,6 +4,7 @@
 pub mod class_samples;
 pub mod data;
 pub mod eval;
+pub mod image_table;
 pub mod images;
 pub mod label;
 pub mod offline;

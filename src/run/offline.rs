@@ -11,7 +11,8 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::data::{image_tensor, stored_latent, PairStream};
-use super::images::{TrainingImage, TrainingImages};
+use super::image_table::TableColumns;
+use super::images::{ImageSetOptions, LabelAs, TrainingImage, TrainingImages};
 use super::relabel::Relabeler;
 use super::{
     progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError, Summary,
@@ -32,12 +33,18 @@ use crate::sampling::{PredictionType, SeededNoise, Timesteps};
 pub struct OfflineOptions {
     /// Pair shards or directories of shards (the store of a run, or an import).
     pub pairs: Vec<PathBuf>,
-    /// Or: a folder of training images (+ `NAME.txt` prompts, or one sub-folder per class),
+    /// Or: a folder of training images (+ `NAME.txt` prompts, or one sub-folder per class) or a
+    /// Parquet table of image + label (a file, or a Hugging Face dataset folder),
     /// each paired with a fresh sample of the current model (method.md §3 source c; `pso_db` or
     /// `offline_pso`), or regressed on (`sft`, with cached latents).
     pub train_images: Option<PathBuf>,
     /// Prompt of training images without a `NAME.txt`.
     pub prompt: Option<String>,
+    /// The image and label columns of a Parquet table of training images.
+    pub columns: TableColumns,
+    /// What a table's integer labels become (default: ids for a class-conditional model, names
+    /// for a text-to-image one).
+    pub label_as: Option<LabelAs>,
     /// SFT on images: draw classes uniformly instead of images.
     pub class_balanced: bool,
     /// SFT on images: mirror each drawn image with probability 1/2.
@@ -394,13 +401,20 @@ pub fn run_with(
     let (mut learner, cursor) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
     let mut source = match &opts.train_images {
         Some(dir) => {
-            let mut images = TrainingImages::open(
-                dir,
-                opts.prompt.as_deref(),
-                config.sampler.height,
-                config.sampler.width,
-                config.run.seed,
-            )?;
+            let class_conditional = trainer.pipeline.is_class_conditional();
+            let set = ImageSetOptions {
+                default_prompt: opts.prompt.clone(),
+                columns: opts.columns.clone(),
+                label_as: opts.label_as.unwrap_or(if class_conditional {
+                    LabelAs::Id
+                } else {
+                    LabelAs::Name
+                }),
+                height: config.sampler.height,
+                width: config.sampler.width,
+                seed: config.run.seed,
+            };
+            let mut images = TrainingImages::open(dir, &set)?;
             if opts.class_balanced {
                 images.balance_classes();
             }
