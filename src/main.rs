@@ -409,8 +409,10 @@ enum EvalCommand {
     /// Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) in float64. Use thousands of images (50 000 for the usual
     /// ImageNet numbers); generate them with `pso sample --per-class 50 …`.
     #[command(
-        after_help = "Example: pso eval fid --inception inception-2015-12-05.pt \
-  --reference                       imagenet_256_stats.npz --samples out/samples"
+        after_help = "Example:\n  pso sample --model facebook/DiT-XL-2-256 --per-class 50 --steps 250 \\\n    \
+                      --sampler ddpm --guidance 1.5 --batch-size 64 --out samples\n  \
+                      pso eval fid --inception inception-2015-12-05.pt \\\n    \
+                      --reference imagenet_256_stats.npz --samples samples"
     )]
     Fid(FidArgs),
 }

@@ -78,6 +78,15 @@ pub fn needed_files<'a>(repo_files: &'a [String], variant: Option<&str>) -> Vec<
         .collect()
 }
 
+/// The Hub client (HF_ENDPOINT, HF_TOKEN, HF_HOME from the environment), with download progress
+/// on a terminal.
+fn hub_api() -> Result<hf_hub::api::sync::Api, String> {
+    hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(std::io::stderr().is_terminal())
+        .build()
+        .map_err(|e| format!("cannot reach the Hugging Face Hub: {e}"))
+}
+
 /// Resolves `--model`: an existing folder as is, otherwise a hub id through the HF cache.
 pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, PipelineError> {
     let path = Path::new(spec);
@@ -103,10 +112,7 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, Pipel
         path: PathBuf::from(spec),
         why,
     };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(std::io::stderr().is_terminal())
-        .build()
-        .map_err(|e| hub_error(format!("cannot reach the Hugging Face Hub: {e}")))?;
+    let api = hub_api().map_err(hub_error)?;
     let repo = api.model(spec.to_owned());
     let info = repo.info().map_err(|e| {
         hub_error(format!(
@@ -189,7 +195,9 @@ fn resolve_file_in(
             .ok_or_else(|| PipelineError::Folder {
                 path: PathBuf::from(spec),
                 why: format!(
-                    "neither a local file nor in the Hugging Face cache ({}), and HF_HUB_OFFLINE                      is set; download it where there is network (`hf download {repo_id}`) and                      copy the cache, set HF_HOME to where it is, or pass a local file",
+                    "neither a local file nor in the Hugging Face cache ({}), and HF_HUB_OFFLINE \
+                     is set; download it where there is network (`hf download {repo_id}`) and \
+                     copy the cache, set HF_HOME to where it is, or pass a local file",
                     cache.path().display()
                 ),
             });
@@ -198,17 +206,15 @@ fn resolve_file_in(
         path: PathBuf::from(spec),
         why,
     };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(std::io::stderr().is_terminal())
-        .build()
-        .map_err(|e| hub_error(format!("cannot reach the Hugging Face Hub: {e}")))?;
+    let api = hub_api().map_err(hub_error)?;
     let repo = api.model(repo_id.clone());
     let file = match file {
         Some(f) => f.to_owned(),
         None => {
             let info = repo.info().map_err(|e| {
                 hub_error(format!(
-                    "not a local file, and the Hub lookup of {repo_id} failed: {e} (check the                      id and your network; HF_HUB_OFFLINE=1 uses the cache only)"
+                    "not a local file, and the Hub lookup of {repo_id} failed: {e} (check the \
+                     id and your network; HF_HUB_OFFLINE=1 uses the cache only)"
                 ))
             })?;
             let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
