@@ -108,9 +108,10 @@ enum ToyCommand {
 #[derive(Args)]
 struct SampleArgs {
     /// Diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/), or a Hub id such as
-    /// stabilityai/sd-turbo, looked up in the Hugging Face cache (HF_HOME) and downloaded into it
-    /// unless HF_HUB_OFFLINE=1.
+    /// scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; a DiT has transformer/), or a Hub
+    /// id such as stabilityai/sd-turbo (owner/name@REVISION for a branch, tag or refs/pr/N),
+    /// looked up in the Hugging Face cache (HF_HOME) and downloaded into it unless
+    /// HF_HUB_OFFLINE=1. Weights are read from .safetensors files only.
     #[arg(long)]
     model: String,
     /// Text prompt (text-to-image pipelines).
@@ -124,8 +125,9 @@ struct SampleArgs {
     class_label: Vec<String>,
     /// Evaluation samples for `pso eval fid`: N images of every --class-label (of every class
     /// when none is given), generated --batch-size at a time across classes into
-    /// classCCCC_IIIII.png. Image I of class C uses seed SEED + C·N + I, so it does not depend
-    /// on the batch size, and a rerun into the same --out generates only the missing files.
+    /// classCCCC_IIIII.png. Image I of class C uses seed SEED·2³² + C·N + I, so it does not
+    /// depend on the batch size and other seeds share no image; a rerun into the same --out
+    /// generates only the missing files, and refuses other settings than per_class.json's.
     #[arg(long, conflicts_with_all = ["prompt", "init_noise", "num_images"])]
     per_class: Option<u32>,
     /// Images per sampler call with --per-class.
@@ -340,6 +342,10 @@ struct OfflineArgs {
     /// else image, img, jpg, png, …).
     #[arg(long, requires = "train_images")]
     image_column: Option<String>,
+    /// The split of a --train-images dataset folder: its files named SPLIT-*.parquet or under
+    /// SPLIT/ (default: train, when the folder's files name a train split; else every file).
+    #[arg(long, requires = "train_images")]
+    split: Option<String>,
     /// The label column of a --train-images table (default: the ClassLabel feature of its
     /// metadata, else label, labels, class, text, caption, prompt).
     #[arg(long, requires = "train_images")]
@@ -427,7 +433,8 @@ struct FidArgs {
     samples: PathBuf,
     /// The feature extractor: a TorchScript file mapping [N, 3, H, W] images in 0..=255 to
     /// features [N, D]; or a Hub model repository holding one, as owner/name/FILE or as
-    /// owner/name when it has a single .pt file (HF cache, HF_HUB_OFFLINE as for --model).
+    /// owner/name when it has a single .pt or .torchscript file (HF cache, HF_HUB_OFFLINE as
+    /// for --model).
     #[arg(long)]
     inception: String,
     /// Images per forward pass.
@@ -445,7 +452,7 @@ fn eval_fid(args: FidArgs) -> Result<()> {
     use pso::fid::{frechet_distance, FeatureExtractor, FeatureStats};
     let device = resolve_device(&args.device).map_err(anyhow::Error::msg)?;
     let inception = pso::pipeline::hub::resolve_file(&args.inception, &[".pt", ".torchscript"])
-        .with_context(|| format!("--inception {}", args.inception))?;
+        .context("--inception")?;
     let extractor = FeatureExtractor::load(&inception, device)
         .with_context(|| format!("--inception {}", args.inception))?;
     let reference = if args.reference.is_dir() {
@@ -561,6 +568,7 @@ fn offline(args: OfflineArgs) -> Result<()> {
                 image: args.image_column,
                 label: args.label_column,
             },
+            split: args.split,
             label_as: args.label_as,
             class_balanced: args.class_balanced,
             random_flip: args.random_flip,
@@ -861,6 +869,10 @@ fn sample_classes(
             .map(|(a, b)| (a.trim().parse::<i64>(), b.trim().parse::<i64>()))
         {
             Some((Ok(start), Ok(end))) => {
+                anyhow::ensure!(
+                    start < end,
+                    "--class-label {label} is an empty range: A..B runs from A to B − 1"
+                );
                 for id in start..end {
                     class_labels.push(classes.class_id(&id.to_string())?);
                 }
@@ -890,6 +902,9 @@ fn sample_classes(
     };
     if let Some(per_class) = args.per_class {
         use pso::run::class_samples::{write_class_samples, ClassSamples};
+        // Each class once, in the order given (an id and its name are the same class).
+        let mut seen = std::collections::HashSet::new();
+        class_labels.retain(|c| seen.insert(*c));
         let req = ClassSamples {
             classes: if class_labels.is_empty() {
                 (0..classes.num_classes()).collect()
@@ -902,6 +917,10 @@ fn sample_classes(
             timesteps,
             guidance: args.guidance,
             latent_size,
+            generator: format!(
+                "{} (unet {:?}, adapter {:?}, sampler {:?})",
+                args.model, args.unet, args.adapter, args.sampler
+            ),
             progress: std::io::stderr().is_terminal(),
         };
         let report = write_class_samples(pipeline, &req, &args.out)

@@ -344,36 +344,43 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
 }
 
 /// `pso sample --per-class`: each image is the one its seed draws alone (DDPM with guidance, so
-/// the step noise counts too), whatever the batch; a rerun fills in only what is missing.
+/// the step noise counts too), whatever the batch; a rerun fills in only what is missing and
+/// refuses other settings; empty ranges are refused and repeated classes drawn once.
 #[test]
 fn per_class_samples_do_not_depend_on_batching_and_resume() {
     let dir = tempfile::tempdir().unwrap();
     common::oracle("make_dit_pipeline.py", &[dir.path().as_os_str()]);
-    let sample = |extra: &[&str], out: &Path| {
-        let run = Command::new(env!("CARGO_BIN_EXE_pso"))
+    let run = |extra: &[&str], out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_pso"))
             .args(["sample", "--device", "cpu", "--model"])
             .arg(dir.path().join("pipeline"))
-            .args(["--sampler", "ddpm", "--guidance", "2", "--steps", "3"])
+            .args(["--sampler", "ddpm", "--steps", "3"])
             .args(extra)
             .arg("--out")
             .arg(out)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let sample = |extra: &[&str], out: &Path| {
+        let done = run(extra, out);
         assert!(
-            run.status.success(),
+            done.status.success(),
             "{}",
-            String::from_utf8_lossy(&run.stderr)
+            String::from_utf8_lossy(&done.stderr)
         );
-        String::from_utf8(run.stdout).unwrap()
+        String::from_utf8(done.stdout).unwrap()
     };
     let out = dir.path().join("eval");
+    // 207 twice (by name and by id): drawn once.
     let per_class = [
         "--class-label",
-        "golden retriever,3..4",
+        "golden retriever,3..4,207",
         "--per-class",
         "3",
         "--seed",
         "5",
+        "--guidance",
+        "2",
     ];
     let said = sample(&[&per_class[..], &["--batch-size", "4"]].concat(), &out);
     assert!(
@@ -393,20 +400,28 @@ fn per_class_samples_do_not_depend_on_batching_and_resume() {
             "class0003_00002.png",
             "class0207_00000.png",
             "class0207_00001.png",
-            "class0207_00002.png"
+            "class0207_00002.png",
+            "per_class.json"
         ]
     );
     let read = |p: &Path| image::open(p).unwrap().to_rgb8();
     let as_tensor = |img: &image::RgbImage| {
         Tensor::from_slice(img.as_raw()).view([img.height() as i64, img.width() as i64, 3])
     };
-    // Image 2 of class 207 (the batch's fourth, beside class 3's images) and image 0 of class 3
-    // against the same seeds sampled alone: seed 5 + class·3 + index.
-    for (class, index) in [(207, 2), (3, 0)] {
+    // Image 2 of class 207 (third in the first batch) and image 0 of class 3 (fourth, beside
+    // class 207's) against their seeds sampled alone: 5·2³² + class·3 + index.
+    for (class, index) in [(207u64, 2u64), (3, 0)] {
         let alone = dir.path().join(format!("alone-{class}"));
-        let seed = (5 + class * 3 + index).to_string();
+        let seed = ((5u64 << 32) + class * 3 + index).to_string();
         sample(
-            &["--class-label", &class.to_string(), "--seed", &seed],
+            &[
+                "--class-label",
+                &class.to_string(),
+                "--seed",
+                &seed,
+                "--guidance",
+                "2",
+            ],
             &alone,
         );
         common::assert_image_matches(
@@ -416,6 +431,7 @@ fn per_class_samples_do_not_depend_on_batching_and_resume() {
         );
     }
     let kept = read(&out.join("class0003_00001.png"));
+    let deleted = read(&out.join("class0207_00001.png"));
     std::fs::remove_file(out.join("class0207_00001.png")).unwrap();
     let again = sample(&[&per_class[..], &["--batch-size", "1"]].concat(), &out);
     assert!(
@@ -423,5 +439,25 @@ fn per_class_samples_do_not_depend_on_batching_and_resume() {
         "{again}"
     );
     assert_eq!(read(&out.join("class0003_00001.png")), kept);
-    assert!(out.join("class0207_00001.png").exists());
+    common::assert_image_matches(
+        &read(&out.join("class0207_00001.png")),
+        &as_tensor(&deleted),
+        "the regenerated image",
+    );
+
+    let mut other = per_class.to_vec();
+    other[7] = "3";
+    let refused = run(&other, &out);
+    assert!(!refused.status.success());
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        e.contains("other settings: guidance 3.0 (the folder's: 2.0)"),
+        "{e}"
+    );
+    let empty = run(
+        &["--class-label", "5..5", "--per-class", "1"],
+        &dir.path().join("empty"),
+    );
+    let e = String::from_utf8_lossy(&empty.stderr);
+    assert!(e.contains("--class-label 5..5 is an empty range"), "{e}");
 }

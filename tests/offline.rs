@@ -591,6 +591,7 @@ fn dit_sft_reads_hugging_face_image_tables() {
     let opts = |label_as| ImageSetOptions {
         default_prompt: None,
         columns: Default::default(),
+        split: None,
         label_as,
         height: 16,
         width: 16,

@@ -87,20 +87,64 @@ fn hub_api() -> Result<hf_hub::api::sync::Api, String> {
         .map_err(|e| format!("cannot reach the Hugging Face Hub: {e}"))
 }
 
-/// Resolves `--model`: an existing folder as is, otherwise a hub id through the HF cache.
+/// `owner/name`, or `owner/name@REVISION` (a branch, tag, commit or `refs/pr/N`), as a Hub
+/// model repository.
+fn parse_repo(spec: &str) -> Option<hf_hub::Repo> {
+    match spec.split_once('@') {
+        None => is_repo_id(spec).then(|| hf_hub::Repo::model(spec.to_owned())),
+        Some((id, revision)) => (is_repo_id(id) && !revision.is_empty()).then(|| {
+            hf_hub::Repo::with_revision(id.to_owned(), hf_hub::RepoType::Model, revision.to_owned())
+        }),
+    }
+}
+
+/// The model components of a repository listing that have a `config.json` but no safetensors
+/// weights of `variant`, each with the other weight files it holds.
+pub fn components_without_weights(
+    repo_files: &[String],
+    variant: Option<&str>,
+) -> Vec<(String, Vec<String>)> {
+    fn in_dir<'a>(files: &'a [String], dir: &'a str) -> impl Iterator<Item = &'a str> {
+        files
+            .iter()
+            .filter_map(move |f| f.strip_prefix(dir)?.strip_prefix('/'))
+            .filter(|name| !name.contains('/'))
+    }
+    COMPONENTS
+        .iter()
+        .filter(|dir| !dir.starts_with("tokenizer") && **dir != "scheduler")
+        .filter(|dir| in_dir(repo_files, dir).any(|n| n == "config.json"))
+        .filter(|dir| !in_dir(repo_files, dir).any(|n| weight_variant(n) == Some(variant)))
+        .map(|dir| {
+            let others = in_dir(repo_files, dir)
+                .filter(|n| {
+                    [".bin", ".safetensors", ".ckpt", ".pt"]
+                        .iter()
+                        .any(|e| n.ends_with(e))
+                })
+                .map(|n| format!("{dir}/{n}"))
+                .collect();
+            (dir.to_string(), others)
+        })
+        .collect()
+}
+
+/// Resolves `--model`: an existing folder as is, otherwise a hub id (`owner/name`, or
+/// `owner/name@REVISION`) through the HF cache.
 pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, PipelineError> {
     let path = Path::new(spec);
-    if path.exists() || !is_repo_id(spec) {
-        return Ok(path.to_owned());
-    }
+    let repo_ref = match parse_repo(spec) {
+        Some(repo) if !path.exists() => repo,
+        _ => return Ok(path.to_owned()),
+    };
     let cache = hf_hub::Cache::from_env();
     let cached = cache
-        .model(spec.to_owned())
+        .repo(repo_ref.clone())
         .get("model_index.json")
         .and_then(|p| p.parent().map(Path::to_owned));
     if offline() {
         return cached.ok_or_else(|| PipelineError::Folder {
-            path: cache.path().join(format!("models--{}", spec.replace('/', "--"))),
+            path: cache.path().join(repo_ref.folder_name()),
             why: format!(
                 "`{spec}` is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE \
                  is set; download it where there is network (`hf download {spec}`) and copy the \
@@ -113,7 +157,7 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, Pipel
         why,
     };
     let api = hub_api().map_err(hub_error)?;
-    let repo = api.model(spec.to_owned());
+    let repo = api.repo(repo_ref);
     let info = repo.info().map_err(|e| {
         hub_error(format!(
             "not a local folder, and the Hub lookup failed: {e} (check the id, your network, or \
@@ -126,6 +170,23 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, Pipel
         return Err(hub_error(
             "the repository has no model_index.json: it is not a diffusers pipeline".into(),
         ));
+    }
+    if let Some((dir, others)) = components_without_weights(&files, variant).first() {
+        let variant = variant
+            .map(|v| format!(" of variant {v}"))
+            .unwrap_or_default();
+        return Err(hub_error(format!(
+            "{dir}/ has no .safetensors weights{variant} (it holds {}); pso reads safetensors \
+             only: pass a revision that has them (`{}@refs/pr/N` of the Hub's safetensors \
+             conversion, or a branch), or save the pipeline with diffusers' \
+             `save_pretrained(DIR, safe_serialization=True)` and pass DIR",
+            if others.is_empty() {
+                "no weight file".to_owned()
+            } else {
+                others.join(", ")
+            },
+            spec.split('@').next().unwrap_or(spec)
+        )));
     }
     let mut root = None;
     for file in needed {
@@ -157,9 +218,10 @@ fn resolve_file_in(
     let parts: Vec<&str> = spec.splitn(3, '/').collect();
     let (repo_id, file) = match parts.as_slice() {
         _ if path.exists() => return Ok(path.to_owned()),
-        [owner, name, file] if is_repo_id(&format!("{owner}/{name}")) => {
-            (format!("{owner}/{name}"), Some(*file))
-        }
+        [owner, name, file] if is_repo_id(&format!("{owner}/{name}")) => (
+            format!("{owner}/{name}"),
+            Some(*file).filter(|f| !f.is_empty()),
+        ),
         _ if is_repo_id(spec) => (spec.to_owned(), None),
         _ => return Ok(path.to_owned()),
     };
@@ -191,14 +253,16 @@ fn resolve_file_in(
             (None, None) => None,
         };
         return file
-            .and_then(|f| cache.model(repo_id.clone()).get(&f))
+            .as_deref()
+            .and_then(|f| cache.model(repo_id.clone()).get(f))
             .ok_or_else(|| PipelineError::Folder {
                 path: PathBuf::from(spec),
                 why: format!(
                     "neither a local file nor in the Hugging Face cache ({}), and HF_HUB_OFFLINE \
-                     is set; download it where there is network (`hf download {repo_id}`) and \
-                     copy the cache, set HF_HOME to where it is, or pass a local file",
-                    cache.path().display()
+                     is set; download it where there is network (`hf download {repo_id}{}`) \
+                     and copy the cache, set HF_HOME to where it is, or pass a local file",
+                    cache.path().display(),
+                    file.as_deref().map(|f| format!(" {f}")).unwrap_or_default()
                 ),
             });
     }
@@ -315,6 +379,34 @@ mod tests {
         std::fs::write(&local, b"x").unwrap();
         let spec = local.to_str().unwrap();
         assert_eq!(resolve_file(spec, &[".pt"]).unwrap(), local);
+    }
+
+    #[test]
+    fn revisions_parse_and_pickled_only_components_are_named() {
+        let repo = parse_repo("facebook/DiT-XL-2-256@refs/pr/1").unwrap();
+        assert_eq!(repo.revision(), "refs/pr/1");
+        assert_eq!(repo.folder_name(), "models--facebook--DiT-XL-2-256");
+        assert_eq!(parse_repo("a/b").unwrap().revision(), "main");
+        assert!(parse_repo("a/b@").is_none() && parse_repo("a@b").is_none());
+        let files: Vec<String> = [
+            "model_index.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.bin",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            components_without_weights(&files, None),
+            [(
+                "transformer".to_owned(),
+                vec!["transformer/diffusion_pytorch_model.bin".to_owned()]
+            )]
+        );
+        let fp16 = components_without_weights(&files, Some("fp16"));
+        assert_eq!(fp16.len(), 2, "{fp16:?}");
     }
 
     #[test]

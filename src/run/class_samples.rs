@@ -1,7 +1,9 @@
 //! Evaluation samples of a class-conditional model (`pso sample --per-class N`): N images per
 //! class, generated a batch at a time across classes and written as PNGs for `pso eval fid`.
 //! Each image draws its noise from its own seed, so the batch size never changes an image, and
-//! a rerun after a crash generates only the files that are missing.
+//! a rerun after a crash generates only the files that are missing. The settings are kept in
+//! `per_class.json` beside the images, and a rerun with other settings is refused rather than
+//! mixing two generations in one folder.
 
 use std::path::Path;
 
@@ -28,9 +30,14 @@ pub struct ClassSamples {
     pub guidance: f64,
     /// Latent side (default: the model's `sample_size`).
     pub latent_size: Option<i64>,
+    /// What generates the images (model, adapter, sampler), recorded in the settings file.
+    pub generator: String,
     /// Show a progress bar.
     pub progress: bool,
 }
+
+/// The settings file of an output folder.
+pub const SETTINGS_FILE: &str = "per_class.json";
 
 /// How many images a call wrote, and how many it found already there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +48,68 @@ pub struct ClassSamplesReport {
     pub kept: usize,
 }
 
-/// The seed of image `index` of class `class` when each class gets `per_class` images: also
-/// what `pso sample --class-label CLASS --seed SEED` takes to draw that image alone.
+/// The seed of image `index` of class `class` when each class gets `per_class` images:
+/// seed · 2³² + class · per_class + index, so that runs with different seeds (below 2³²) share
+/// no image. It is also what `pso sample --class-label CLASS --seed …` takes to draw that image
+/// alone.
 pub fn image_seed(seed: u64, class: i64, per_class: u32, index: u32) -> u64 {
-    seed.wrapping_add(class as u64 * u64::from(per_class) + u64::from(index))
+    (seed << 32).wrapping_add(class as u64 * u64::from(per_class) + u64::from(index))
+}
+
+/// The settings that decide the images, as `per_class.json` records them.
+fn settings(req: &ClassSamples) -> serde_json::Value {
+    serde_json::json!({
+        "generator": req.generator,
+        "per_class": req.per_class,
+        "seed": req.seed,
+        "timesteps": format!("{:?}", req.timesteps),
+        "guidance": req.guidance,
+        "latent_size": req.latent_size,
+    })
+}
+
+/// Records the settings in a new folder, or checks them against those already recorded.
+fn check_settings(req: &ClassSamples, out: &Path) -> Result<(), RunError> {
+    let path = out.join(SETTINGS_FILE);
+    let ours = settings(req);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let theirs: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                RunError::Data(format!(
+                    "{}: unreadable ({e}); delete it only if every image in {} comes from the \
+                     settings you are running now",
+                    path.display(),
+                    out.display()
+                ))
+            })?;
+            let differ: Vec<String> = ours
+                .as_object()
+                .expect("an object")
+                .iter()
+                .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+                .map(|(k, v)| {
+                    let was = theirs.get(k.as_str()).cloned().unwrap_or_default();
+                    format!("{k} {v} (the folder's: {was})")
+                })
+                .collect();
+            if differ.is_empty() {
+                Ok(())
+            } else {
+                Err(RunError::Config(format!(
+                    "{} holds samples made with other settings: {}; give a new --out, or run \
+                     with the folder's settings to complete it",
+                    out.display(),
+                    differ.join(", ")
+                )))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = serde_json::to_string_pretty(&ours).expect("JSON values serialise");
+            crate::tensor_file::write_atomically(&path, text.as_bytes())
+                .map_err(|e| RunError::Data(format!("cannot write {}: {e}", path.display())))
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
 }
 
 /// The file name of image `index` of class `class`.
@@ -68,6 +133,7 @@ pub fn write_class_samples(
         )));
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
+    check_settings(req, out)?;
     let all: Vec<(i64, u32)> = req
         .classes
         .iter()

@@ -59,12 +59,35 @@ fn data_err(path: &Path, why: impl std::fmt::Display) -> RunError {
     RunError::Data(format!("{}: {why}", path.display()))
 }
 
-/// The Parquet files of `path`: the file itself, or every `*.parquet` under the folder, sorted.
-pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, RunError> {
+/// Whether `file` (relative to a dataset folder) belongs to `split`: named `SPLIT.parquet` or
+/// `SPLIT-…` (`data/train-00000-of-00002.parquet`), or under a folder named `SPLIT`
+/// (`default/train/0000.parquet`).
+fn in_split(file: &Path, split: &str) -> bool {
+    let named = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .is_some_and(|stem| {
+            stem == split || stem.strip_prefix(split).is_some_and(|r| r.starts_with('-'))
+        });
+    named
+        || file
+            .parent()
+            .is_some_and(|dir| dir.iter().any(|c| c == split))
+}
+
+/// The Parquet files of `path`: the file itself, or the `*.parquet` files under the folder
+/// (sorted) of `split`, by default of the `train` split when any file is named for it, else all.
+pub fn parquet_files(path: &Path, split: Option<&str>) -> Result<Vec<PathBuf>, RunError> {
     if path.is_file() {
-        return Ok(vec![path.to_owned()]);
+        return match split {
+            None => Ok(vec![path.to_owned()]),
+            Some(split) => Err(data_err(
+                path,
+                format!("--split {split} picks files of a dataset folder; give the folder"),
+            )),
+        };
     }
-    let mut out = Vec::new();
+    let mut all = Vec::new();
     let mut dirs = vec![path.to_owned()];
     while let Some(dir) = dirs.pop() {
         let entries = std::fs::read_dir(&dir).map_err(super::io(&dir))?;
@@ -73,12 +96,44 @@ pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, RunError> {
             if p.is_dir() {
                 dirs.push(p);
             } else if p.extension().is_some_and(|e| e == "parquet") {
-                out.push(p);
+                all.push(p);
             }
         }
     }
-    out.sort();
-    Ok(out)
+    all.sort();
+    let relative = |p: &PathBuf| p.strip_prefix(path).unwrap_or(p).to_owned();
+    let of = |split: &str| -> Vec<PathBuf> {
+        all.iter()
+            .filter(|p| in_split(&relative(p), split))
+            .cloned()
+            .collect()
+    };
+    match split {
+        Some(split) => {
+            let chosen = of(split);
+            if chosen.is_empty() && !all.is_empty() {
+                let names: Vec<String> = all
+                    .iter()
+                    .take(8)
+                    .map(|p| relative(p).display().to_string())
+                    .collect();
+                return Err(data_err(
+                    path,
+                    format!(
+                        "no .parquet file of split `{split}` (named {split}-*.parquet or under \
+                         {split}/); the folder holds {}{}",
+                        names.join(", "),
+                        if all.len() > 8 { ", …" } else { "" }
+                    ),
+                ));
+            }
+            Ok(chosen)
+        }
+        None => {
+            let train = of("train");
+            Ok(if train.is_empty() { all } else { train })
+        }
+    }
 }
 
 /// `datasets`' feature descriptions from the `huggingface` key of the file's metadata.
@@ -224,6 +279,13 @@ pub fn read_image_table(
             &LABEL_COLUMNS,
             "--label-column",
         )?;
+        tracing::info!(
+            table = %path.display(),
+            rows = builder.metadata().file_metadata().num_rows(),
+            image = %image_column,
+            label = %label_column,
+            "reading training images"
+        );
         let names: Option<Vec<String>> = features
             .get(&label_column)
             .and_then(|f| f.get("names"))
@@ -373,7 +435,7 @@ mod tests {
 
     fn read(path: &Path, columns: &TableColumns) -> Result<Vec<TableRow>, RunError> {
         let mut rows = Vec::new();
-        read_image_table(&parquet_files(path)?, columns, |batch| {
+        read_image_table(&parquet_files(path, None)?, columns, |batch| {
             rows.extend(batch);
             Ok(())
         })?;
@@ -399,6 +461,7 @@ mod tests {
         let as_names = crate::run::images::ImageSetOptions {
             default_prompt: None,
             columns: TableColumns::default(),
+            split: None,
             label_as: crate::run::images::LabelAs::Name,
             height: 8,
             width: 8,
@@ -449,5 +512,45 @@ mod tests {
         assert!(read(dir.path(), &TableColumns::default())
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn dataset_folders_read_the_train_split_unless_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            "data/test-00000-of-00001.parquet",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/trainval-00000-of-00001.parquet",
+            "data/validation-00000-of-00001.parquet",
+            "default/validation/0000.parquet",
+        ];
+        for f in files {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"").unwrap();
+        }
+        let names = |split: Option<&str>| -> Vec<String> {
+            parquet_files(dir.path(), split)
+                .unwrap()
+                .iter()
+                .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names(None), files[1..3]);
+        assert_eq!(names(Some("validation")), [files[4], files[5]]);
+        assert_eq!(names(Some("trainval")), [files[3]]);
+        let e = parquet_files(dir.path(), Some("dev"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no .parquet file of split `dev`") && e.contains(files[0]),
+            "{e}"
+        );
+        let plain = tempfile::tempdir().unwrap();
+        std::fs::write(plain.path().join("shard-0.parquet"), b"").unwrap();
+        assert_eq!(parquet_files(plain.path(), None).unwrap().len(), 1);
+        let file = plain.path().join("shard-0.parquet");
+        assert!(parquet_files(&file, Some("train")).is_err());
     }
 }

@@ -47,6 +47,8 @@ pub struct ImageSetOptions {
     pub default_prompt: Option<String>,
     /// The columns of a Parquet table.
     pub columns: TableColumns,
+    /// The split of a dataset folder (default: `train` when its files name one).
+    pub split: Option<String>,
     /// What a table's integer labels become.
     pub label_as: LabelAs,
     /// Run height in pixels.
@@ -78,7 +80,7 @@ impl TrainingImages {
     /// a folder of them (a Hugging Face dataset), holds one image and its label per row.
     pub fn open(path: &Path, opts: &ImageSetOptions) -> Result<TrainingImages, RunError> {
         let images = if path.is_dir() && !has_images(path)? {
-            let tables = parquet_files(path)?;
+            let tables = parquet_files(path, opts.split.as_deref())?;
             if tables.is_empty() {
                 return Err(RunError::Data(format!(
                     "{} holds no .png / .jpg training image, neither directly nor in class \
@@ -88,8 +90,16 @@ impl TrainingImages {
             }
             table_images(&tables, opts)?
         } else if path.is_file() {
-            table_images(&[path.to_owned()], opts)?
+            table_images(&parquet_files(path, opts.split.as_deref())?, opts)?
         } else {
+            let columns = &opts.columns;
+            if columns.image.is_some() || columns.label.is_some() || opts.split.is_some() {
+                return Err(RunError::Data(format!(
+                    "{} is a folder of images: --image-column, --label-column and --split \
+                     apply to Parquet tables only",
+                    path.display()
+                )));
+            }
             folder_images(path, opts)?
         };
         let mut out = TrainingImages {
@@ -266,12 +276,6 @@ fn folder_images(dir: &Path, opts: &ImageSetOptions) -> Result<Vec<TrainingImage
             }
         }
     }
-    if found.is_empty() {
-        return Err(RunError::Data(format!(
-            "{} holds no .png / .jpg training image, neither directly nor in class sub-folders",
-            dir.display()
-        )));
-    }
     found
         .into_par_iter()
         .map(|(path, class)| {
@@ -348,6 +352,7 @@ mod tests {
         ImageSetOptions {
             default_prompt: default_prompt.map(str::to_owned),
             columns: TableColumns::default(),
+            split: None,
             label_as: LabelAs::Id,
             height: 8,
             width: 8,

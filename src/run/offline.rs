@@ -42,6 +42,8 @@ pub struct OfflineOptions {
     pub prompt: Option<String>,
     /// The image and label columns of a Parquet table of training images.
     pub columns: TableColumns,
+    /// The split of a dataset folder of tables (default: `train` when its files name one).
+    pub split: Option<String>,
     /// What a table's integer labels become (default: ids for a class-conditional model, names
     /// for a text-to-image one).
     pub label_as: Option<LabelAs>,
@@ -405,6 +407,7 @@ pub fn run_with(
             let set = ImageSetOptions {
                 default_prompt: opts.prompt.clone(),
                 columns: opts.columns.clone(),
+                split: opts.split.clone(),
                 label_as: opts.label_as.unwrap_or(if class_conditional {
                     LabelAs::Id
                 } else {
