@@ -138,23 +138,15 @@ pub fn parquet_files(path: &Path, split: Option<&str>) -> Result<Vec<PathBuf>, R
 
 /// `datasets`' feature descriptions from the `huggingface` key of the file's metadata.
 fn hf_features(builder: &ParquetRecordBatchReaderBuilder<File>) -> serde_json::Map<String, Value> {
-    let json = builder
+    builder
         .metadata()
         .file_metadata()
         .key_value_metadata()
         .and_then(|kv| kv.iter().find(|e| e.key == "huggingface"))
         .and_then(|e| e.value.as_deref())
-        .and_then(|v| serde_json::from_str::<Value>(v).ok());
-    match json {
-        Some(Value::Object(mut top)) => match top.remove("info") {
-            Some(Value::Object(mut info)) => match info.remove("features") {
-                Some(Value::Object(features)) => features,
-                _ => Default::default(),
-            },
-            _ => Default::default(),
-        },
-        _ => Default::default(),
-    }
+        .and_then(|v| serde_json::from_str::<Value>(v).ok())
+        .and_then(|json| json.pointer("/info/features")?.as_object().cloned())
+        .unwrap_or_default()
 }
 
 fn feature_type<'a>(features: &'a serde_json::Map<String, Value>, column: &str) -> Option<&'a str> {

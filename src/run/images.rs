@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tch::Tensor;
-
 use rayon::prelude::*;
+use tch::Tensor;
 
 use super::data::image_tensor;
 use super::image_table::{parquet_files, read_image_table, TableColumns, TableLabel};
@@ -79,28 +78,31 @@ impl TrainingImages {
     /// class-per-folder dataset, each image's prompt its sub-folder's name. A `.parquet` file, or
     /// a folder of them (a Hugging Face dataset), holds one image and its label per row.
     pub fn open(path: &Path, opts: &ImageSetOptions) -> Result<TrainingImages, RunError> {
-        let images = if path.is_dir() && !has_images(path)? {
-            let tables = parquet_files(path, opts.split.as_deref())?;
-            if tables.is_empty() {
-                return Err(RunError::Data(format!(
-                    "{} holds no .png / .jpg training image, neither directly nor in class \
-                     sub-folders, and no .parquet table",
-                    path.display()
-                )));
-            }
-            table_images(&tables, opts)?
-        } else if path.is_file() {
+        let images = if path.is_file() {
             table_images(&parquet_files(path, opts.split.as_deref())?, opts)?
         } else {
-            let columns = &opts.columns;
-            if columns.image.is_some() || columns.label.is_some() || opts.split.is_some() {
-                return Err(RunError::Data(format!(
-                    "{} is a folder of images: --image-column, --label-column and --split \
-                     apply to Parquet tables only",
-                    path.display()
-                )));
+            let found = folder_image_files(path)?;
+            if found.is_empty() {
+                let tables = parquet_files(path, opts.split.as_deref())?;
+                if tables.is_empty() {
+                    return Err(RunError::Data(format!(
+                        "{} holds no .png / .jpg training image, neither directly nor in class \
+                         sub-folders, and no .parquet table",
+                        path.display()
+                    )));
+                }
+                table_images(&tables, opts)?
+            } else {
+                let columns = &opts.columns;
+                if columns.image.is_some() || columns.label.is_some() || opts.split.is_some() {
+                    return Err(RunError::Data(format!(
+                        "{} is a folder of images: --image-column, --label-column and --split \
+                         apply to Parquet tables only",
+                        path.display()
+                    )));
+                }
+                folder_images(found, opts)?
             }
-            folder_images(path, opts)?
         };
         let mut out = TrainingImages {
             images,
@@ -230,19 +232,6 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>, RunError> {
         .collect())
 }
 
-/// Whether `dir` holds images, directly or in sub-folders.
-fn has_images(dir: &Path) -> Result<bool, RunError> {
-    if !image_files(dir)?.is_empty() {
-        return Ok(true);
-    }
-    for sub in sub_folders(dir)? {
-        if !image_files(&sub)?.is_empty() {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 /// Decodes, resizes and crops one image (run from rayon's threads).
 fn decode(
     source: String,
@@ -259,8 +248,9 @@ fn decode(
     })
 }
 
-/// The images of a folder (directly, or one sub-folder per class) with their prompts.
-fn folder_images(dir: &Path, opts: &ImageSetOptions) -> Result<Vec<TrainingImage>, RunError> {
+/// The image files of a folder, each with its class: directly in it (no class), else in one
+/// sub-folder per class.
+fn folder_image_files(dir: &Path) -> Result<Vec<(PathBuf, Option<String>)>, RunError> {
     let mut found = image_files(dir)?
         .into_iter()
         .map(|p| (p, None))
@@ -276,6 +266,14 @@ fn folder_images(dir: &Path, opts: &ImageSetOptions) -> Result<Vec<TrainingImage
             }
         }
     }
+    Ok(found)
+}
+
+/// The images of [`folder_image_files`] with their prompts.
+fn folder_images(
+    found: Vec<(PathBuf, Option<String>)>,
+    opts: &ImageSetOptions,
+) -> Result<Vec<TrainingImage>, RunError> {
     found
         .into_par_iter()
         .map(|(path, class)| {
