@@ -11,10 +11,10 @@
 use std::process::Command;
 use std::time::Instant;
 
+use diffusion::models::backbone::{Backbone, Condition};
+use diffusion::models::dit::{DiTTransformer2DConfig, DiTTransformer2DModel};
 use pso::config::{LearnerSection, OptimSection, PeftSection};
 use pso::learner::Learner;
-use pso::models::backbone::{Backbone, Condition};
-use pso::models::dit::{DiTTransformer2DConfig, DiTTransformer2DModel};
 use pso::objective::{add_noise, hybrid_loss};
 use pso::peft::Adapter;
 use tch::{nn, Device, Kind, Tensor};

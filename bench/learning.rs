@@ -18,19 +18,19 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use diffusion::pipeline::Pipeline;
+use diffusion::sampling::Timesteps;
 use image::RgbImage;
 use pso::config::RunConfig;
 use pso::peft::Adapter;
-use pso::pipeline::Pipeline;
 use pso::run::online::{run, OnlineOptions, Scorers};
 use pso::run::prompts::PromptSet;
-use pso::sampling::Timesteps;
-use pso::toy::classifier::{Accuracy, Classifier};
-use pso::toy::shapes::Attributes;
-use pso::toy::{sample_captions, sharpness};
 use reward::scorers::pixel::{PixelMetric, PixelScorer};
 use serde_json::json;
 use tch::Device;
+use toy::classifier::{Accuracy, Classifier};
+use toy::shapes::Attributes;
+use toy::{sample_captions, sharpness};
 
 /// Seeds per held-out caption.
 const SEEDS: usize = 8;
@@ -200,7 +200,7 @@ fn main() {
     let dataset: Vec<RgbImage> = {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(7);
         (0..256)
-            .map(|_| pso::toy::shapes::example(&mut rng, 32).image)
+            .map(|_| toy::shapes::example(&mut rng, 32).image)
             .collect()
     };
     let data_sharpness = sharpness(&dataset);

@@ -15,10 +15,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diffusion::pipeline::images::rgb_images;
 use pso::actor::Actor;
 use pso::config::RunConfig;
 use pso::learner::{Learner, LearnerError};
-use pso::run::label::{rgb_images, PatientScorer};
+use pso::run::label::PatientScorer;
 use pso::run::online::{run, OnlineOptions, OnlineTrainer, Scorers};
 use pso::run::rounds::{Round, TrainingPair};
 use reward::{ScoreItem, Scorer};

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use pso::pairs::{
+use pairs::{
     col, ImageFormat, Label, LatentDType, Latents, PairReader, PairRecord, PairStoreWriter,
     ReadOptions, Side, Source, WriterOptions,
 };
@@ -119,7 +119,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(512);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = root.join("target/bench-pairs");
     let _ = std::fs::remove_dir_all(&out);
     let images: Vec<Vec<u8>> = (0..16).map(sample_png).collect();

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use pso::pipeline::{GenerateRequest, LoadOptions, Pipeline};
-use pso::sampling::{SeededNoise, Timesteps};
+use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use diffusion::sampling::{SeededNoise, Timesteps};
 use tch::{Device, Kind};
 
 const CASES: [(usize, i64); 4] = [(1, 1), (4, 1), (1, 8), (4, 8)];

@@ -60,10 +60,7 @@ fn python() -> PathBuf {
 }
 
 fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("reward/ sits in the workspace")
-        .to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn run_python(args: &[&std::ffi::OsStr]) -> String {

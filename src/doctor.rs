@@ -224,3 +224,14 @@ impl Report {
         lines.join("\n") + "\n"
     }
 }
+
+/// Prints the report, as JSON when `json`.
+pub fn run(json: bool) -> anyhow::Result<()> {
+    let report = report();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}

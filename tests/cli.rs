@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use pso::pairs::{PairStoreWriter, WriterOptions};
+use pairs::{PairStoreWriter, WriterOptions};
 
 fn pso(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pso"))

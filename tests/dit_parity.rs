@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use pso::models::dit::{sincos_pos_embed_2d, DiTTransformer2DConfig, DiTTransformer2DModel};
-use pso::models::load::read_config;
-use pso::models::transformer::{BranchScales, ScaledBlock};
-use pso::pipeline::dit::ClassRequest;
-use pso::pipeline::{LoadOptions, Pipeline};
-use pso::sampling::{NoiseSource, SchedulerConfig, SeededNoise, Timesteps};
+use diffusion::models::dit::{sincos_pos_embed_2d, DiTTransformer2DConfig, DiTTransformer2DModel};
+use diffusion::models::load::read_config;
+use diffusion::models::transformer::{BranchScales, ScaledBlock};
+use diffusion::pipeline::dit::ClassRequest;
+use diffusion::pipeline::{LoadOptions, Pipeline};
+use diffusion::sampling::{NoiseSource, SchedulerConfig, SeededNoise, Timesteps};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -307,7 +307,7 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
             )
             .unwrap();
         let theirs = expected_images(dir.path(), &case.case);
-        let ours = pso::run::label::rgb_images(&generated.images);
+        let ours = diffusion::pipeline::images::rgb_images(&generated.images);
         assert_eq!(ours.len() as i64, theirs.size()[0], "{}", case.case);
         for (i, image) in ours.iter().enumerate() {
             common::assert_image_matches(

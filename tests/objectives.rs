@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use diffusion::sampling::PredictionType;
 use pso::objective::{
     add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Diagnostics, Dpo, Loss,
     OnlinePso, PairPredictions, PsoDb, Transitions,
 };
-use pso::sampling::PredictionType;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 

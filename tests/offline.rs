@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use pairs::schema::PairRecord;
+use pairs::writer::{PairStoreWriter, WriterOptions};
 use pso::config::RunConfig;
 use pso::learner::Learner;
-use pso::pairs::schema::PairRecord;
-use pso::pairs::writer::{PairStoreWriter, WriterOptions};
 use pso::run::offline::Trainer;
 use serde_json::Value;
 

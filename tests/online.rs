@@ -13,13 +13,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use diffusion::sampling::{SeededNoise, Timesteps};
+use pairs::reader::{PairReader, ReadOptions};
+use pairs::schema::{batch_to_records, PairRecord};
 use pso::config::RunConfig;
 use pso::objective::online_pso::{OnlinePso, Transitions};
-use pso::pairs::reader::{PairReader, ReadOptions};
-use pso::pairs::schema::{batch_to_records, PairRecord};
 use pso::run::online::{run, OnlineOptions, OnlineTrainer, Scorers};
 use pso::run::rounds::{Round, TrainingPair};
-use pso::sampling::{SeededNoise, Timesteps};
 use reward::{RewardError, ScoreItem, Scorer, ScorerInfo};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -536,7 +536,7 @@ fn the_learner_loss_matches_the_samplers_recorded_kernels() {
     for (i, prompt) in prompts.iter().enumerate() {
         let g = p
             .generate(
-                pso::pipeline::GenerateRequest {
+                diffusion::pipeline::GenerateRequest {
                     prompt,
                     negative_prompt: None,
                     timesteps: Timesteps::Steps(4),

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use diffusion::pipeline::{LoadOptions, Pipeline};
+use hf::tensor_file;
 use pso::config::PeftSection;
 use pso::peft::export::{apply_file, merge};
 use pso::peft::{lora, Adapter};
-use pso::pipeline::{LoadOptions, Pipeline};
-use pso::tensor_file;
 use tch::{Device, Kind, Tensor};
 
 fn oracle_dir() -> &'static Path {
@@ -49,7 +49,7 @@ fn section(kind: &str) -> PeftSection {
 struct Inputs {
     x: Tensor,
     t: Tensor,
-    cond: pso::pipeline::Conditioning,
+    cond: diffusion::pipeline::Conditioning,
 }
 
 fn inputs(p: &Pipeline) -> Inputs {
@@ -345,7 +345,7 @@ fn dit_inputs(p: &Pipeline) -> Inputs {
     Inputs {
         x: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
         t: Tensor::from_slice(&[999i64, 499]),
-        cond: pso::pipeline::Conditioning::cat(&[&cat, &dog]).unwrap(),
+        cond: diffusion::pipeline::Conditioning::cat(&[&cat, &dog]).unwrap(),
     }
 }
 

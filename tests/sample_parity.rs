@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use pso::pipeline::{GenerateRequest, LoadOptions, Pipeline};
-use pso::sampling::{SeededNoise, Timesteps};
+use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use diffusion::sampling::{SeededNoise, Timesteps};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 

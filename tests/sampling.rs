@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use pso::sampling::{
+use diffusion::sampling::{
     sample, ExplicitNoise, InitialLatents, NoiseSource, Scheduler, SchedulerConfig, SeededNoise,
     Timesteps,
 };

@@ -6,13 +6,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pso::pipeline::{LoadOptions, Pipeline};
-use pso::sampling::Timesteps;
-use pso::toy::classifier::{Accuracy, Classifier};
-use pso::toy::shapes::Attributes;
-use pso::toy::{eval_captions, sample_captions};
+use diffusion::pipeline::{LoadOptions, Pipeline};
+use diffusion::sampling::Timesteps;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
+use toy::classifier::{Accuracy, Classifier};
+use toy::shapes::Attributes;
+use toy::{eval_captions, sample_captions};
 
 const PROMPTS: [&str; 2] = [
     "a small red circle on a blue background",

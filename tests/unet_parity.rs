@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use pso::models::unet::{AddedCond, UNet2DConditionModel};
+use diffusion::models::unet::{AddedCond, UNet2DConditionModel};
 use tch::{Device, Kind, Tensor};
 
 #[test]

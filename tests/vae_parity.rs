@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use pso::models::load::LoadError;
-use pso::models::vae::AutoencoderKL;
+use diffusion::models::load::LoadError;
+use diffusion::models::vae::AutoencoderKL;
 use tch::{Device, Kind, Tensor};
 
 fn expected(dir: &Path) -> std::collections::HashMap<String, Tensor> {

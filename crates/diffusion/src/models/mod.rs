@@ -1,0 +1,15 @@
+//! The diffusion stack in tch, laid out exactly like diffusers' modules so that diffusers'
+//! weights load by name: building blocks, the VAE, the UNet and DiT.
+
+pub mod attention;
+pub mod backbone;
+pub mod dit;
+pub mod embeddings;
+pub mod linear;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod vae;
+
+/// Model-folder loading (configs, safetensors) is shared with the reward models.
+pub use hf::load;

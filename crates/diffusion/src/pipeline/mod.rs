@@ -1,0 +1,737 @@
+//! Text-to-image pipelines as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionXLPipeline` run them: a diffusers folder loaded into the models of
+//! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
+//! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. The same
+//! [`Pipeline`] loads diffusers' class-conditional `DiTPipeline` ([`dit`]): its "prompts" are class
+//! ids or names, and everything downstream drives either through [`Backbone`].
+
+pub mod dit;
+pub mod images;
+pub mod prompt;
+
+use std::path::{Path, PathBuf};
+
+use hf::load::{read_json, LoadError};
+use hf::HfError;
+use serde::Deserialize;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::models::backbone::{Backbone, Condition};
+use crate::models::dit::DiTTransformer2DModel;
+use crate::models::unet::{AddedCond, PerBlock, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::sampling::{
+    sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, Timesteps,
+    Trajectory,
+};
+use prompt::TextEncoders;
+
+/// Errors of a pipeline; each names the folder, file or argument involved.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A component could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A tokenizer, a text encoder or a hub id failed.
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    /// The scheduler config or schedule is unusable.
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    /// The folder is not a pipeline this crate runs.
+    #[error("{path}: {why}")]
+    Folder {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// A generation request is inconsistent.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the models run.
+    pub device: Device,
+    /// Weight and activation precision of the UNet and text encoders.
+    pub kind: Kind,
+    /// Weight-file variant (e.g. `fp16`).
+    pub variant: Option<String>,
+    /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
+    /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
+    pub backbone_weights: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// How prompts become conditioning.
+enum Conditioner {
+    /// Tokenizers and text encoders (SD, SDXL).
+    Text {
+        encoders: Box<TextEncoders>,
+        force_zeros_for_empty_prompt: bool,
+    },
+    /// Class ids and `id2label` names (DiT).
+    Classes(dit::ClassNames),
+}
+
+/// A loaded pipeline: text-to-image (SD, SDXL) or class-conditional (DiT).
+pub struct Pipeline {
+    /// The denoiser.
+    pub backbone: Backbone,
+    /// The denoiser's parameters (what PEFT adapts).
+    pub backbone_vs: nn::VarStore,
+    /// The autoencoder.
+    pub vae: ImageCodec,
+    /// `scheduler/scheduler_config.json`.
+    pub scheduler_config: SchedulerConfig,
+    conditioner: Conditioner,
+    device: Device,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("backbone", &self.backbone.folder())
+            .field("device", &self.device)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// Per-request conditioning, computed once and reused at every step.
+#[derive(Debug)]
+pub struct Conditioning {
+    /// The backbone's inputs; with guidance the unconditional half is part of them (the
+    /// negative prompt first for a UNet, the null class second for DiT, as diffusers orders
+    /// them).
+    inputs: Condition,
+    /// The guidance scale, when classifier-free guidance runs.
+    cfg: Option<f64>,
+}
+
+impl Conditioning {
+    /// Stacks the conditioning of several unguided requests along the batch (a training batch
+    /// of different prompts).
+    pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning, PipelineError> {
+        if parts.is_empty() || parts.iter().any(|c| c.cfg.is_some()) {
+            return Err(PipelineError::Request(
+                "batched conditioning needs at least one request, all without classifier-free \
+                 guidance"
+                    .into(),
+            ));
+        }
+        // Each field of every part, concatenated; `None` when some part lacks it.
+        let cat = |field: &dyn Fn(&Condition) -> Option<&Tensor>| {
+            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| field(&c.inputs)).collect();
+            all.map(|v| Tensor::cat(&v, 0))
+        };
+        fn labels(c: &Condition) -> Option<&Tensor> {
+            match c {
+                Condition::Classes(l) => Some(l),
+                Condition::Text { .. } => None,
+            }
+        }
+        fn text(c: &Condition) -> Option<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> {
+            match c {
+                Condition::Text {
+                    embeds,
+                    added,
+                    timestep_cond,
+                } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
+                Condition::Classes(_) => None,
+            }
+        }
+        fn added(c: &Condition) -> Option<&AddedCond> {
+            text(c).and_then(|t| t.1)
+        }
+        let inputs = if let Some(labels) = cat(&labels) {
+            Condition::Classes(labels)
+        } else if let Some(embeds) = cat(&|c| text(c).map(|t| t.0)) {
+            Condition::Text {
+                embeds,
+                added: cat(&|c| added(c).map(|a| &a.text_embeds)).map(|text_embeds| AddedCond {
+                    text_embeds,
+                    time_ids: cat(&|c| added(c).map(|a| &a.time_ids))
+                        .expect("added conditioning has time ids"),
+                }),
+                timestep_cond: cat(&|c| text(c).and_then(|t| t.2)),
+            }
+        } else {
+            return Err(PipelineError::Request(
+                "batched conditioning mixes text and class conditioning".into(),
+            ));
+        };
+        Ok(Conditioning { inputs, cfg: None })
+    }
+
+    /// The tensors as diffusers' models name their arguments: `encoder_hidden_states`, and for
+    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        match &self.inputs {
+            Condition::Classes(labels) => vec![("class_labels".into(), labels.shallow_clone())],
+            Condition::Text {
+                embeds,
+                added,
+                timestep_cond,
+            } => {
+                let mut out = vec![("encoder_hidden_states".to_string(), embeds.shallow_clone())];
+                if let Some(a) = added {
+                    out.push(("text_embeds".into(), a.text_embeds.shallow_clone()));
+                    out.push(("time_ids".into(), a.time_ids.shallow_clone()));
+                }
+                if let Some(c) = timestep_cond {
+                    out.push(("timestep_cond".into(), c.shallow_clone()));
+                }
+                out
+            }
+        }
+    }
+
+    /// The same conditioning repeated `times` along the batch (rows in order 0..n, 0..n, …).
+    pub fn repeat(&self, times: i64) -> Conditioning {
+        let rep = |t: &Tensor| {
+            let mut reps = vec![1i64; t.dim()];
+            reps[0] = times;
+            t.repeat(reps.as_slice())
+        };
+        let inputs = match &self.inputs {
+            Condition::Classes(labels) => Condition::Classes(rep(labels)),
+            Condition::Text {
+                embeds,
+                added,
+                timestep_cond,
+            } => Condition::Text {
+                embeds: rep(embeds),
+                added: added.as_ref().map(|a| AddedCond {
+                    text_embeds: rep(&a.text_embeds),
+                    time_ids: rep(&a.time_ids),
+                }),
+                timestep_cond: timestep_cond.as_ref().map(rep),
+            },
+        };
+        Conditioning {
+            inputs,
+            cfg: self.cfg,
+        }
+    }
+}
+
+/// A pipeline's VAE between 8-bit images and scaled latents.
+pub struct ImageCodec {
+    model: AutoencoderKL,
+    vs: nn::VarStore,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for ImageCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageCodec")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl ImageCodec {
+    /// Loads a `vae/` folder in `kind`, or in f32 where its config sets `force_upcast`.
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        variant: Option<&str>,
+    ) -> Result<ImageCodec, PipelineError> {
+        let config: crate::models::vae::AutoencoderKLConfig = hf::load::read_config(dir)?;
+        // The model card of some VAEs (SDXL's) says they overflow in half precision.
+        let kind = if config.force_upcast {
+            Kind::Float
+        } else {
+            kind
+        };
+        let (vs, model) = AutoencoderKL::load(dir, device, kind, variant)?;
+        Ok(ImageCodec { model, vs, kind })
+    }
+
+    /// Pixels per latent pixel: 2^(VAE resolutions − 1).
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.model.config.block_out_channels.len() - 1)
+    }
+
+    /// Encodes [N, H, W, 3] uint8 images to the posterior mean, scaled as the pipelines scale
+    /// latents, fp32.
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let device = self.model_device();
+        let x = images
+            .to_device(device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 127.5
+            - 1.0;
+        let posterior = self.model.encode(&x.to_kind(self.kind));
+        self.model
+            .scale_latents(&posterior.mean)
+            .to_kind(Kind::Float)
+    }
+
+    /// Decodes scaled latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
+    /// `output_type="pil"` does.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let image = self
+            .model
+            .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind));
+        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .to_device(Device::Cpu)
+    }
+
+    fn model_device(&self) -> Device {
+        self.vs.device()
+    }
+}
+
+/// What to generate.
+#[derive(Debug)]
+pub struct GenerateRequest<'a> {
+    /// The prompt.
+    pub prompt: &'a str,
+    /// Negative prompt (used only with guidance).
+    pub negative_prompt: Option<&'a str>,
+    /// Steps, or an explicit timestep list.
+    pub timesteps: Timesteps,
+    /// Guidance scale; ≤ 1 means none.
+    pub guidance: f64,
+    /// Image height in pixels.
+    pub height: i64,
+    /// Image width in pixels.
+    pub width: i64,
+    /// Images to generate.
+    pub num_images: i64,
+    /// Initial latents, as diffusers' `latents=` ([N, C, H/f, W/f]); drawn from the noise source
+    /// when absent.
+    pub init_latents: Option<Tensor>,
+    /// Record the trajectory (for PSO).
+    pub record: bool,
+}
+
+/// What a generation returns.
+#[derive(Debug)]
+pub struct Generated {
+    /// Images, [N, H, W, 3] uint8 on the CPU.
+    pub images: Tensor,
+    /// Final latents x0.
+    pub latents: Tensor,
+    /// The trajectory, when recorded.
+    pub trajectory: Option<Trajectory>,
+}
+
+/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiTPipeline, else
+/// `unet/`, with `opts.backbone_weights` in place of the folder's weights when given.
+pub fn load_backbone(
+    root: &Path,
+    opts: &LoadOptions,
+) -> Result<(nn::VarStore, Backbone), PipelineError> {
+    let variant = opts.variant.as_deref();
+    let files = opts.backbone_weights.as_ref().map(std::slice::from_ref);
+    if dit::is_dit_folder(root) {
+        let dir = root.join("transformer");
+        let config = hf::load::read_config(&dir)?;
+        let (vs, model) = match files {
+            None => DiTTransformer2DModel::load_with_config(
+                &dir,
+                &config,
+                opts.device,
+                opts.kind,
+                variant,
+            )?,
+            Some(files) => DiTTransformer2DModel::load_with_weights(
+                &dir,
+                &config,
+                files,
+                opts.device,
+                opts.kind,
+            )?,
+        };
+        return Ok((vs, Backbone::DiT(Box::new(model))));
+    }
+    let dir = root.join("unet");
+    let (vs, model) = match files {
+        None => UNet2DConditionModel::load(&dir, opts.device, opts.kind, variant)?,
+        Some(files) => {
+            let config = hf::load::read_config(&dir)?;
+            UNet2DConditionModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
+        }
+    };
+    Ok((vs, Backbone::UNet(Box::new(model))))
+}
+
+/// LCM's `get_guidance_scale_embedding` of `w` ([N]) into `dim` channels.
+fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let scale = 10000f64.ln() / (half - 1) as f64;
+    let freqs = (Tensor::arange(half, (Kind::Float, w.device())) * -scale).exp();
+    let args = (w.to_kind(Kind::Float) * 1000.0).unsqueeze(1) * freqs.unsqueeze(0);
+    let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    }
+}
+
+impl Pipeline {
+    /// Loads a local diffusers folder: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+    /// (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL
+    /// text_encoder_2/, tokenizer_2/), or a `DiTPipeline` (transformer/, vae/, scheduler/).
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
+        if !root.is_dir() {
+            return Err(PipelineError::Folder {
+                path: root.to_owned(),
+                why: "not a folder; expected a diffusers pipeline folder with model_index.json"
+                    .into(),
+            });
+        }
+        let index: ModelIndex = read_json(&root.join("model_index.json"))?;
+        let dual = match index.class_name.as_str() {
+            "StableDiffusionPipeline" => false,
+            "StableDiffusionXLPipeline" => true,
+            "DiTPipeline" => return dit::load(root, opts),
+            other => {
+                return Err(PipelineError::Folder {
+                    path: root.join("model_index.json"),
+                    why: format!(
+                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline, \
+                         StableDiffusionXLPipeline or DiTPipeline folder"
+                    ),
+                })
+            }
+        };
+        let variant = opts.variant.as_deref();
+        let (unet_vs, backbone) = load_backbone(root, opts)?;
+        let Backbone::UNet(unet) = &backbone else {
+            return Err(PipelineError::Folder {
+                path: root.join("model_index.json"),
+                why: "a text-to-image pipeline needs a unet/ folder".into(),
+            });
+        };
+        let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
+        let encoders = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        if unet.needs_added_cond() != dual {
+            return Err(PipelineError::Folder {
+                path: root.join("unet/config.json"),
+                why: "the UNet's addition_embed_type does not fit the pipeline (SDXL needs text_time)".into(),
+            });
+        }
+        Ok(Pipeline {
+            backbone,
+            backbone_vs: unet_vs,
+            vae,
+            scheduler_config,
+            conditioner: Conditioner::Text {
+                encoders: Box::new(encoders),
+                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            },
+            device: opts.device,
+            kind: opts.kind,
+        })
+    }
+
+    /// Pixels per latent pixel: 2^(VAE resolutions − 1).
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.vae.scale_factor()
+    }
+
+    /// The image size the backbone was trained at (height, width).
+    pub fn default_size(&self) -> (i64, i64) {
+        let f = self.vae_scale_factor();
+        match &self.backbone {
+            Backbone::DiT(d) => (d.config.sample_size * f, d.config.sample_size * f),
+            Backbone::UNet(u) => match &u.config.sample_size {
+                Some(PerBlock::Many(hw)) if hw.len() == 2 => (hw[0] * f, hw[1] * f),
+                Some(PerBlock::One(s)) => (s * f, s * f),
+                _ => (64 * f, 64 * f),
+            },
+        }
+    }
+
+    /// A scheduler for `timesteps` from the pipeline's scheduler config.
+    pub fn scheduler(&self, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
+        Scheduler::new(self.scheduler_config.clone(), timesteps)
+    }
+
+    /// Whether prompts are class ids or names (a DiT pipeline).
+    pub fn is_class_conditional(&self) -> bool {
+        matches!(self.conditioner, Conditioner::Classes(_))
+    }
+
+    /// Encodes `prompt` for `num_images` images, with guidance when `guidance > 1` (and the UNet
+    /// has no LCM guidance embedding, which takes the scale instead). For a DiT pipeline the
+    /// prompt is a class id or `id2label` name, and there is no negative prompt.
+    pub fn condition(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        guidance: f64,
+        height: i64,
+        width: i64,
+        num_images: i64,
+    ) -> Result<Conditioning, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let (encoders, force_zeros_for_empty_prompt, unet) =
+            match (&self.conditioner, &self.backbone) {
+                (
+                    Conditioner::Text {
+                        encoders,
+                        force_zeros_for_empty_prompt,
+                    },
+                    Backbone::UNet(unet),
+                ) => (encoders, *force_zeros_for_empty_prompt, unet),
+                (Conditioner::Classes(names), _) => {
+                    if negative_prompt.is_some() {
+                        return Err(PipelineError::Request(
+                            "a class-conditional DiT has no negative prompt; guidance is \
+                             against the null class"
+                                .into(),
+                        ));
+                    }
+                    let id = names.class_id(prompt)?;
+                    let ids = vec![id; num_images as usize];
+                    let cfg = (guidance > 1.0).then_some(guidance);
+                    return Ok(Conditioning {
+                        inputs: Condition::Classes(names.model_labels(
+                            &ids,
+                            cfg.is_some(),
+                            self.device,
+                        )),
+                        cfg,
+                    });
+                }
+                (Conditioner::Text { .. }, Backbone::DiT(_)) => {
+                    unreachable!("text pipelines load a UNet")
+                }
+            };
+        let lcm_dim = unet.config.time_cond_proj_dim;
+        let cfg = (guidance > 1.0 && lcm_dim.is_none()).then_some(guidance);
+        let positive = encoders.encode(&[prompt], self.device)?;
+        let repeat = |t: &Tensor| {
+            let mut reps = vec![1i64; t.dim()];
+            reps[0] = num_images;
+            t.repeat(reps.as_slice())
+        };
+        let mut embeds = repeat(&positive.embeds);
+        let mut pooled = positive.pooled.as_ref().map(repeat);
+        if cfg.is_some() {
+            let zero = negative_prompt.is_none() && force_zeros_for_empty_prompt;
+            let (neg_embeds, neg_pooled) = if zero {
+                (
+                    positive.embeds.zeros_like(),
+                    positive.pooled.as_ref().map(Tensor::zeros_like),
+                )
+            } else {
+                let n = encoders.encode(&[negative_prompt.unwrap_or("")], self.device)?;
+                (n.embeds, n.pooled)
+            };
+            embeds = Tensor::cat(&[repeat(&neg_embeds), embeds], 0);
+            pooled = match (neg_pooled, pooled) {
+                (Some(n), Some(p)) => Some(Tensor::cat(&[repeat(&n), p], 0)),
+                _ => None,
+            };
+        }
+        let rows = embeds.size()[0];
+        let added = pooled.map(|text_embeds| {
+            let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
+            AddedCond {
+                time_ids: Tensor::from_slice(&ids)
+                    .to_device(self.device)
+                    .to_kind(self.kind)
+                    .unsqueeze(0)
+                    .repeat([rows, 1]),
+                text_embeds,
+            }
+        });
+        let timestep_cond = lcm_dim.map(|dim| {
+            let w = Tensor::full([num_images], guidance - 1.0, (Kind::Float, self.device));
+            guidance_embedding(&w, dim).to_kind(self.kind)
+        });
+        Ok(Conditioning {
+            inputs: Condition::Text {
+                embeds: embeds.to_kind(self.kind),
+                added,
+                timestep_cond,
+            },
+            cfg,
+        })
+    }
+
+    /// The device the models run on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The (guided) model output for scaled latents `model_input` at timestep `t`: the noise
+    /// prediction, followed for a learned-variance DiT by the conditional half's variance
+    /// channels.
+    pub fn predict(&self, cond: &Conditioning, model_input: &Tensor, t: f64) -> Tensor {
+        let input = match cond.cfg {
+            Some(_) => Tensor::cat(&[model_input, model_input], 0),
+            None => model_input.shallow_clone(),
+        }
+        .to_kind(self.kind);
+        let timestep = Tensor::from(t as f32).to_device(self.device);
+        let out = self.backbone.forward(&input, &timestep, &cond.inputs);
+        let Some(g) = cond.cfg else {
+            return out;
+        };
+        let b = model_input.size()[0];
+        let c = self.backbone.in_channels();
+        let eps = out.narrow(1, 0, c);
+        match &self.backbone {
+            Backbone::UNet(_) => {
+                let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                &uncond + (&text - &uncond) * g
+            }
+            // DiTPipeline guides the ε channels only and keeps the class half's variance.
+            Backbone::DiT(_) => {
+                let (class, null) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                let guided = &null + (&class - &null) * g;
+                let variance = out.narrow(1, c, out.size()[1] - c).narrow(0, 0, b);
+                Tensor::cat(&[guided, variance], 1)
+            }
+        }
+    }
+
+    /// The unguided noise prediction of `backbone` (the pipeline's, its frozen copy, …) for
+    /// scaled latents `x` [B, C, h, w] at one timestep per sample (`timesteps` [B]), as
+    /// training needs it. A learned-variance DiT's variance channels are dropped (see
+    /// [`Pipeline::predict_batch_with_variance`]).
+    pub fn predict_batch(
+        &self,
+        backbone: &Backbone,
+        cond: &Conditioning,
+        x: &Tensor,
+        timesteps: &Tensor,
+    ) -> Tensor {
+        self.predict_batch_with_variance(backbone, cond, x, timesteps)
+            .narrow(1, 0, backbone.in_channels())
+    }
+
+    /// [`Pipeline::predict_batch`] with the whole output, variance channels included.
+    pub fn predict_batch_with_variance(
+        &self,
+        backbone: &Backbone,
+        cond: &Conditioning,
+        x: &Tensor,
+        timesteps: &Tensor,
+    ) -> Tensor {
+        backbone.forward(&x.to_kind(self.kind), timesteps, &cond.inputs)
+    }
+
+    /// Encodes [N, H, W, 3] uint8 images to the backbone's latent space (the posterior mean,
+    /// scaled as the pipelines scale), fp32.
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        self.vae.encode(images)
+    }
+
+    /// Decodes final latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
+    /// `output_type="pil"` does.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        self.vae.decode(latents)
+    }
+
+    /// Generates images for one prompt (for a DiT pipeline: one class id or name).
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Generated, PipelineError> {
+        let f = self.vae_scale_factor();
+        if req.height % f != 0 || req.width % f != 0 || req.height <= 0 || req.width <= 0 {
+            return Err(PipelineError::Request(format!(
+                "height and width must be positive multiples of {f}, got {}x{}",
+                req.height, req.width
+            )));
+        }
+        if let Conditioner::Classes(names) = &self.conditioner {
+            if req.negative_prompt.is_some() {
+                return Err(PipelineError::Request(
+                    "a class-conditional DiT has no negative prompt".into(),
+                ));
+            }
+            if req.height != req.width {
+                return Err(PipelineError::Request(format!(
+                    "DiT images are square; got {}x{}",
+                    req.height, req.width
+                )));
+            }
+            let id = names.class_id(req.prompt)?;
+            return self.generate_classes(
+                dit::ClassRequest {
+                    class_labels: vec![id; req.num_images.max(0) as usize],
+                    timesteps: req.timesteps,
+                    guidance: req.guidance,
+                    latent_size: Some(req.height / f),
+                    init_latents: req.init_latents,
+                    record: req.record,
+                },
+                noise,
+            );
+        }
+        let shape = vec![
+            req.num_images,
+            self.backbone.in_channels(),
+            req.height / f,
+            req.width / f,
+        ];
+        let initial = match req.init_latents {
+            Some(t) => {
+                if t.size() != shape {
+                    return Err(PipelineError::Request(format!(
+                        "initial latents have shape {:?}, expected {shape:?} for {} images of {}x{}",
+                        t.size(),
+                        req.num_images,
+                        req.height,
+                        req.width
+                    )));
+                }
+                InitialLatents::Given(t.to_device(self.device).to_kind(Kind::Float))
+            }
+            // Latents and the scheduler's step stay in fp32 whatever the model's precision (as
+            // diffusers' schedulers upcast): only the UNet's input and output change kind.
+            None => InitialLatents::Draw {
+                shape,
+                kind: Kind::Float,
+                device: self.device,
+            },
+        };
+        let scheduler = self.scheduler(req.timesteps)?;
+        let cond = self.condition(
+            req.prompt,
+            req.negative_prompt,
+            req.guidance,
+            req.height,
+            req.width,
+            req.num_images,
+        )?;
+        let mut denoiser = |x: &Tensor, t: f64| self.predict(&cond, x, t);
+        let out = sample(&scheduler, &mut denoiser, initial, noise, req.record)?;
+        Ok(Generated {
+            images: self.decode(&out.latents),
+            latents: out.latents,
+            trajectory: out.trajectory,
+        })
+    }
+}

@@ -1,0 +1,78 @@
+//! A shard's life on disk, shared by the writer, the reader and recovery: its file names
+//! (`RUN-NNNNNN.parquet`, `.parquet.tmp` while written, `.parquet.tmp.footer` beside it), the
+//! Parquet magic of a complete file, and the fsync of the folder after a rename.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::PairsError;
+
+/// Suffix of a shard being written.
+pub const TMP_SUFFIX: &str = ".parquet.tmp";
+/// Suffix of the sidecar footer of a shard being written.
+pub const FOOTER_SUFFIX: &str = ".parquet.tmp.footer";
+
+/// An [`PairsError::Io`] maker for `map_err`, naming the file and the action.
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> PairsError + 'a {
+    move |source| PairsError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    }
+}
+
+/// Makes a rename or removal in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), PairsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "fsync directory"))
+}
+
+/// The finished shards of `run_id` in `dir`, by shard number.
+pub(crate) fn run_shards(dir: &Path, run_id: &str) -> Result<Vec<(u64, PathBuf)>, PairsError> {
+    let prefix = format!("{run_id}-");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))? {
+        let path = entry.map_err(io_err(dir, "list"))?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !digits.is_empty() && rest[digits.len()..] == *".parquet" {
+            if let Ok(n) = digits.parse::<u64>() {
+                out.push((n, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The number of the next shard of `run_id` in `dir`.
+pub(crate) fn next_shard_number(dir: &Path, run_id: &str) -> Result<u64, PairsError> {
+    Ok(run_shards(dir, run_id)?.last().map_or(0, |(n, _)| n + 1))
+}
+
+/// Whether a file starts with the Parquet magic and is a complete file (magic at both ends).
+pub fn has_parquet_magic(path: &Path) -> Result<bool, PairsError> {
+    let mut f = File::open(path).map_err(io_err(path, "open"))?;
+    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+    if len < 12 {
+        return Ok(false);
+    }
+    let mut head = [0u8; 4];
+    f.read_exact(&mut head).map_err(io_err(path, "read"))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(-4)).map_err(io_err(path, "seek"))?;
+    let mut tail = [0u8; 4];
+    f.read_exact(&mut tail).map_err(io_err(path, "read"))?;
+    Ok(&head == b"PAR1" && &tail == b"PAR1")
+}

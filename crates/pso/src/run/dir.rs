@@ -1,0 +1,142 @@
+//! The run directory contract (docs/design.md): its layout, and `metrics.jsonl`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::{io, RunError};
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::learner::StepReport;
+
+/// A run directory: `config.toml`, `metrics.jsonl`, `checkpoints/`, `pairs/`, `samples/`.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Prepares `path` for a run of `config`: a new run needs a directory without checkpoints;
+    /// a resume needs the checkpoints of a run with the same training config. Writes
+    /// `config.toml` either way.
+    pub fn prepare(path: &Path, config: &RunConfig, resume: bool) -> Result<RunDir, RunError> {
+        let dir = RunDir {
+            path: path.to_owned(),
+        };
+        let has_checkpoints = !checkpoint::list(&dir.checkpoints())?.is_empty();
+        if has_checkpoints && !resume {
+            return Err(RunError::RunDir {
+                path: dir.path.clone(),
+                why: "already holds checkpoints of a run; pass --resume to continue it, or \
+                      choose another --out (or run.name)"
+                    .into(),
+            });
+        }
+        if resume && has_checkpoints {
+            let old = dir.path.join("config.toml");
+            if old.exists() {
+                let previous = RunConfig::load(&old, &[])?;
+                if previous.training_hash() != config.training_hash() {
+                    return Err(RunError::RunDir {
+                        path: dir.path.clone(),
+                        why: format!(
+                            "was trained with a different config ({}); resume with that config \
+                             (only run.name, run.out, checkpoint cadence and, for non-cosine \
+                             schedules, learner.max_steps may change)",
+                            old.display()
+                        ),
+                    });
+                }
+            }
+        }
+        fs::create_dir_all(&dir.path).map_err(io(&dir.path))?;
+        config.write_resolved(&dir.path)?;
+        Ok(dir)
+    }
+
+    /// `RUN/checkpoints`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.path.join("checkpoints")
+    }
+
+    /// `RUN/metrics.jsonl`.
+    pub fn metrics(&self) -> PathBuf {
+        self.path.join("metrics.jsonl")
+    }
+}
+
+/// Appends one JSON object per learner step to `metrics.jsonl`.
+#[derive(Debug)]
+pub struct Metrics {
+    path: PathBuf,
+    file: File,
+}
+
+impl Metrics {
+    /// Opens the metrics file of `dir`, first dropping lines of steps after `resumed_step` (a
+    /// crash after the last checkpoint leaves steps that will be trained again).
+    pub fn open(dir: &RunDir, resumed_step: u64) -> Result<Metrics, RunError> {
+        let path = dir.metrics();
+        if path.exists() {
+            let kept: Vec<String> = BufReader::new(File::open(&path).map_err(io(&path))?)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|line| {
+                    serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s <= resumed_step)
+                })
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            hf::tensor_file::write_atomically(&path, text.as_bytes())
+                .map_err(|e| RunError::Data(format!("cannot rewrite {}: {e}", path.display())))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(Metrics { path, file })
+    }
+
+    /// Writes one step: the report's fields, then `extra` (e.g. `reward_mean`).
+    pub fn write(&mut self, report: &StepReport, extra: &[(&str, Value)]) -> Result<(), RunError> {
+        let mut m = Map::new();
+        let f = |v: f64| Value::from(if v.is_finite() { Some(v) } else { None });
+        m.insert("step".into(), report.step.into());
+        m.insert("policy_version".into(), report.step.into());
+        for (k, v) in report.diagnostics.fields() {
+            m.insert(k.into(), f(v));
+        }
+        m.insert("grad_norm".into(), f(report.grad_norm));
+        m.insert("lr".into(), report.lr.into());
+        m.insert("skipped".into(), report.skipped.into());
+        m.insert(
+            "pairs_per_s".into(),
+            f(report.pairs as f64 / report.seconds.max(1e-9)),
+        );
+        m.insert("seconds".into(), f(report.seconds));
+        for (k, v) in extra {
+            m.insert((*k).into(), v.clone());
+        }
+        let mut line = Value::Object(m).to_string();
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(io(&self.path))?;
+        Ok(())
+    }
+}
+
+/// `RUN` for a config: `--out` when given, else `run.out/run.name`.
+pub fn run_path(config: &RunConfig, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_owned)
+        .unwrap_or_else(|| config.run.out.join(&config.run.name))
+}

@@ -1,0 +1,530 @@
+//! `pso offline`: trains on logged or imported pairs (method.md §3 sources a and b) with
+//! offline PSO, Diffusion-DPO or SFT, under the run-directory, metrics and checkpoint contracts
+//! of the online loop.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::data::{image_tensor, stored_latent, PairStream};
+use super::image_table::TableColumns;
+use super::images::{ImageSetOptions, LabelAs, TrainingImage, TrainingImages};
+use super::relabel::Relabeler;
+use super::{
+    progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError, Summary,
+};
+use crate::checkpoint;
+use crate::config::{resolve_device, RunConfig};
+use crate::learner::LearnerError;
+use crate::objective::{
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair,
+    Objective, PairPredictions, TimestepPolicy,
+};
+use crate::peft::Adapter;
+use diffusion::pipeline::{Conditioning, GenerateRequest, Pipeline};
+use diffusion::sampling::{PredictionType, SeededNoise, Timesteps};
+use pairs::schema::{Label, PairRecord};
+
+/// What to train on and where.
+pub struct OfflineOptions {
+    /// Pair shards or directories of shards (the store of a run, or an import).
+    pub pairs: Vec<PathBuf>,
+    /// Or: a folder of training images (+ `NAME.txt` prompts, or one sub-folder per class) or a
+    /// Parquet table of image + label (a file, or a Hugging Face dataset folder),
+    /// each paired with a fresh sample of the current model (method.md §3 source c; `pso_db` or
+    /// `offline_pso`), or regressed on (`sft`, with cached latents).
+    pub train_images: Option<PathBuf>,
+    /// Prompt of training images without a `NAME.txt`.
+    pub prompt: Option<String>,
+    /// The image and label columns of a Parquet table of training images.
+    pub columns: TableColumns,
+    /// The split of a dataset folder of tables (default: `train` when its files name one).
+    pub split: Option<String>,
+    /// What a table's integer labels become (default: ids for a class-conditional model, names
+    /// for a text-to-image one).
+    pub label_as: Option<LabelAs>,
+    /// SFT on images: draw classes uniformly instead of images.
+    pub class_balanced: bool,
+    /// SFT on images: mirror each drawn image with probability 1/2.
+    pub random_flip: bool,
+    /// Label every pair again with this scorer as it is read (`--relabel-with`).
+    pub relabel_with: Option<Relabeler>,
+    /// The run directory.
+    pub out: PathBuf,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// The model, its trainable tensors and what a micro-batch needs.
+pub struct Trainer {
+    /// The pipeline (its UNet carries the adapter).
+    pub pipeline: Pipeline,
+    /// The trainable tensors and the reference model.
+    pub adapter: Adapter,
+    objective: Objective,
+    timesteps: Timesteps,
+    distilled: Vec<u32>,
+    alphas_cumprod: Vec<f64>,
+    prediction: PredictionType,
+    height: u32,
+    width: u32,
+}
+
+impl Trainer {
+    /// Loads `config.model` and attaches `config.peft`.
+    pub fn load(config: &RunConfig) -> Result<Trainer, RunError> {
+        let device = resolve_device(&config.model.device).map_err(RunError::Config)?;
+        let pipeline = super::load_pipeline(config, device)?;
+        let timesteps = if config.sampler.timesteps.is_empty() {
+            Timesteps::Steps(config.sampler.steps as usize)
+        } else {
+            Timesteps::Explicit(config.sampler.timesteps.clone())
+        };
+        let scheduler = pipeline.scheduler(timesteps.clone())?;
+        let distilled: Vec<u32> = scheduler.timesteps().iter().map(|&t| t as u32).collect();
+        let num_train = scheduler.config().num_train_timesteps;
+        let objective = Objective::from_section(&config.objective, &distilled, num_train)?;
+        if let Objective::OnlinePso(_) = objective {
+            return Err(RunError::Config(
+                "objective.kind = online_pso needs trajectories sampled by the current policy: \
+                 run `pso online`, or replay stored pairs with objective.kind = offline_pso (or \
+                 dpo, sft)"
+                    .into(),
+            ));
+        }
+        let adapter = Adapter::new(
+            &pipeline.backbone,
+            &pipeline.backbone_vs,
+            &config.peft,
+            config.run.seed,
+        )?;
+        Ok(Trainer {
+            alphas_cumprod: scheduler.alphas_cumprod().to_vec(),
+            prediction: scheduler.config().prediction_type,
+            pipeline,
+            adapter,
+            objective,
+            timesteps,
+            distilled,
+            height: config.sampler.height,
+            width: config.sampler.width,
+        })
+    }
+
+    /// The latent of one side: the stored one when it fits the configured size, else the image
+    /// encoded by the VAE.
+    fn latent(&self, record: &PairRecord, side: usize) -> Result<Tensor, RunError> {
+        let f = self.pipeline.vae_scale_factor();
+        let want = [
+            self.pipeline.backbone.in_channels(),
+            self.height as i64 / f,
+            self.width as i64 / f,
+        ];
+        if let Some(t) = stored_latent(record, side).filter(|t| t.size() == want) {
+            return Ok(t.to_device(self.pipeline.device()));
+        }
+        let what = format!(
+            "pair {} of run `{}`, side {side}",
+            record.pair_id, record.run_id
+        );
+        let image = image_tensor(&record.sides[side].image, self.height, self.width, &what)?;
+        Ok(self.pipeline.encode(&image.unsqueeze(0)).squeeze_dim(0))
+    }
+
+    /// The model-side inputs of a micro-batch of pairs: latents of winners and losers (stored,
+    /// or encoded from the images) and the prompts' conditioning.
+    pub fn batch(&self, records: &[PairRecord]) -> Result<Batch, RunError> {
+        let (mut winners, mut losers, mut conds) = (Vec::new(), Vec::new(), Vec::new());
+        for r in records {
+            let w = if r.label == Label::Side1 { 1 } else { 0 };
+            winners.push(self.latent(r, w)?);
+            losers.push(self.latent(r, 1 - w)?);
+            conds.push(self.pipeline.condition(
+                &r.prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        Ok(Batch {
+            x0_winner: Tensor::stack(&winners, 0),
+            x0_loser: Tensor::stack(&losers, 0),
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
+        })
+    }
+
+    /// A micro-batch of source c (method.md §3): each training image is the preferred side,
+    /// against a reference image sampled now from the current model for its prompt (noise from
+    /// `seed`).
+    pub fn image_batch(&self, images: &[&TrainingImage], seed: u64) -> Result<Batch, RunError> {
+        let _no_grad = tch::no_grad_guard();
+        let pixels: Vec<&Tensor> = images.iter().map(|i| &i.pixels).collect();
+        let x0_winner = self.pipeline.encode(&Tensor::stack(&pixels, 0));
+        let (mut losers, mut conds) = (Vec::new(), Vec::new());
+        for (i, image) in images.iter().enumerate() {
+            let generated = self.pipeline.generate(
+                GenerateRequest {
+                    prompt: &image.prompt,
+                    negative_prompt: None,
+                    timesteps: self.timesteps.clone(),
+                    guidance: 0.0,
+                    height: self.height as i64,
+                    width: self.width as i64,
+                    num_images: 1,
+                    init_latents: None,
+                    record: false,
+                },
+                &mut SeededNoise::new(step_seed(seed, i as u64, u32::MAX)),
+            )?;
+            losers.push(generated.latents);
+            conds.push(self.pipeline.condition(
+                &image.prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        Ok(Batch {
+            x0_winner,
+            x0_loser: Tensor::cat(&losers, 0),
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
+        })
+    }
+
+    /// An SFT micro-batch of training images: their cached latents (each mirrored with
+    /// probability 1/2 when `random_flip`, drawn from `seed`) and prompts. SFT reads only the
+    /// winners; the losers are the same tensors.
+    pub fn sft_batch(
+        &self,
+        images: &mut TrainingImages,
+        picked: &[usize],
+        random_flip: bool,
+        seed: u64,
+    ) -> Result<Batch, RunError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5f1f);
+        let (mut latents, mut conds) = (Vec::new(), Vec::new());
+        for &i in picked {
+            let side = i64::from(random_flip && rng.random_bool(0.5));
+            let both = images.latents(i, |pixels| self.pipeline.encode(pixels));
+            latents.push(both.get(side));
+            conds.push(self.pipeline.condition(
+                &images.get(i).prompt,
+                None,
+                0.0,
+                self.height as i64,
+                self.width as i64,
+                1,
+            )?);
+        }
+        let x0 = Tensor::stack(&latents, 0);
+        Ok(Batch {
+            x0_loser: x0.shallow_clone(),
+            x0_winner: x0,
+            cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
+        })
+    }
+
+    /// The loss of one micro-batch of pairs; every random draw comes from `seed`.
+    pub fn loss(&self, records: &[PairRecord], seed: u64) -> Result<Loss, RunError> {
+        self.batch_loss(&self.batch(records)?, seed)
+    }
+
+    /// The loss of a prepared micro-batch; every random draw comes from `seed`.
+    pub fn batch_loss(&self, batch: &Batch, seed: u64) -> Result<Loss, RunError> {
+        let x0 = &batch.x0_winner;
+        let pairs = x0.size()[0] as usize;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        tch::manual_seed(seed as i64);
+        // Drawn on the CPU so that a run draws the same noise on every device.
+        let noise = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(x0.device());
+        let dpo = match &self.objective {
+            Objective::OfflinePso(d) | Objective::Dpo(d) => d,
+            Objective::Sft => {
+                let policy = Dpo::diffusion_dpo(self.alphas_cumprod.len(), 1.0)?;
+                let ts = policy.timesteps.draw(&mut rng, pairs);
+                let ac = &self.alphas_cumprod;
+                let x = add_noise(x0, &noise, &ts, ac)?;
+                let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
+                let t: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
+                let t = Tensor::from_slice(&t).to_device(x0.device());
+                let backbone = &self.pipeline.backbone;
+                if backbone.learns_variance() && self.prediction == PredictionType::Epsilon {
+                    let pred =
+                        self.pipeline
+                            .predict_batch_with_variance(backbone, &batch.cond, &x, &t);
+                    return Ok(hybrid_loss(&pred, &noise, x0, &x, &ts, ac)?);
+                }
+                let pred = self.pipeline.predict_batch(backbone, &batch.cond, &x, &t);
+                return Ok(sft_loss(&pred, &target)?);
+            }
+            Objective::PsoDb(db) => {
+                let ts = TimestepPolicy::Distilled(self.distilled.clone()).draw(&mut rng, pairs);
+                let n = self.noised(batch, &noise, &ts)?;
+                let policy =
+                    self.pipeline
+                        .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
+                let (train, reference) = halves(&policy);
+                let p = &n.pair;
+                return Ok(db.loss(&train, &reference, &p.target_winner, &p.target_loser)?);
+            }
+            Objective::OnlinePso(_) => unreachable!("Trainer::load refuses online_pso"),
+        };
+        let ts = dpo.timesteps.draw(&mut rng, pairs);
+        let n = self.noised(batch, &noise, &ts)?;
+        let p = &n.pair;
+        let reference = self
+            .adapter
+            .reference(&self.pipeline.backbone, |reference| {
+                self.pipeline.predict_batch(reference, &n.cond, &n.x, &n.t)
+            });
+        let policy = self
+            .pipeline
+            .predict_batch(&self.pipeline.backbone, &n.cond, &n.x, &n.t);
+        let (pw, pl) = halves(&policy);
+        let (rw, rl) = halves(&reference);
+        Ok(dpo.loss(
+            &PairPredictions {
+                policy_winner: &pw,
+                policy_loser: &pl,
+                reference_winner: &rw,
+                reference_loser: &rl,
+                target_winner: &p.target_winner,
+                target_loser: &p.target_loser,
+            },
+            &ts,
+            None,
+        )?)
+    }
+}
+
+/// Winners and losers noised with a shared ε at shared timesteps, stacked for one UNet call.
+struct Noised {
+    /// The noised pair and its targets.
+    pair: NoisedPair,
+    /// [noisy winners; noisy losers].
+    x: Tensor,
+    /// Their timesteps.
+    t: Tensor,
+    /// The conditioning, repeated for both halves.
+    cond: Conditioning,
+}
+
+impl Trainer {
+    fn noised(&self, batch: &Batch, noise: &Tensor, ts: &[u32]) -> Result<Noised, RunError> {
+        let pair = noise_pair(
+            &batch.x0_winner,
+            &batch.x0_loser,
+            noise,
+            ts,
+            &self.alphas_cumprod,
+            self.prediction,
+        )?;
+        let x = Tensor::cat(&[&pair.noisy_winner, &pair.noisy_loser], 0);
+        let both: Vec<i64> = ts.iter().chain(ts).map(|&t| t as i64).collect();
+        Ok(Noised {
+            pair,
+            x,
+            t: Tensor::from_slice(&both).to_device(noise.device()),
+            cond: batch.cond.repeat(2),
+        })
+    }
+}
+
+/// What a micro-batch feeds the models.
+pub struct Batch {
+    /// Winners' latents [B, C, h, w] (fp32, UNet space).
+    pub x0_winner: Tensor,
+    /// Losers' latents.
+    pub x0_loser: Tensor,
+    /// The prompts' conditioning, one row per pair.
+    pub cond: Conditioning,
+}
+
+/// Where a run's micro-batches come from.
+enum Source {
+    /// Labelled pairs (sources a and b).
+    Pairs(Box<PairStream>),
+    /// Training images against fresh samples (source c).
+    Images(TrainingImages),
+}
+
+impl Source {
+    fn consumed(&self) -> u64 {
+        match self {
+            Source::Pairs(s) => s.consumed(),
+            Source::Images(i) => i.consumed(),
+        }
+    }
+}
+
+fn halves(t: &Tensor) -> (Tensor, Tensor) {
+    let parts = t.chunk(2, 0);
+    (parts[0].shallow_clone(), parts[1].shallow_clone())
+}
+
+/// Mean score of the pairs' sides, when a scorer (not humans) labelled them.
+fn reward_mean(records: &[PairRecord]) -> Value {
+    let scored: Vec<f64> = records
+        .iter()
+        .filter(|r| r.scorer != "human")
+        .flat_map(|r| r.sides.iter().map(|s| s.score as f64))
+        .filter(|s| s.is_finite())
+        .collect();
+    if scored.is_empty() {
+        Value::Null
+    } else {
+        (scored.iter().sum::<f64>() / scored.len() as f64).into()
+    }
+}
+
+/// Trains until `config.learner.max_steps` (or a stop request), checkpointing as configured.
+pub fn run(config: &RunConfig, opts: OfflineOptions) -> Result<Summary, RunError> {
+    let trainer = Trainer::load(config)?;
+    run_with(&trainer, config, opts)
+}
+
+/// [`run`] with a loaded trainer.
+pub fn run_with(
+    trainer: &Trainer,
+    config: &RunConfig,
+    opts: OfflineOptions,
+) -> Result<Summary, RunError> {
+    let dir = RunDir::prepare(&opts.out, config, opts.resume)?;
+    let (mut learner, cursor) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
+    let mut source = match &opts.train_images {
+        Some(dir) => {
+            let class_conditional = trainer.pipeline.is_class_conditional();
+            let set = ImageSetOptions {
+                default_prompt: opts.prompt.clone(),
+                columns: opts.columns.clone(),
+                split: opts.split.clone(),
+                label_as: opts.label_as.unwrap_or(if class_conditional {
+                    LabelAs::Id
+                } else {
+                    LabelAs::Name
+                }),
+                height: config.sampler.height,
+                width: config.sampler.width,
+                seed: config.run.seed,
+            };
+            let mut images = TrainingImages::open(dir, &set)?;
+            if opts.class_balanced {
+                images.balance_classes();
+            }
+            images.skip(cursor);
+            // Every prompt must condition the model (a class name of a DiT, …): fail now, not
+            // at the batch that first draws it.
+            for prompt in images.prompts() {
+                let (h, w) = (config.sampler.height as i64, config.sampler.width as i64);
+                trainer.pipeline.condition(prompt, None, 0.0, h, w, 1)?;
+            }
+            Source::Images(images)
+        }
+        None => {
+            if let Objective::PsoDb(_) = trainer.objective {
+                return Err(RunError::Config(
+                    "objective.kind = pso_db pairs training images with fresh samples: give \
+                     --train-images DIR instead of --pairs"
+                        .into(),
+                ));
+            }
+            let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?;
+            stream.skip(cursor)?;
+            Source::Pairs(Box::new(stream))
+        }
+    };
+    let mut metrics = Metrics::open(&dir, learner.counters().step)?;
+    tracing::info!(
+        run = %dir.path.display(),
+        objective = trainer.objective.kind(),
+        peft = %config.peft.kind,
+        trainable = trainer.adapter.numel(),
+        "training"
+    );
+    let stop = stop_flag();
+    let bar = progress(
+        opts.progress,
+        config.learner.max_steps,
+        learner.counters().step,
+    );
+    let (batch, seed) = (config.learner.batch_size, config.run.seed);
+    let mut summary = Summary {
+        run: dir.path.clone(),
+        steps: learner.counters().step,
+        last_loss: None,
+        checkpoint: None,
+        stopped: false,
+    };
+    while learner.counters().step < config.learner.max_steps {
+        if stop.load(Ordering::SeqCst) {
+            summary.stopped = true;
+            break;
+        }
+        let step = learner.counters().step;
+        let mut seen = Vec::new();
+        let outcome = learner.step(|micro| {
+            let micro_seed = step_seed(seed, step, micro);
+            let loss = match &mut source {
+                Source::Pairs(stream) => {
+                    let records = (0..batch)
+                        .map(|_| stream.next_pair())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| LearnerError::Batch(Box::new(e)))?;
+                    let loss = trainer.loss(&records, micro_seed);
+                    seen.extend(records);
+                    loss
+                }
+                Source::Images(images) => {
+                    let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
+                    let batch = if let Objective::Sft = trainer.objective {
+                        trainer.sft_batch(images, &picked, opts.random_flip, micro_seed)
+                    } else {
+                        let chosen: Vec<&TrainingImage> =
+                            picked.iter().map(|&i| images.get(i)).collect();
+                        trainer.image_batch(&chosen, micro_seed)
+                    };
+                    batch.and_then(|b| trainer.batch_loss(&b, micro_seed))
+                }
+            };
+            loss.map_err(|e| LearnerError::Batch(Box::new(e)))
+        });
+        let report = match outcome {
+            Ok(r) => r,
+            Err(e @ LearnerError::NonFinite { .. }) => {
+                let at = save(&dir, &learner, config, source.consumed())?;
+                tracing::error!(checkpoint = %at.display(), "aborting: {e}");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        metrics.write(&report, &[("reward_mean", reward_mean(&seen))])?;
+        summary.last_loss = Some(report.diagnostics.loss);
+        summary.steps = report.step;
+        bar.set_position(report.step);
+        bar.set_message(format!("loss {:.4}", report.diagnostics.loss));
+        if report.step % config.learner.checkpoint_every == 0 {
+            summary.checkpoint = Some(save(&dir, &learner, config, source.consumed())?);
+        }
+    }
+    bar.finish_and_clear();
+    let last = checkpoint::latest(&dir.checkpoints())?;
+    let up_to_date = last
+        .as_ref()
+        .is_some_and(|p| p.ends_with(checkpoint::dir_name(learner.counters().step)));
+    summary.checkpoint = if up_to_date {
+        last
+    } else {
+        Some(save(&dir, &learner, config, source.consumed())?)
+    };
+    Ok(summary)
+}

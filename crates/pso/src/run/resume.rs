@@ -1,0 +1,77 @@
+//! Checkpointing a run's learner and resuming from the latest checkpoint.
+
+use std::path::PathBuf;
+
+use super::dir::RunDir;
+use super::error::RunError;
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::learner::Learner;
+
+/// Writes a checkpoint of `learner` with data cursor `cursor` (pairs or rounds consumed).
+pub fn save(
+    dir: &RunDir,
+    learner: &Learner,
+    config: &RunConfig,
+    cursor: u64,
+) -> Result<PathBuf, RunError> {
+    let state = checkpoint::State {
+        pso_version: env!("CARGO_PKG_VERSION").into(),
+        counters: learner.counters(),
+        data_cursor: cursor,
+        config_hash: config.training_hash(),
+        peft: config.peft.kind.clone(),
+    };
+    Ok(checkpoint::save(
+        &dir.checkpoints(),
+        learner,
+        &state,
+        config.learner.keep_checkpoints,
+    )?)
+}
+
+/// A learner over `adapter`'s tensors, restored from `dir`'s latest checkpoint when resuming;
+/// returns it with the data cursor to continue from (0 for a new run).
+pub fn start_learner(
+    adapter: &crate::peft::Adapter,
+    config: &RunConfig,
+    dir: &RunDir,
+    resuming: bool,
+) -> Result<(Learner, u64), RunError> {
+    let mut learner = Learner::new(adapter.params_shallow(), &config.optim, &config.learner)?;
+    let cursor = if resuming {
+        resume(dir, &mut learner, config)?
+    } else {
+        0
+    };
+    Ok((learner, cursor))
+}
+
+/// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
+/// run has no checkpoint yet).
+pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {
+    let Some(latest) = checkpoint::latest(&dir.checkpoints())? else {
+        return Ok(0);
+    };
+    let loaded = checkpoint::load(&latest)?;
+    if loaded.state.config_hash != config.training_hash() {
+        return Err(RunError::RunDir {
+            path: latest,
+            why: "was written under a different training config; resume with the run's own \
+                  config.toml"
+                .into(),
+        });
+    }
+    learner.restore(
+        loaded.trainable,
+        loaded.optimizer,
+        loaded.ema,
+        loaded.state.counters,
+    )?;
+    tracing::info!(
+        checkpoint = %latest.display(),
+        step = loaded.state.counters.step,
+        "resumed"
+    );
+    Ok(loaded.state.data_cursor)
+}

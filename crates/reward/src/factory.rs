@@ -1,0 +1,185 @@
+//! The one place a scorer is built from its kind and model, for `pso score`, `pso reward serve`,
+//! a run's training and eval scorers and `--relabel-with`.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::http::{load_token, HttpScorer, HttpScorerOptions};
+use crate::scorers::pixel::PixelScorer;
+use crate::scorers::{load_local, LocalScorerKind};
+use crate::{RewardError, Scorer};
+
+/// Every kind of scorer pso builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScorerKind {
+    /// CLIPScore, `100 * max(cos, 0)`, with any CLIPModel folder.
+    Clip,
+    /// `logit_scale.exp() * cos`, with PickScore or any CLIPModel folder.
+    Pickscore,
+    /// LAION's aesthetic predictor on CLIP ViT-L/14 image embeddings.
+    Aesthetic,
+    /// A pixel statistic, no model: `centered`, `redness` or `size`.
+    Pixel,
+    /// A remote scorer speaking the HTTP reward protocol; the model is its URL.
+    Http,
+}
+
+impl ScorerKind {
+    /// Every kind, in the order `--help` lists them.
+    pub const ALL: [ScorerKind; 5] = [
+        ScorerKind::Clip,
+        ScorerKind::Pickscore,
+        ScorerKind::Aesthetic,
+        ScorerKind::Pixel,
+        ScorerKind::Http,
+    ];
+
+    /// The name configs and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScorerKind::Clip => "clip",
+            ScorerKind::Pickscore => "pickscore",
+            ScorerKind::Aesthetic => "aesthetic",
+            ScorerKind::Pixel => "pixel",
+            ScorerKind::Http => "http",
+        }
+    }
+
+    /// The CLIP-based model this kind loads from a folder, if it loads one.
+    pub fn local_model(self) -> Option<LocalScorerKind> {
+        match self {
+            ScorerKind::Clip => Some(LocalScorerKind::Clip),
+            ScorerKind::Pickscore => Some(LocalScorerKind::Pickscore),
+            ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
+            ScorerKind::Pixel | ScorerKind::Http => None,
+        }
+    }
+
+    /// Whether this kind scores in this process (everything but `http`), so it can be served.
+    pub fn is_local(self) -> bool {
+        self != ScorerKind::Http
+    }
+}
+
+impl fmt::Display for ScorerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ScorerKind {
+    type Err = RewardError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ScorerKind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = ScorerKind::ALL.iter().map(|k| k.name()).collect();
+                RewardError::Config(format!(
+                    "`{s}` is not a scorer; use one of: {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// A scorer named as `KIND:MODEL` (eval scorers, `--relabel-with`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScorerSpec {
+    /// Which scorer.
+    pub kind: ScorerKind,
+    /// Model folder or hub id, pixel metric, or URL for `http`.
+    pub model: String,
+}
+
+impl FromStr for ScorerSpec {
+    type Err = RewardError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (kind, model) = spec.split_once(':').ok_or_else(|| {
+            RewardError::Config(format!(
+                "`{spec}`: expected SCORER:MODEL, e.g. pickscore:models/PickScore_v1"
+            ))
+        })?;
+        Ok(ScorerSpec {
+            kind: kind.parse()?,
+            model: model.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ScorerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.model)
+    }
+}
+
+/// Builds a scorer: a local model (a folder or hub id, on CUDA when there is one), a pixel
+/// metric, or a connection to a reward server (checked with its health endpoint), whose bearer
+/// token comes from `token_file` or `PSO_REWARD_TOKEN`.
+pub fn build_scorer(
+    kind: ScorerKind,
+    model: &str,
+    token_file: Option<&Path>,
+) -> Result<Box<dyn Scorer>, RewardError> {
+    if let Some(local) = kind.local_model() {
+        let root = hf::hub::resolve_model(model, None)?;
+        return load_local(local, &root, tch::Device::cuda_if_available());
+    }
+    match kind {
+        ScorerKind::Pixel => Ok(Box::new(PixelScorer::new(model)?)),
+        _ => {
+            let options = HttpScorerOptions {
+                token: load_token(token_file)?,
+                ..Default::default()
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| RewardError::Config(format!("cannot start a tokio runtime: {e}")))?;
+            Ok(Box::new(
+                runtime.block_on(HttpScorer::connect(model, options))?,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in ScorerKind::ALL {
+            assert_eq!(kind.name().parse::<ScorerKind>().unwrap(), kind);
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.name()));
+        }
+        let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("clip, pickscore, aesthetic, pixel, http"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn specs_split_at_the_first_colon() {
+        let spec: ScorerSpec = "http:http://127.0.0.1:8000".parse().unwrap();
+        assert_eq!(spec.kind, ScorerKind::Http);
+        assert_eq!(spec.model, "http://127.0.0.1:8000");
+        assert_eq!(spec.to_string(), "http:http://127.0.0.1:8000");
+        assert!("pickscore".parse::<ScorerSpec>().is_err());
+    }
+
+    #[test]
+    fn pixel_scorers_are_built_without_a_server() {
+        let scorer = build_scorer(ScorerKind::Pixel, "centered", None).unwrap();
+        assert_eq!(scorer.info().name, "pixel");
+        assert!(build_scorer(ScorerKind::Pixel, "http://127.0.0.1:1", None).is_err());
+    }
+}

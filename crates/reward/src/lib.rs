@@ -1,0 +1,15 @@
+//! Reward models for pso: the [`Scorer`] interface and its checks, the local scorers PickScore,
+//! CLIPScore and the LAION aesthetic predictor (on `hf`'s CLIP towers), pixel statistics, alone
+//! or combined, the HTTP reward protocol (client and server), and [`build_scorer`], the one
+//! factory every command uses.
+
+mod error;
+pub mod factory;
+pub mod http;
+pub mod scorer;
+pub mod scorers;
+
+pub use error::RewardError;
+pub use factory::{build_scorer, ScorerKind, ScorerSpec};
+pub use scorer::{check_scores, open_image, score_checked, ScoreItem, Scorer, ScorerInfo};
+pub use scorers::{load_local, LocalScorerKind};

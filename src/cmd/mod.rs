@@ -1,0 +1,24 @@
+//! One module per `pso` command: its arguments (clap), their checks, and a short handler that
+//! calls the library crates.
+
+pub mod config;
+pub mod eval;
+pub mod export;
+pub mod pairs;
+pub mod report;
+pub mod reward;
+pub mod sample;
+pub mod score;
+pub mod toy;
+pub mod train;
+
+use ::reward::ScorerKind;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+
+/// A `--scorer` parser that accepts (and `--help` lists) exactly `kinds`.
+fn scorer_kind(
+    kinds: impl IntoIterator<Item = ScorerKind>,
+) -> impl TypedValueParser<Value = ScorerKind> {
+    PossibleValuesParser::new(kinds.into_iter().map(ScorerKind::name))
+        .map(|name| name.parse().expect("a listed scorer kind parses"))
+}

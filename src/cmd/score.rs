@@ -1,0 +1,69 @@
+//! `pso score`: scores of images against a prompt, from any scorer kind.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use reward::{build_scorer, ScoreItem, ScorerKind};
+
+use super::scorer_kind;
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Which scorer.
+    #[arg(long, value_parser = scorer_kind(ScorerKind::ALL))]
+    scorer: ScorerKind,
+    /// Model folder or hub id, pixel metric (pixel: centered, redness or size), or URL (http).
+    /// clip, pickscore: an HF CLIPModel folder (config.json,
+    /// model.safetensors, preprocessor_config.json, and tokenizer.json or vocab.json +
+    /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)
+    /// plus aesthetic.safetensors, made by scripts/convert_aesthetic.py from the LAION .pth.
+    #[arg(long)]
+    model: String,
+    /// Prompt the images are scored against.
+    #[arg(long)]
+    prompt: String,
+    /// Bearer token file for an http scorer (or PSO_REWARD_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print {"scores": [...]} as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Images to score.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+/// Scores every image and prints the scores in image order.
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let images = args
+        .images
+        .iter()
+        .map(|p| reward::open_image(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scorer = build_scorer(args.scorer, &args.model, args.token_file.as_deref())
+        .with_context(|| format!("loading scorer {}:{}", args.scorer, args.model))?;
+    let items: Vec<ScoreItem> = images
+        .iter()
+        .map(|image| ScoreItem {
+            prompt: &args.prompt,
+            image,
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut scores = Vec::with_capacity(items.len());
+    // Bounded batches keep memory flat for long image lists.
+    for batch in items.chunks(16) {
+        scores.extend(runtime.block_on(reward::score_checked(scorer.as_ref(), batch))?);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "scores": scores }));
+    } else {
+        for (score, path) in scores.iter().zip(&args.images) {
+            println!("{score}\t{}", path.display());
+        }
+    }
+    Ok(())
+}
