@@ -79,7 +79,7 @@ fn model_size(vs: &nn::VarStore, backbone: &Backbone) -> i64 {
 
 fn section(method: &str) -> PeftSection {
     PeftSection {
-        kind: method.into(),
+        kind: serde_json::from_value(method.into()).expect("METHODS are peft.kind names"),
         rank: 4,
         alpha: 4.0,
         ..PeftSection::default()

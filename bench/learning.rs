@@ -22,6 +22,7 @@ use diffusion::pipeline::Pipeline;
 use diffusion::sampling::Timesteps;
 use image::RgbImage;
 use pso::config::RunConfig;
+use pso::objective::ObjectiveKind;
 use pso::peft::Adapter;
 use pso::run::online::{run, OnlineOptions, Scorers};
 use pso::run::prompts::PromptSet;
@@ -154,12 +155,12 @@ fn main() {
     let mut results = vec![json!({"model": "base", "measures": before})];
     let mut grids = vec![("base", firsts(&base_images[2]), firsts(&base_images[0]))];
     for (name, kind, lr_scale) in [
-        ("pso", "online_pso", 1.0),
-        ("sft", "sft", 1.0),
-        ("sft-lr/10", "sft", 0.1),
+        ("pso", ObjectiveKind::OnlinePso, 1.0),
+        ("sft", ObjectiveKind::Sft, 1.0),
+        ("sft-lr/10", ObjectiveKind::Sft, 0.1),
     ] {
         let mut config = base_config.clone();
-        config.objective.kind = kind.into();
+        config.objective.kind = kind;
         config.optim.lr *= lr_scale;
         config.learner.max_steps = args.steps;
         config.learner.checkpoint_every = args.steps;

@@ -2,7 +2,7 @@
 //! pair, fsync at every row-group flush) and read back, full rows and column-projected, next to
 //! pyarrow reading the same files in the same run.
 //!
-//! Run: `cargo bench --bench pairs [-- PAIRS]` (default 512 pairs). Prints a Markdown table.
+//! Run: `cargo bench -p pairs --bench pairs [-- PAIRS]` (default 512 pairs). Prints a Markdown table.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

@@ -35,8 +35,12 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::start_kind("pickscore", model.as_os_str(), extra)
+    }
+
+    fn start_kind(kind: &str, model: &std::ffi::OsStr, extra: &[&str]) -> Server {
         let mut child = pso()
-            .args(["reward", "serve", "--scorer", "pickscore", "--model"])
+            .args(["reward", "serve", "--scorer", kind, "--model"])
             .arg(model)
             .args(["--bind", "127.0.0.1:0", "--max-batch", "3"])
             .args(extra)
@@ -144,6 +148,80 @@ fn remote_pickscore_equals_local_pickscore() {
     );
 }
 
+/// Every kind `pso reward serve` accepts scores the same through `pso score` in this process and
+/// through the server; `pixel` once fell into the HTTP client in `pso score`.
+#[test]
+fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
+    let models = tiny_clip();
+    let clip = models.path().join("quick");
+    let images = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let path = images.path().join(format!("{i}.png"));
+            std::fs::write(&path, common::png(i, 24, 16 + i as u32 * 5)).unwrap();
+            path
+        })
+        .collect();
+    for (kind, model) in [
+        ("clip", clip.as_os_str()),
+        ("pickscore", clip.as_os_str()),
+        ("aesthetic", clip.as_os_str()),
+        ("pixel", "centered".as_ref()),
+    ] {
+        let local = scores(
+            &pso()
+                .args(["score", "--scorer", kind, "--model"])
+                .arg(model)
+                .args(["--prompt", "a red square", "--json"])
+                .args(&paths)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(local.len(), 3, "{kind}");
+        let server = Server::start_kind(kind, model, &[]);
+        let remote = scores(
+            &pso()
+                .args(["score", "--scorer", "http", "--model", &server.url])
+                .args(["--prompt", "a red square", "--json"])
+                .args(&paths)
+                .output()
+                .unwrap(),
+        );
+        for (r, l) in remote.iter().zip(&local) {
+            assert!(
+                (r - l).abs() <= 1e-5 * l.abs().max(1.0),
+                "{kind}: remote {remote:?}\nlocal {local:?}"
+            );
+        }
+        assert!(server.terminate().success(), "{kind}");
+    }
+    // A pixel metric is no URL: it is never sent to a server.
+    let out = pso()
+        .args([
+            "score",
+            "--scorer",
+            "pixel",
+            "--model",
+            "http://127.0.0.1:9/",
+        ])
+        .args(["--prompt", "x"])
+        .arg(&paths[0])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("pixel"), "{}", text(&out.stderr));
+    // `reward serve` lists only the kinds it serves.
+    let help = pso().args(["reward", "serve", "--help"]).output().unwrap();
+    let help = text(&help.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("[possible values: clip, pickscore, aesthetic, pixel]"),
+        "{help}"
+    );
+}
+
 #[test]
 fn token_file_guards_the_server_and_errors_are_clear() {
     let models = tiny_clip();
@@ -200,10 +278,15 @@ fn token_file_guards_the_server_and_errors_are_clear() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("/nonexistent/token"));
+    // `http` is no local scorer: refused as a usage error that lists the kinds it serves.
     let out = pso()
         .args(["reward", "serve", "--scorer", "http", "--model", "x"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("serves a local model"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("'http'") && err.contains("clip, pickscore, aesthetic, pixel"),
+        "{err}"
+    );
 }

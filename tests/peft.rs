@@ -12,7 +12,7 @@ use diffusion::pipeline::{LoadOptions, Pipeline};
 use hf::tensor_file;
 use pso::config::PeftSection;
 use pso::peft::export::{apply_file, merge};
-use pso::peft::{lora, Adapter};
+use pso::peft::{lora, Adapter, PeftKind};
 use tch::{Device, Kind, Tensor};
 
 fn oracle_dir() -> &'static Path {
@@ -36,9 +36,9 @@ fn load(name: &str, kind: Kind) -> Pipeline {
     Pipeline::load(&oracle_dir().join(name), &opts).unwrap()
 }
 
-fn section(kind: &str) -> PeftSection {
+fn section(kind: PeftKind) -> PeftSection {
     PeftSection {
-        kind: kind.into(),
+        kind,
         rank: 4,
         alpha: 8.0,
         ..PeftSection::default()
@@ -90,7 +90,7 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
 
 #[test]
 fn gradients_reach_exactly_the_trainable_tensors() {
-    for kind in ["lora", "difffit", "full"] {
+    for kind in [PeftKind::Lora, PeftKind::Difffit, PeftKind::Full] {
         let p = load("sdxl", Kind::Float);
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
         let i = inputs(&p);
@@ -131,7 +131,7 @@ fn gradients_reach_exactly_the_trainable_tensors() {
             }
         }
         match kind {
-            "lora" => {
+            PeftKind::Lora => {
                 assert!(adapter.params().iter().all(|(n, _)| n.contains(".lora_")));
                 let blocks = p.backbone.scaled_blocks().len();
                 assert_eq!(
@@ -140,7 +140,7 @@ fn gradients_reach_exactly_the_trainable_tensors() {
                     "2 attns × 4 × A, B"
                 );
             }
-            "difffit" => {
+            PeftKind::Difffit => {
                 let names: Vec<&str> = adapter.params().iter().map(|(n, _)| n.as_str()).collect();
                 assert!(names.iter().any(|n| n.ends_with("gamma_ff")));
                 assert!(names.iter().any(|n| n.starts_with("add_embedding.")));
@@ -160,7 +160,7 @@ fn gradients_reach_exactly_the_trainable_tensors() {
 
 #[test]
 fn the_reference_model_is_the_base_model() {
-    for kind in ["lora", "difffit", "full"] {
+    for kind in [PeftKind::Lora, PeftKind::Difffit, PeftKind::Full] {
         let p = load("sd", Kind::Float);
         let i = inputs(&p);
         let base = output(&p, &i);
@@ -171,7 +171,7 @@ fn the_reference_model_is_the_base_model() {
         );
         // Train-like change of every trainable tensor.
         randomize_up(&adapter);
-        if kind != "lora" {
+        if kind != PeftKind::Lora {
             tch::no_grad(|| {
                 for (_, t) in adapter.params() {
                     let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
@@ -184,7 +184,7 @@ fn the_reference_model_is_the_base_model() {
             "{kind}: adapter has no effect"
         );
         let reference = adapter.reference(&p.backbone, |u| p.predict_batch(u, &i.cond, &i.x, &i.t));
-        assert_close(&reference, &base, kind);
+        assert_close(&reference, &base, &kind.to_string());
         assert!(
             output(&p, &i).equal(&tuned),
             "{kind}: the policy is restored after the reference pass"
@@ -195,7 +195,7 @@ fn the_reference_model_is_the_base_model() {
 #[test]
 fn bf16_models_keep_fp32_adapters() {
     let p = load("sd", Kind::BFloat16);
-    let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section("lora"), 0).unwrap();
+    let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(PeftKind::Lora), 0).unwrap();
     assert!(adapter
         .params()
         .iter()
@@ -216,7 +216,7 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
     for name in ["sd", "sdxl"] {
         let p = load(name, Kind::Float);
         let base = output(&p, &inputs(&p));
-        let mut s = section("lora");
+        let mut s = section(PeftKind::Lora);
         s.targets.push("ff.net.2".into());
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 3).unwrap();
         randomize_up(&adapter);
@@ -273,7 +273,8 @@ fn lora_export_loads_in_diffusers_with_the_same_unet_output() {
 #[test]
 fn difffit_files_and_merges_reproduce_the_tuned_unet() {
     let p = load("sd", Kind::Float);
-    let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section("difffit"), 0).unwrap();
+    let adapter =
+        Adapter::new(&p.backbone, &p.backbone_vs, &section(PeftKind::Difffit), 0).unwrap();
     tch::no_grad(|| {
         for (_, t) in adapter.params() {
             let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
@@ -318,14 +319,14 @@ fn difffit_files_and_merges_reproduce_the_tuned_unet() {
 #[test]
 fn lora_targets_that_match_nothing_are_named() {
     let p = load("sd", Kind::Float);
-    let mut s = section("lora");
+    let mut s = section(PeftKind::Lora);
     s.targets = vec!["to_qq".into()];
     let e = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`to_qq` matches no linear layer"), "{e}");
     assert!(e.contains("down_blocks.0.attentions.0"), "{e}");
-    let mut s = section("difffit");
+    let mut s = section(PeftKind::Difffit);
     s.gamma_blocks = Some([0, 99]);
     let e = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0)
         .unwrap_err()
@@ -351,7 +352,7 @@ fn dit_inputs(p: &Pipeline) -> Inputs {
 
 #[test]
 fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
-    for kind in ["lora", "difffit", "full"] {
+    for kind in [PeftKind::Lora, PeftKind::Difffit, PeftKind::Full] {
         let p = load("dit", Kind::Float);
         assert!(p.is_class_conditional());
         let i = dit_inputs(&p);
@@ -359,7 +360,7 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
         assert_eq!(base.size(), [2, 4, 8, 8], "the noise prediction only");
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
         randomize_up(&adapter);
-        if kind != "lora" {
+        if kind != PeftKind::Lora {
             tch::no_grad(|| {
                 for (_, t) in adapter.params() {
                     let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
@@ -367,7 +368,7 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
             });
         }
         let reference = adapter.reference(&p.backbone, |b| p.predict_batch(b, &i.cond, &i.x, &i.t));
-        assert_close(&reference, &base, kind);
+        assert_close(&reference, &base, &kind.to_string());
         let tuned = p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t);
         assert!(
             !tuned.allclose(&base, 1e-4, 1e-5, false),
@@ -392,11 +393,11 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
         }
         let names: Vec<&str> = trainable.keys().copied().collect();
         match kind {
-            "lora" => {
+            PeftKind::Lora => {
                 // The default targets: attn1's four projections, × A and B, × 4 blocks.
                 assert_eq!(names.len(), 4 * 4 * 2, "{names:?}");
             }
-            "difffit" => {
+            PeftKind::Difffit => {
                 let has = |n: &str| names.contains(&n);
                 // γ on attn1 and ff of the first half of the 4 blocks, none on attn2.
                 for b in 0..4 {
@@ -436,7 +437,7 @@ fn dit_peft_trains_exactly_its_tensors_and_the_reference_is_the_base() {
 #[test]
 fn dit_difffit_and_lora_merges_load_in_diffusers_with_the_same_output() {
     let dir = oracle_dir();
-    for kind in ["difffit", "lora"] {
+    for kind in [PeftKind::Difffit, PeftKind::Lora] {
         let p = load("dit", Kind::Float);
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &section(kind), 0).unwrap();
         randomize_up(&adapter);
@@ -451,7 +452,7 @@ fn dit_difffit_and_lora_merges_load_in_diffusers_with_the_same_output() {
 
         // A DiffFit file applies to a fresh base; then everything merges into plain weights.
         let fresh = load("dit", Kind::Float);
-        if kind == "difffit" {
+        if kind == PeftKind::Difffit {
             let path = dir.join("dit-difffit.safetensors");
             let meta = HashMap::from([(
                 pso::peft::export::FORMAT_KEY.to_string(),
@@ -468,7 +469,7 @@ fn dit_difffit_and_lora_merges_load_in_diffusers_with_the_same_output() {
         } else {
             merge(&p.backbone, &p.backbone_vs);
         }
-        let merged_vs = if kind == "difffit" {
+        let merged_vs = if kind == PeftKind::Difffit {
             &fresh.backbone_vs
         } else {
             &p.backbone_vs

@@ -252,6 +252,6 @@ pub fn offline(args: OfflineArgs) -> Result<()> {
 /// A scorer from `KIND:MODEL` (eval scorers, `--relabel-with`).
 fn scorer_from_spec(spec: &str, token_file: Option<&Path>) -> Result<Box<dyn Scorer>> {
     let spec: ScorerSpec = spec.parse()?;
-    Ok(build_scorer(spec.kind, &spec.model, token_file)
-        .with_context(|| format!("loading scorer model {}", spec.model))?)
+    build_scorer(spec.kind, &spec.model, token_file)
+        .with_context(|| format!("loading scorer model {}", spec.model))
 }

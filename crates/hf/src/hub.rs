@@ -129,9 +129,54 @@ pub fn components_without_weights(
         .collect()
 }
 
+/// What a repository holds, and so which of its files are fetched.
+#[derive(Debug, Clone, Copy)]
+enum Layout<'a> {
+    /// A diffusers pipeline (model_index.json and component folders), weights of `variant`.
+    Pipeline { variant: Option<&'a str> },
+    /// A transformers model such as a CLIPModel: configs, tokenizer and safetensors at the top.
+    Model,
+}
+
+impl Layout<'_> {
+    /// The file whose folder is the resolved root.
+    fn marker(self) -> &'static str {
+        match self {
+            Layout::Pipeline { .. } => "model_index.json",
+            Layout::Model => "config.json",
+        }
+    }
+}
+
 /// Resolves `--model`: an existing folder as is, otherwise a hub id (`owner/name`, or
 /// `owner/name@REVISION`) through the HF cache.
 pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, HfError> {
+    resolve_repo(spec, Layout::Pipeline { variant })
+}
+
+/// Resolves a scorer's model (a transformers model folder such as PickScore's CLIPModel): an
+/// existing folder as is, otherwise a hub id through the HF cache, fetching its top-level
+/// configs, tokenizer files and safetensors weights.
+pub fn resolve_model_folder(spec: &str) -> Result<PathBuf, HfError> {
+    resolve_repo(spec, Layout::Model)
+}
+
+/// The top-level files of a transformers model repository that a scorer reads.
+fn model_files(repo_files: &[String]) -> Vec<&str> {
+    repo_files
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !f.contains('/'))
+        .filter(|f| {
+            SMALL_FILES.contains(f)
+                || *f == "preprocessor_config.json"
+                || f.ends_with(".safetensors")
+                || f.ends_with(".safetensors.index.json")
+        })
+        .collect()
+}
+
+fn resolve_repo(spec: &str, layout: Layout) -> Result<PathBuf, HfError> {
     let path = Path::new(spec);
     let repo_ref = match parse_repo(spec) {
         Some(repo) if !path.exists() => repo,
@@ -140,7 +185,7 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, HfErr
     let cache = hf_hub::Cache::from_env();
     let cached = cache
         .repo(repo_ref.clone())
-        .get("model_index.json")
+        .get(layout.marker())
         .and_then(|p| p.parent().map(Path::to_owned));
     if offline() {
         return cached.ok_or_else(|| HfError::Hub {
@@ -165,17 +210,55 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, HfErr
         ))
     })?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let needed = needed_files(&files, variant);
-    if !needed.contains(&"model_index.json") {
-        return Err(hub_error(
-            "the repository has no model_index.json: it is not a diffusers pipeline".into(),
-        ));
+    let needed = match layout {
+        Layout::Pipeline { variant } => {
+            check_pipeline_files(spec, &files, variant).map_err(hub_error)?;
+            needed_files(&files, variant)
+        }
+        Layout::Model => {
+            let needed = model_files(&files);
+            if !needed.contains(&"config.json") {
+                return Err(hub_error(
+                    "the repository has no config.json: it is not a transformers model".into(),
+                ));
+            }
+            if !needed.iter().any(|f| f.ends_with(".safetensors")) {
+                return Err(hub_error(
+                    "the repository has no .safetensors weights at its top level; pso reads \
+                     safetensors only: save the model with `save_pretrained(DIR, \
+                     safe_serialization=True)` and pass DIR"
+                        .into(),
+                ));
+            }
+            needed
+        }
+    };
+    let mut root = None;
+    for file in needed {
+        tracing::info!("downloading {spec}/{file}");
+        let local = repo
+            .get(file)
+            .map_err(|e| hub_error(format!("downloading {file}: {e}")))?;
+        if file == layout.marker() {
+            root = local.parent().map(Path::to_owned);
+        }
     }
-    if let Some((dir, others)) = components_without_weights(&files, variant).first() {
+    Ok(root.expect("the marker file was downloaded"))
+}
+
+/// Refuses a repository listing that is no pipeline, or whose components lack safetensors
+/// weights of `variant`; says what to pass instead.
+fn check_pipeline_files(spec: &str, files: &[String], variant: Option<&str>) -> Result<(), String> {
+    if !files.iter().any(|f| f == "model_index.json") {
+        return Err(
+            "the repository has no model_index.json: it is not a diffusers pipeline".into(),
+        );
+    }
+    if let Some((dir, others)) = components_without_weights(files, variant).first() {
         let variant = variant
             .map(|v| format!(" of variant {v}"))
             .unwrap_or_default();
-        return Err(hub_error(format!(
+        return Err(format!(
             "{dir}/ has no .safetensors weights{variant} (it holds {}); pso reads safetensors \
              only: pass a revision that has them (`{}@refs/pr/N` of the Hub's safetensors \
              conversion, or a branch), or save the pipeline with diffusers' \
@@ -186,19 +269,9 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, HfErr
                 others.join(", ")
             },
             spec.split('@').next().unwrap_or(spec)
-        )));
+        ));
     }
-    let mut root = None;
-    for file in needed {
-        tracing::info!("downloading {spec}/{file}");
-        let local = repo
-            .get(file)
-            .map_err(|e| hub_error(format!("downloading {file}: {e}")))?;
-        if file == "model_index.json" {
-            root = local.parent().map(Path::to_owned);
-        }
-    }
-    Ok(root.expect("model_index.json was downloaded"))
+    Ok(())
 }
 
 /// Resolves a one-file argument: an existing file as is; otherwise `owner/name/PATH` (that file
@@ -407,6 +480,56 @@ mod tests {
         );
         let fp16 = components_without_weights(&files, Some("fp16"));
         assert_eq!(fp16.len(), 2, "{fp16:?}");
+    }
+
+    #[test]
+    fn a_model_repository_fetches_its_top_level_configs_tokenizer_and_safetensors() {
+        let files: Vec<String> = [
+            "config.json",
+            "model.safetensors",
+            "pytorch_model.bin",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "merges.txt",
+            "vocab.json",
+            "README.md",
+            "onnx/model.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            model_files(&files),
+            [
+                "config.json",
+                "model.safetensors",
+                "preprocessor_config.json",
+                "tokenizer.json",
+                "merges.txt",
+                "vocab.json"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cached_model_repository_resolves_offline() {
+        let home = tempfile::tempdir().unwrap();
+        let repo = home.path().join("hub/models--yuvalkirstain--PickScore_v1");
+        let snapshot = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+        std::fs::write(snapshot.join("config.json"), b"{}").unwrap();
+        // No other test of this crate reads HF_HOME or HF_HUB_OFFLINE.
+        std::env::set_var("HF_HOME", home.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        assert_eq!(
+            resolve_model_folder("yuvalkirstain/PickScore_v1").unwrap(),
+            snapshot
+        );
+        let e = resolve_model_folder("yuvalkirstain/missing")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
     }
 
     #[test]

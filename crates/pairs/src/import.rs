@@ -13,7 +13,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 
-use super::schema::{ImageFormat, Label, PairRecord, Side, Source};
+use super::record::{ImageFormat, Label, PairRecord, Side, Source};
 use super::writer::{PairStoreWriter, WriterOptions};
 use super::PairsError;
 

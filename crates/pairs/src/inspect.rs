@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::batch::Columns;
 use super::reader::{open_shard, schema_version, shard_paths, PairReader, ReadOptions};
-use super::schema::{col, Columns, Label};
+use super::record::Label;
+use super::schema::col;
 use super::PairsError;
 
 /// Running mean / std / min / max.

@@ -1,11 +1,14 @@
 //! The Parquet pair store: every sampled (or imported) preference pair, durable and replayable.
 //!
-//! Layout and columns: docs/pairs.md. Writing: [`writer`]. Reading with projection, filters and
-//! seeded shuffling: [`reader`]. Summaries and checks: [`inspect`]. Imports: [`import`].
+//! Layout and columns: docs/pairs.md, [`schema`]; rows as Rust values: [`record`]; their Arrow
+//! batches: [`batch`]. Writing: [`writer`]. Reading with projection, filters and seeded
+//! shuffling: [`reader`]. Summaries and checks: [`inspect`]. Imports: [`import`].
 
+pub mod batch;
 pub mod import;
 pub mod inspect;
 pub mod reader;
+pub mod record;
 pub mod recover;
 pub mod schema;
 pub mod shard;
@@ -14,11 +17,9 @@ pub mod writer;
 use std::path::PathBuf;
 
 pub use reader::{PairFilter, PairReader, ReadOptions};
+pub use record::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
 pub use recover::{recover_dir, RecoveryReport};
-pub use schema::{
-    col, pair_schema, ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source,
-    SCHEMA_VERSION, SCHEMA_VERSION_KEY,
-};
+pub use schema::{col, pair_schema, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 pub use writer::{AsyncPairWriter, PairStoreWriter, WriterOptions, WriterStats};
 
 /// Errors of the pair store; each names the file (and row) and says what to do.

@@ -13,7 +13,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::schema::{col, pair_schema, Label, Source, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use super::record::{Label, Source};
+use super::schema::{col, pair_schema, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::shard::{has_parquet_magic, TMP_SUFFIX};
 use super::PairsError;
 

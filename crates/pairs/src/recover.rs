@@ -41,7 +41,7 @@ impl RecoveryReport {
 
 /// Completes every shard in `dir` that a crash left as `.parquet.tmp`.
 ///
-/// Only safe while no writer is open on `dir`: [`PairStoreWriter::open`] takes the directory's
+/// Only safe while no writer is open on `dir`: [`PairStoreWriter::open`](crate::PairStoreWriter::open) takes the directory's
 /// lock before it calls this.
 pub fn recover_dir(dir: &Path) -> Result<RecoveryReport, PairsError> {
     let mut report = RecoveryReport::default();

@@ -4,7 +4,7 @@
 //! reader never sees a half-written file. Because a Parquet file is unreadable until its footer
 //! is written, every row-group flush also fsyncs the data and then atomically replaces a sidecar
 //! `NAME.parquet.tmp.footer` holding the footer of everything flushed so far. After a crash,
-//! [`recover_dir`](super::recover::recover_dir) truncates the `.tmp` to the last flushed row group, appends that footer, and
+//! [`recover_dir`](crate::recover_dir) truncates the `.tmp` to the last flushed row group, appends that footer, and
 //! renames it: every flushed pair survives, and nothing corrupt is left behind.
 
 use std::fs::{self, File, OpenOptions};
@@ -20,10 +20,10 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 use parquet::schema::types::ColumnPath;
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::records_to_batch;
+use super::record::PairRecord;
 use super::recover::recover_dir;
-use super::schema::{
-    pair_schema, records_to_batch, PairRecord, BLOB_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
-};
+use super::schema::{pair_schema, BLOB_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::shard::{io_err, next_shard_number, run_shards, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
 use super::PairsError;
 
@@ -387,7 +387,7 @@ fn next_pair_id(dir: &Path, run_id: &str) -> Result<i64, PairsError> {
     let mut next = 0;
     for batch in super::reader::PairReader::open(&shards, opts)? {
         let batch = batch?;
-        let c = super::schema::Columns::new(&batch)?;
+        let c = super::batch::Columns::new(&batch)?;
         for row in 0..batch.num_rows() {
             if c.str(super::col::RUN_ID, row).ok().flatten() == Some(run_id) {
                 if let Ok(Some(id)) = c.i64(super::col::PAIR_ID, row) {

@@ -8,8 +8,12 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::config::{LearnerSection, OptimSection};
+use serde::{Deserialize, Serialize};
+
+use crate::problems::{failing, Problems};
+
 use crate::objective::{Diagnostics, Loss};
+use crate::optim::OptimSection;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, OptimError};
 
 /// Errors of a learner step.
@@ -66,6 +70,68 @@ pub struct Counters {
     pub nonfinite_in_row: u32,
 }
 
+/// The learner's schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnerSection {
+    /// Pairs per micro-batch.
+    pub batch_size: u32,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accumulation: u32,
+    /// Optimizer steps between refreshes of the actor's samples.
+    pub refresh_every: u32,
+    /// Stop after this many optimizer steps.
+    pub max_steps: u64,
+    /// Write a checkpoint every this many steps.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: u32,
+    /// Decay of an exponential moving average of the trainable tensors; 0 keeps none.
+    pub ema_decay: f64,
+    /// Abort (after a checkpoint) when this many optimizer steps in a row had a non-finite loss
+    /// or gradient.
+    pub max_nonfinite_steps: u32,
+}
+
+impl Default for LearnerSection {
+    fn default() -> Self {
+        LearnerSection {
+            batch_size: 1,
+            grad_accumulation: 1,
+            refresh_every: 2,
+            max_steps: 1000,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            ema_decay: 0.0,
+            max_nonfinite_steps: 10,
+        }
+    }
+}
+
+impl LearnerSection {
+    /// `learner.*` values serde cannot check.
+    pub fn problems(&self) -> Problems {
+        let at_least_one = |key, v: u64| (v >= 1, key, format!("{v} is below 1"));
+        failing([
+            at_least_one("learner.batch_size", self.batch_size.into()),
+            at_least_one("learner.grad_accumulation", self.grad_accumulation.into()),
+            at_least_one("learner.refresh_every", self.refresh_every.into()),
+            at_least_one("learner.max_steps", self.max_steps),
+            at_least_one("learner.checkpoint_every", self.checkpoint_every),
+            at_least_one("learner.keep_checkpoints", self.keep_checkpoints.into()),
+            at_least_one(
+                "learner.max_nonfinite_steps",
+                self.max_nonfinite_steps.into(),
+            ),
+            (
+                (0.0..1.0).contains(&self.ema_decay),
+                "learner.ema_decay",
+                format!("{} is not in [0, 1) (0 disables the EMA)", self.ema_decay),
+            ),
+        ])
+    }
+}
+
 /// AdamW + schedule + accumulation + clipping + EMA over named trainable tensors.
 #[derive(Debug)]
 pub struct Learner {
@@ -85,8 +151,7 @@ impl Learner {
         optim: &OptimSection,
         learner: &LearnerSection,
     ) -> Result<Learner, LearnerError> {
-        let schedule = LrSchedule::from_config(optim, learner.max_steps)
-            .map_err(|e| LearnerError::Config(e.0))?;
+        let schedule = LrSchedule::from_config(optim, learner.max_steps);
         let adamw = AdamW::new(
             params,
             AdamWConfig {

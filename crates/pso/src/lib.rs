@@ -13,6 +13,7 @@ pub mod learner;
 pub mod objective;
 pub mod optim;
 pub mod peft;
+pub mod problems;
 pub mod report;
 pub mod run;
 pub mod seed;

@@ -128,7 +128,7 @@ pub fn build_scorer(
     token_file: Option<&Path>,
 ) -> Result<Box<dyn Scorer>, RewardError> {
     if let Some(local) = kind.local_model() {
-        let root = hf::hub::resolve_model(model, None)?;
+        let root = hf::hub::resolve_model_folder(model)?;
         return load_local(local, &root, tch::Device::cuda_if_available());
     }
     match kind {

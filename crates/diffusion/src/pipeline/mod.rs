@@ -5,26 +5,30 @@
 //! [`Pipeline`] loads diffusers' class-conditional `DiTPipeline` ([`dit`]): its "prompts" are class
 //! ids or names, and everything downstream drives either through [`Backbone`].
 
+mod codec;
+mod conditioning;
 pub mod dit;
 pub mod images;
+mod load;
 pub mod prompt;
 
-use std::path::{Path, PathBuf};
+pub use codec::ImageCodec;
+pub use conditioning::Conditioning;
+pub use load::{load_backbone, LoadOptions};
 
-use hf::load::{read_json, LoadError};
+use std::path::PathBuf;
+
+use hf::load::LoadError;
 use hf::HfError;
-use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::models::backbone::{Backbone, Condition};
-use crate::models::dit::DiTTransformer2DModel;
-use crate::models::unet::{AddedCond, PerBlock, UNet2DConditionModel};
-use crate::models::vae::AutoencoderKL;
+use crate::models::unet::{AddedCond, PerBlock};
 use crate::sampling::{
     sample, InitialLatents, NoiseSource, SamplingError, Scheduler, SchedulerConfig, Timesteps,
     Trajectory,
 };
-use prompt::TextEncoders;
+use conditioning::Conditioner;
 
 /// Errors of a pipeline; each names the folder, file or argument involved.
 #[derive(Debug, thiserror::Error)]
@@ -51,39 +55,6 @@ pub enum PipelineError {
     Request(String),
 }
 
-/// How to load a pipeline.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Where the models run.
-    pub device: Device,
-    /// Weight and activation precision of the UNet and text encoders.
-    pub kind: Kind,
-    /// Weight-file variant (e.g. `fp16`).
-    pub variant: Option<String>,
-    /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
-    /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
-    pub backbone_weights: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: String,
-    #[serde(default)]
-    force_zeros_for_empty_prompt: bool,
-}
-
-/// How prompts become conditioning.
-enum Conditioner {
-    /// Tokenizers and text encoders (SD, SDXL).
-    Text {
-        encoders: Box<TextEncoders>,
-        force_zeros_for_empty_prompt: bool,
-    },
-    /// Class ids and `id2label` names (DiT).
-    Classes(dit::ClassNames),
-}
-
 /// A loaded pipeline: text-to-image (SD, SDXL) or class-conditional (DiT).
 pub struct Pipeline {
     /// The denoiser.
@@ -106,199 +77,6 @@ impl std::fmt::Debug for Pipeline {
             .field("device", &self.device)
             .field("kind", &self.kind)
             .finish()
-    }
-}
-
-/// Per-request conditioning, computed once and reused at every step.
-#[derive(Debug)]
-pub struct Conditioning {
-    /// The backbone's inputs; with guidance the unconditional half is part of them (the
-    /// negative prompt first for a UNet, the null class second for DiT, as diffusers orders
-    /// them).
-    inputs: Condition,
-    /// The guidance scale, when classifier-free guidance runs.
-    cfg: Option<f64>,
-}
-
-impl Conditioning {
-    /// Stacks the conditioning of several unguided requests along the batch (a training batch
-    /// of different prompts).
-    pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning, PipelineError> {
-        if parts.is_empty() || parts.iter().any(|c| c.cfg.is_some()) {
-            return Err(PipelineError::Request(
-                "batched conditioning needs at least one request, all without classifier-free \
-                 guidance"
-                    .into(),
-            ));
-        }
-        // Each field of every part, concatenated; `None` when some part lacks it.
-        let cat = |field: &dyn Fn(&Condition) -> Option<&Tensor>| {
-            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| field(&c.inputs)).collect();
-            all.map(|v| Tensor::cat(&v, 0))
-        };
-        fn labels(c: &Condition) -> Option<&Tensor> {
-            match c {
-                Condition::Classes(l) => Some(l),
-                Condition::Text { .. } => None,
-            }
-        }
-        fn text(c: &Condition) -> Option<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> {
-            match c {
-                Condition::Text {
-                    embeds,
-                    added,
-                    timestep_cond,
-                } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
-                Condition::Classes(_) => None,
-            }
-        }
-        fn added(c: &Condition) -> Option<&AddedCond> {
-            text(c).and_then(|t| t.1)
-        }
-        let inputs = if let Some(labels) = cat(&labels) {
-            Condition::Classes(labels)
-        } else if let Some(embeds) = cat(&|c| text(c).map(|t| t.0)) {
-            Condition::Text {
-                embeds,
-                added: cat(&|c| added(c).map(|a| &a.text_embeds)).map(|text_embeds| AddedCond {
-                    text_embeds,
-                    time_ids: cat(&|c| added(c).map(|a| &a.time_ids))
-                        .expect("added conditioning has time ids"),
-                }),
-                timestep_cond: cat(&|c| text(c).and_then(|t| t.2)),
-            }
-        } else {
-            return Err(PipelineError::Request(
-                "batched conditioning mixes text and class conditioning".into(),
-            ));
-        };
-        Ok(Conditioning { inputs, cfg: None })
-    }
-
-    /// The tensors as diffusers' models name their arguments: `encoder_hidden_states`, and for
-    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT.
-    pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        match &self.inputs {
-            Condition::Classes(labels) => vec![("class_labels".into(), labels.shallow_clone())],
-            Condition::Text {
-                embeds,
-                added,
-                timestep_cond,
-            } => {
-                let mut out = vec![("encoder_hidden_states".to_string(), embeds.shallow_clone())];
-                if let Some(a) = added {
-                    out.push(("text_embeds".into(), a.text_embeds.shallow_clone()));
-                    out.push(("time_ids".into(), a.time_ids.shallow_clone()));
-                }
-                if let Some(c) = timestep_cond {
-                    out.push(("timestep_cond".into(), c.shallow_clone()));
-                }
-                out
-            }
-        }
-    }
-
-    /// The same conditioning repeated `times` along the batch (rows in order 0..n, 0..n, …).
-    pub fn repeat(&self, times: i64) -> Conditioning {
-        let rep = |t: &Tensor| {
-            let mut reps = vec![1i64; t.dim()];
-            reps[0] = times;
-            t.repeat(reps.as_slice())
-        };
-        let inputs = match &self.inputs {
-            Condition::Classes(labels) => Condition::Classes(rep(labels)),
-            Condition::Text {
-                embeds,
-                added,
-                timestep_cond,
-            } => Condition::Text {
-                embeds: rep(embeds),
-                added: added.as_ref().map(|a| AddedCond {
-                    text_embeds: rep(&a.text_embeds),
-                    time_ids: rep(&a.time_ids),
-                }),
-                timestep_cond: timestep_cond.as_ref().map(rep),
-            },
-        };
-        Conditioning {
-            inputs,
-            cfg: self.cfg,
-        }
-    }
-}
-
-/// A pipeline's VAE between 8-bit images and scaled latents.
-pub struct ImageCodec {
-    model: AutoencoderKL,
-    vs: nn::VarStore,
-    kind: Kind,
-}
-
-impl std::fmt::Debug for ImageCodec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageCodec")
-            .field("kind", &self.kind)
-            .finish()
-    }
-}
-
-impl ImageCodec {
-    /// Loads a `vae/` folder in `kind`, or in f32 where its config sets `force_upcast`.
-    pub fn load(
-        dir: &Path,
-        device: Device,
-        kind: Kind,
-        variant: Option<&str>,
-    ) -> Result<ImageCodec, PipelineError> {
-        let config: crate::models::vae::AutoencoderKLConfig = hf::load::read_config(dir)?;
-        // The model card of some VAEs (SDXL's) says they overflow in half precision.
-        let kind = if config.force_upcast {
-            Kind::Float
-        } else {
-            kind
-        };
-        let (vs, model) = AutoencoderKL::load(dir, device, kind, variant)?;
-        Ok(ImageCodec { model, vs, kind })
-    }
-
-    /// Pixels per latent pixel: 2^(VAE resolutions − 1).
-    pub fn scale_factor(&self) -> i64 {
-        1 << (self.model.config.block_out_channels.len() - 1)
-    }
-
-    /// Encodes [N, H, W, 3] uint8 images to the posterior mean, scaled as the pipelines scale
-    /// latents, fp32.
-    pub fn encode(&self, images: &Tensor) -> Tensor {
-        let _no_grad = tch::no_grad_guard();
-        let device = self.model_device();
-        let x = images
-            .to_device(device)
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            / 127.5
-            - 1.0;
-        let posterior = self.model.encode(&x.to_kind(self.kind));
-        self.model
-            .scale_latents(&posterior.mean)
-            .to_kind(Kind::Float)
-    }
-
-    /// Decodes scaled latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
-    /// `output_type="pil"` does.
-    pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let _no_grad = tch::no_grad_guard();
-        let image = self
-            .model
-            .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind));
-        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([0, 2, 3, 1])
-            .to_device(Device::Cpu)
-    }
-
-    fn model_device(&self) -> Device {
-        self.vs.device()
     }
 }
 
@@ -337,46 +115,6 @@ pub struct Generated {
     pub trajectory: Option<Trajectory>,
 }
 
-/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiTPipeline, else
-/// `unet/`, with `opts.backbone_weights` in place of the folder's weights when given.
-pub fn load_backbone(
-    root: &Path,
-    opts: &LoadOptions,
-) -> Result<(nn::VarStore, Backbone), PipelineError> {
-    let variant = opts.variant.as_deref();
-    let files = opts.backbone_weights.as_ref().map(std::slice::from_ref);
-    if dit::is_dit_folder(root) {
-        let dir = root.join("transformer");
-        let config = hf::load::read_config(&dir)?;
-        let (vs, model) = match files {
-            None => DiTTransformer2DModel::load_with_config(
-                &dir,
-                &config,
-                opts.device,
-                opts.kind,
-                variant,
-            )?,
-            Some(files) => DiTTransformer2DModel::load_with_weights(
-                &dir,
-                &config,
-                files,
-                opts.device,
-                opts.kind,
-            )?,
-        };
-        return Ok((vs, Backbone::DiT(Box::new(model))));
-    }
-    let dir = root.join("unet");
-    let (vs, model) = match files {
-        None => UNet2DConditionModel::load(&dir, opts.device, opts.kind, variant)?,
-        Some(files) => {
-            let config = hf::load::read_config(&dir)?;
-            UNet2DConditionModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
-        }
-    };
-    Ok((vs, Backbone::UNet(Box::new(model))))
-}
-
 /// LCM's `get_guidance_scale_embedding` of `w` ([N]) into `dim` channels.
 fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
@@ -392,64 +130,6 @@ fn guidance_embedding(w: &Tensor, dim: i64) -> Tensor {
 }
 
 impl Pipeline {
-    /// Loads a local diffusers folder: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
-    /// (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL
-    /// text_encoder_2/, tokenizer_2/), or a `DiTPipeline` (transformer/, vae/, scheduler/).
-    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
-        if !root.is_dir() {
-            return Err(PipelineError::Folder {
-                path: root.to_owned(),
-                why: "not a folder; expected a diffusers pipeline folder with model_index.json"
-                    .into(),
-            });
-        }
-        let index: ModelIndex = read_json(&root.join("model_index.json"))?;
-        let dual = match index.class_name.as_str() {
-            "StableDiffusionPipeline" => false,
-            "StableDiffusionXLPipeline" => true,
-            "DiTPipeline" => return dit::load(root, opts),
-            other => {
-                return Err(PipelineError::Folder {
-                    path: root.join("model_index.json"),
-                    why: format!(
-                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline, \
-                         StableDiffusionXLPipeline or DiTPipeline folder"
-                    ),
-                })
-            }
-        };
-        let variant = opts.variant.as_deref();
-        let (unet_vs, backbone) = load_backbone(root, opts)?;
-        let Backbone::UNet(unet) = &backbone else {
-            return Err(PipelineError::Folder {
-                path: root.join("model_index.json"),
-                why: "a text-to-image pipeline needs a unet/ folder".into(),
-            });
-        };
-        let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
-        let encoders = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
-        let scheduler_config =
-            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
-        if unet.needs_added_cond() != dual {
-            return Err(PipelineError::Folder {
-                path: root.join("unet/config.json"),
-                why: "the UNet's addition_embed_type does not fit the pipeline (SDXL needs text_time)".into(),
-            });
-        }
-        Ok(Pipeline {
-            backbone,
-            backbone_vs: unet_vs,
-            vae,
-            scheduler_config,
-            conditioner: Conditioner::Text {
-                encoders: Box::new(encoders),
-                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
-            },
-            device: opts.device,
-            kind: opts.kind,
-        })
-    }
-
     /// Pixels per latent pixel: 2^(VAE resolutions − 1).
     pub fn vae_scale_factor(&self) -> i64 {
         self.vae.scale_factor()

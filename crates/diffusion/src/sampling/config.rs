@@ -5,12 +5,13 @@
 //! default of the class named by `_class_name`, exactly as diffusers' constructors do. Every
 //! field is public so that a caller can override it (spacing, prediction type, η) after parsing.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::SamplingError;
 
-/// Which diffusers scheduler class the config describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which diffusers scheduler class the config describes; a run config's `sampler.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SchedulerKind {
     /// `EulerDiscreteScheduler`.
     Euler,
@@ -36,30 +37,46 @@ impl SchedulerKind {
         }
     }
 
+    /// Every kind.
+    pub const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Lcm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+    ];
+
+    /// The name a run config's `sampler.name` and `pso sample --sampler` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler_ancestral",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Ddpm => "ddpm",
+        }
+    }
+
     /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`).
     pub fn from_name(name: &str) -> Result<SchedulerKind, SamplingError> {
-        match name {
-            "euler" => Ok(SchedulerKind::Euler),
-            "euler_ancestral" => Ok(SchedulerKind::EulerAncestral),
-            "lcm" => Ok(SchedulerKind::Lcm),
-            "ddim" => Ok(SchedulerKind::Ddim),
-            "ddpm" => Ok(SchedulerKind::Ddpm),
-            other => Err(SamplingError::UnknownScheduler(other.to_owned())),
-        }
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| SamplingError::UnknownScheduler(name.to_owned()))
     }
 
     /// Parses a diffusers class name.
     pub fn from_class_name(name: &str) -> Result<SchedulerKind, SamplingError> {
-        [
-            SchedulerKind::Euler,
-            SchedulerKind::EulerAncestral,
-            SchedulerKind::Lcm,
-            SchedulerKind::Ddim,
-            SchedulerKind::Ddpm,
-        ]
-        .into_iter()
-        .find(|k| k.class_name() == name)
-        .ok_or_else(|| SamplingError::UnknownScheduler(name.to_owned()))
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|k| k.class_name() == name)
+            .ok_or_else(|| SamplingError::UnknownScheduler(name.to_owned()))
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

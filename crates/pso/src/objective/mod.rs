@@ -22,7 +22,9 @@ pub mod sft;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ObjectiveSection;
+use serde::{Deserialize, Serialize};
+
+use crate::problems::{failing, Problems};
 
 pub use dpo::{Dpo, PairPredictions, TimestepPolicy};
 pub use noising::{add_noise, noise_pair, regression_target, NoisedPair};
@@ -68,12 +70,6 @@ pub enum ObjectiveError {
         /// The allowed range.
         why: &'static str,
     },
-    /// `objective.kind` names no objective.
-    #[error(
-        "objective.kind `{0}` is not one of: online_pso, offline_pso, pso_db, dpo, sft; fix the \
-         run config"
-    )]
-    UnknownKind(String),
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -163,21 +159,22 @@ impl Objective {
         distilled: &[u32],
         num_train_timesteps: usize,
     ) -> Result<Objective, ObjectiveError> {
-        let beta = section.beta.unwrap_or(match section.kind.as_str() {
-            "online_pso" => online_pso::BETA,
-            "pso_db" => pso_db::BETA,
-            _ => dpo::BETA,
+        let beta = section.beta.unwrap_or(match section.kind {
+            ObjectiveKind::OnlinePso => online_pso::BETA,
+            ObjectiveKind::PsoDb => pso_db::BETA,
+            ObjectiveKind::OfflinePso | ObjectiveKind::Dpo | ObjectiveKind::Sft => dpo::BETA,
         });
-        Ok(match section.kind.as_str() {
-            "online_pso" => Objective::OnlinePso(OnlinePso::new(beta, section.epsilon)?),
-            "offline_pso" => Objective::OfflinePso(Dpo::offline_pso(distilled, beta)?),
-            "pso_db" => Objective::PsoDb(PsoDb {
+        Ok(match section.kind {
+            ObjectiveKind::OnlinePso => {
+                Objective::OnlinePso(OnlinePso::new(beta, section.epsilon)?)
+            }
+            ObjectiveKind::OfflinePso => Objective::OfflinePso(Dpo::offline_pso(distilled, beta)?),
+            ObjectiveKind::PsoDb => Objective::PsoDb(PsoDb {
                 beta,
                 ..PsoDb::default()
             }),
-            "dpo" => Objective::Dpo(Dpo::diffusion_dpo(num_train_timesteps, beta)?),
-            "sft" => Objective::Sft,
-            other => return Err(ObjectiveError::UnknownKind(other.to_owned())),
+            ObjectiveKind::Dpo => Objective::Dpo(Dpo::diffusion_dpo(num_train_timesteps, beta)?),
+            ObjectiveKind::Sft => Objective::Sft,
         })
     }
 
@@ -190,6 +187,75 @@ impl Objective {
             Objective::Dpo(_) => "dpo",
             Objective::Sft => "sft",
         }
+    }
+}
+
+/// The training objective (method.md §2–3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveSection {
+    /// `online_pso`, `offline_pso`, `pso_db`, `dpo` or `sft`.
+    pub kind: ObjectiveKind,
+    /// β of the loss; unset means the kind's official default (50 for online_pso, 5000 for
+    /// offline_pso and dpo, 5 for pso_db).
+    pub beta: Option<f64>,
+    /// Clamp of the likelihood ratio to [1 − ε, 1 + ε].
+    pub epsilon: f64,
+}
+
+impl Default for ObjectiveSection {
+    fn default() -> Self {
+        ObjectiveSection {
+            kind: ObjectiveKind::OnlinePso,
+            beta: None,
+            epsilon: 0.1,
+        }
+    }
+}
+
+impl ObjectiveSection {
+    /// `objective.*` values serde cannot check.
+    pub fn problems(&self) -> Problems {
+        failing([
+            (
+                self.beta.is_none_or(|beta| beta.is_finite() && beta > 0.0),
+                "objective.beta",
+                format!("{} is not a positive number", self.beta.unwrap_or_default()),
+            ),
+            (
+                self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon < 1.0,
+                "objective.epsilon",
+                format!("{} is not in (0, 1)", self.epsilon),
+            ),
+        ])
+    }
+}
+
+/// The training objectives, as a run config's `objective.kind` names them (method.md §2–3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveKind {
+    /// Online PSO over the actor's recorded trajectories.
+    OnlinePso,
+    /// PSO on stored pairs at the distilled timesteps.
+    OfflinePso,
+    /// PSO against fresh reference samples (DreamBooth-style subject or style tuning).
+    PsoDb,
+    /// Diffusion-DPO.
+    Dpo,
+    /// Supervised fine-tuning (diffusion loss).
+    Sft,
+}
+
+impl std::fmt::Display for ObjectiveKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectiveKind::OnlinePso => "online_pso",
+            ObjectiveKind::OfflinePso => "offline_pso",
+            ObjectiveKind::PsoDb => "pso_db",
+            ObjectiveKind::Dpo => "dpo",
+            ObjectiveKind::Sft => "sft",
+        })
     }
 }
 
@@ -309,21 +375,23 @@ fn host_values(values: &[Tensor]) -> Vec<f64> {
 mod tests {
     use super::*;
 
+    /// The kind a run config names `name`.
+    fn kind(name: &str) -> ObjectiveKind {
+        serde_json::from_value(name.into()).unwrap()
+    }
+
     #[test]
     fn kinds_round_trip_through_the_config_strings() {
-        for kind in ["online_pso", "offline_pso", "pso_db", "dpo", "sft"] {
+        for name in ["online_pso", "offline_pso", "pso_db", "dpo", "sft"] {
             let section = ObjectiveSection {
-                kind: kind.into(),
+                kind: kind(name),
                 ..ObjectiveSection::default()
             };
             let o = Objective::from_section(&section, &[999, 749, 499, 249], 1000).unwrap();
-            assert_eq!(o.kind(), kind);
+            assert_eq!(o.kind(), name);
+            assert_eq!(section.kind.to_string(), name);
         }
-        let section = ObjectiveSection {
-            kind: "ppo".into(),
-            ..ObjectiveSection::default()
-        };
-        let e = Objective::from_section(&section, &[999], 1000)
+        let e = serde_json::from_value::<ObjectiveKind>("ppo".into())
             .unwrap_err()
             .to_string();
         assert!(e.contains("`ppo`") && e.contains("online_pso"), "{e}");
@@ -332,7 +400,7 @@ mod tests {
     #[test]
     fn config_beta_and_epsilon_reach_the_objective() {
         let section = ObjectiveSection {
-            kind: "online_pso".into(),
+            kind: kind("online_pso"),
             beta: Some(7.0),
             ..ObjectiveSection::default()
         };
@@ -340,7 +408,7 @@ mod tests {
         let want = OnlinePso::new(7.0, ObjectiveSection::default().epsilon).unwrap();
         assert_eq!(o, Objective::OnlinePso(want));
         let section = ObjectiveSection {
-            kind: "pso_db".into(),
+            kind: kind("pso_db"),
             beta: Some(3.0),
             ..ObjectiveSection::default()
         };
@@ -348,13 +416,13 @@ mod tests {
             Objective::PsoDb(p) => assert_eq!((p.beta, p.lambda), (3.0, pso_db::LAMBDA)),
             other => panic!("{other:?}"),
         }
-        for (kind, beta) in [
+        for (name, beta) in [
             ("pso_db", pso_db::BETA),
             ("dpo", dpo::BETA),
             ("online_pso", online_pso::BETA),
         ] {
             let section = ObjectiveSection {
-                kind: kind.into(),
+                kind: kind(name),
                 ..ObjectiveSection::default()
             };
             let o = Objective::from_section(&section, &[999], 1000).unwrap();
@@ -364,7 +432,7 @@ mod tests {
                 Objective::Dpo(d) => d.beta,
                 other => panic!("{other:?}"),
             };
-            assert_eq!(got, beta, "{kind}");
+            assert_eq!(got, beta, "{name}");
         }
     }
 

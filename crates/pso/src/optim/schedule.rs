@@ -2,17 +2,12 @@
 //! `get_constant_schedule_with_warmup` and `get_cosine_schedule_with_warmup` (0.5 cycles).
 
 use std::f64::consts::PI;
-use std::str::FromStr;
 
-use crate::config::OptimSection;
+use super::OptimSection;
 
-/// A schedule name that is not `constant`, `warmup` or `cosine`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown learning-rate schedule `{0}` (expected constant, warmup or cosine)")]
-pub struct ScheduleError(pub String);
-
-/// The shape of a schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The shape of a schedule, as `optim.schedule` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// The peak rate at every step.
     Constant,
@@ -20,19 +15,6 @@ pub enum ScheduleKind {
     Warmup,
     /// Linear warm-up, then a half cosine from the peak down to 0 at `total_steps`.
     Cosine,
-}
-
-impl FromStr for ScheduleKind {
-    type Err = ScheduleError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "constant" => Ok(ScheduleKind::Constant),
-            "warmup" => Ok(ScheduleKind::Warmup),
-            "cosine" => Ok(ScheduleKind::Cosine),
-            other => Err(ScheduleError(other.to_owned())),
-        }
-    }
 }
 
 /// A learning rate as a function of the optimizer step.
@@ -60,13 +42,8 @@ impl LrSchedule {
     }
 
     /// The schedule that `optim.schedule`, `optim.lr` and `optim.warmup_steps` describe.
-    pub fn from_config(optim: &OptimSection, total_steps: u64) -> Result<Self, ScheduleError> {
-        Ok(LrSchedule::new(
-            optim.schedule.parse()?,
-            optim.lr,
-            optim.warmup_steps,
-            total_steps,
-        ))
+    pub fn from_config(optim: &OptimSection, total_steps: u64) -> Self {
+        LrSchedule::new(optim.schedule, optim.lr, optim.warmup_steps, total_steps)
     }
 
     /// The multiplier of the peak rate at `step` (diffusers' `lr_lambda`).
@@ -98,12 +75,13 @@ mod tests {
 
     #[test]
     fn parses_config_names() {
-        assert_eq!("constant".parse(), Ok(ScheduleKind::Constant));
-        assert_eq!("warmup".parse(), Ok(ScheduleKind::Warmup));
-        assert_eq!("cosine".parse(), Ok(ScheduleKind::Cosine));
-        let err = "linear".parse::<ScheduleKind>().unwrap_err();
+        let parse = |name: &str| serde_json::from_value::<ScheduleKind>(name.into());
+        assert_eq!(parse("constant").unwrap(), ScheduleKind::Constant);
+        assert_eq!(parse("warmup").unwrap(), ScheduleKind::Warmup);
+        assert_eq!(parse("cosine").unwrap(), ScheduleKind::Cosine);
+        let err = parse("linear").unwrap_err();
         assert!(err.to_string().contains("`linear`"));
-        let s = LrSchedule::from_config(&OptimSection::default(), 10).unwrap();
+        let s = LrSchedule::from_config(&OptimSection::default(), 10);
         assert_eq!(s.kind, ScheduleKind::Constant);
         assert_eq!(s.lr_at(0), 1e-5);
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{difffit, lora, PeftError};
+use super::{difffit, lora, PeftError, PeftKind};
 use crate::config::RunConfig;
 use diffusion::models::backbone::Backbone;
 use diffusion::pipeline::{load_backbone, LoadOptions};
@@ -53,14 +53,14 @@ pub fn export(
     format: ExportFormat,
     out: &Path,
 ) -> Result<PathBuf, PeftError> {
-    let kind = config.peft.kind.as_str();
+    let kind = config.peft.kind.to_string();
     let mut meta = HashMap::from([
         (BASE_MODEL_KEY.to_string(), config.model.id.clone()),
         ("pso.step".to_string(), step.to_string()),
         ("pso.peft".to_string(), kind.to_string()),
     ]);
     let need = |want: &str, fmt: &str| {
-        if kind == want {
+        if kind.as_str() == want {
             Ok(())
         } else {
             Err(PeftError::Config(format!(
@@ -106,12 +106,13 @@ pub fn export(
             })?;
             let map: HashMap<String, Tensor> = tensors.into_iter().collect();
             let what = format!("run tensors (peft.kind = {kind})");
-            match kind {
-                "lora" => {
+            match config.peft.kind {
+                PeftKind::Lora => {
                     let scale = config.peft.alpha / config.peft.rank as f64;
                     lora::attach_tensors(&backbone, &map, scale, &what)?;
                 }
-                _ => {
+                // Full fine-tuning's tensors replace weights by name, as DiffFit's do.
+                PeftKind::Difffit | PeftKind::Full => {
                     difffit::apply_tensors(&backbone, &vs, &map, &what)?;
                 }
             }

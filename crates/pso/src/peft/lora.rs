@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::PeftError;
-use crate::config::PeftSection;
+use super::{LoraInit, PeftSection};
 use diffusion::models::backbone::Backbone;
 use diffusion::models::linear::Lora;
 
@@ -60,13 +60,13 @@ pub fn attach_new(
         }
         let (fan_in, fan_out) = layer.features();
         let opts = (Kind::Float, Device::Cpu);
-        let down = match section.init.as_str() {
-            "kaiming" => {
+        let down = match section.init {
+            LoraInit::Kaiming => {
                 // kaiming_uniform_(a = sqrt(5)): bound = 1 / sqrt(fan_in).
                 let bound = 1.0 / (fan_in as f64).sqrt();
                 Tensor::rand([rank, fan_in], opts) * (2.0 * bound) - bound
             }
-            _ => Tensor::randn([rank, fan_in], opts) / rank as f64,
+            LoraInit::Gaussian => Tensor::randn([rank, fan_in], opts) / rank as f64,
         };
         let device = layer.weight().device();
         let down = down.to_device(device).set_requires_grad(true);

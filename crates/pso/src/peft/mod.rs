@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use tch::{nn, Kind, Tensor};
 
-use crate::config::PeftSection;
+use serde::{Deserialize, Serialize};
+
+use crate::problems::{failing, Problems};
 use diffusion::models::backbone::Backbone;
 
 /// Errors choosing or attaching trainable tensors.
@@ -80,6 +82,98 @@ impl std::fmt::Debug for Adapter {
     }
 }
 
+/// Which parameters train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeftSection {
+    /// `lora`, `difffit` or `full`.
+    pub kind: PeftKind,
+    /// LoRA rank.
+    pub rank: u32,
+    /// LoRA alpha (scale = alpha / rank).
+    pub alpha: f64,
+    /// Names of the linear layers that get LoRA adapters: a layer matches a pattern equal to its
+    /// dotted name or to a suffix of it after a dot (as peft's `target_modules`).
+    pub targets: Vec<String>,
+    /// LoRA A initialisation: `gaussian` (std 1/rank, diffusers' training scripts) or `kaiming`
+    /// (peft's default); B starts at zero either way.
+    pub init: LoraInit,
+    /// DiffFit: transformer blocks [first, last) that get γ, counted in module order over the
+    /// whole model; unset means every block of a UNet and the first half of a DiT's.
+    pub gamma_blocks: Option<[u32; 2]>,
+}
+
+impl Default for PeftSection {
+    fn default() -> Self {
+        PeftSection {
+            kind: PeftKind::Lora,
+            rank: 32,
+            alpha: 32.0,
+            targets: ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+            init: LoraInit::Gaussian,
+            gamma_blocks: None,
+        }
+    }
+}
+
+impl PeftSection {
+    /// `peft.*` values serde cannot check.
+    pub fn problems(&self) -> Problems {
+        let [first, last] = self.gamma_blocks.unwrap_or([0, 1]);
+        failing([
+            (
+                (1..=1024).contains(&self.rank),
+                "peft.rank",
+                format!("{} is not in 1..=1024", self.rank),
+            ),
+            (
+                self.alpha.is_finite() && self.alpha > 0.0,
+                "peft.alpha",
+                format!("{} is not a positive number", self.alpha),
+            ),
+            (
+                first < last,
+                "peft.gamma_blocks",
+                format!("[{first}, {last}] is not a range [first, last) with first < last"),
+            ),
+        ])
+    }
+}
+
+/// Which parameters train, as a run config's `peft.kind` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftKind {
+    /// Low-rank adapters on the targeted linear layers.
+    Lora,
+    /// Biases, norms, conditioning embeddings and per-block scales γ.
+    Difffit,
+    /// Every weight of the denoiser.
+    Full,
+}
+
+impl std::fmt::Display for PeftKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeftKind::Lora => "lora",
+            PeftKind::Difffit => "difffit",
+            PeftKind::Full => "full",
+        })
+    }
+}
+
+/// How LoRA's A starts (B starts at zero either way), as `peft.init` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// N(0, 1/rank²), as diffusers' training scripts.
+    Gaussian,
+    /// kaiming_uniform_(a = √5), peft's default.
+    Kaiming,
+}
+
 impl Adapter {
     /// Makes the tensors `section` names trainable on `backbone` (whose variables live in
     /// `vs`); LoRA's initial A is drawn from `seed`.
@@ -89,8 +183,8 @@ impl Adapter {
         section: &PeftSection,
         seed: u64,
     ) -> Result<Adapter, PeftError> {
-        match section.kind.as_str() {
-            "lora" => {
+        match section.kind {
+            PeftKind::Lora => {
                 let switch = Arc::new(AtomicBool::new(true));
                 let params = lora::attach_new(backbone, section, seed, &switch)?;
                 Ok(Adapter {
@@ -99,7 +193,7 @@ impl Adapter {
                     reference: Reference::AdaptersOff(switch),
                 })
             }
-            "difffit" => {
+            PeftKind::Difffit => {
                 let params = difffit::select(backbone, vs, section.gamma_blocks)?;
                 let originals = tch::no_grad(|| params.iter().map(|(_, t)| t.copy()).collect());
                 Ok(Adapter {
@@ -108,7 +202,7 @@ impl Adapter {
                     reference: Reference::Originals(originals),
                 })
             }
-            "full" => {
+            PeftKind::Full => {
                 let mut frozen_vs = nn::VarStore::new(vs.device());
                 let frozen = backbone.new_like(frozen_vs.root());
                 frozen_vs.set_kind(vs.kind());
@@ -129,9 +223,6 @@ impl Adapter {
                     reference: Reference::Frozen(Box::new((frozen_vs, frozen))),
                 })
             }
-            other => Err(PeftError::Config(format!(
-                "peft.kind `{other}` is not one of: lora, difffit, full; fix the run config"
-            ))),
         }
     }
 

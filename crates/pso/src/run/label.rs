@@ -95,8 +95,9 @@ impl PatientScorer {
     }
 }
 
-/// How a group of K scored samples becomes pairs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a group of K scored samples becomes pairs, as `online.pairing` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Pairing {
     /// The best against the worst sample.
     BestWorst,
@@ -105,17 +106,6 @@ pub enum Pairing {
 }
 
 impl Pairing {
-    /// From `online.pairing`.
-    pub fn from_config(name: &str) -> Result<Pairing, RunError> {
-        match name {
-            "best_worst" => Ok(Pairing::BestWorst),
-            "all_pairs" => Ok(Pairing::AllPairs),
-            other => Err(RunError::Config(format!(
-                "online.pairing `{other}` is not best_worst or all_pairs"
-            ))),
-        }
-    }
-
     /// Pairs a group of `k` samples makes (the same for every group, so pair ids are fixed).
     pub fn pairs_per_group(self, k: u32) -> u32 {
         match self {

@@ -21,7 +21,6 @@ mod stop;
 use std::path::PathBuf;
 
 use diffusion::pipeline::{LoadOptions, Pipeline};
-use diffusion::sampling::SchedulerKind;
 
 use crate::config::RunConfig;
 pub use crate::seed::step_seed;
@@ -46,7 +45,7 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             backbone_weights: config.model.unet.clone(),
         },
     )?;
-    pipeline.scheduler_config.kind = SchedulerKind::from_name(&config.sampler.name)?;
+    pipeline.scheduler_config.kind = config.sampler.name;
     Ok(pipeline)
 }
 

@@ -20,7 +20,7 @@ pub fn save(
         counters: learner.counters(),
         data_cursor: cursor,
         config_hash: config.training_hash(),
-        peft: config.peft.kind.clone(),
+        peft: config.peft.kind.to_string(),
     };
     Ok(checkpoint::save(
         &dir.checkpoints(),

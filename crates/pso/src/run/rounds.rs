@@ -100,7 +100,7 @@ impl RoundMaker {
         writer: Arc<AsyncPairWriter>,
         runtime: tokio::runtime::Handle,
     ) -> Result<RoundMaker, RunError> {
-        let pairing = Pairing::from_config(&config.online.pairing)?;
+        let pairing = config.online.pairing;
         Ok(RoundMaker {
             order: PromptOrder::new(prompts.len(), config.run.seed),
             prompts,
@@ -112,7 +112,7 @@ impl RoundMaker {
             settings: RecordSettings {
                 run_id: config.run.name.clone(),
                 model_id: config.model.id.clone(),
-                sampler: config.sampler.name.clone(),
+                sampler: config.sampler.name.to_string(),
                 timesteps: timesteps.iter().map(|&t| t.round() as i32).collect(),
                 height: config.sampler.height as i32,
                 width: config.sampler.width as i32,

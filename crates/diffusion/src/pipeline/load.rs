@@ -1,0 +1,136 @@
+//! Loading a diffusers pipeline folder: options, `model_index.json`, the denoiser and the rest.
+
+use std::path::{Path, PathBuf};
+
+use hf::load::read_json;
+use serde::Deserialize;
+use tch::{nn, Device, Kind};
+
+use super::prompt::TextEncoders;
+use super::{dit, Conditioner, ImageCodec, Pipeline, PipelineError};
+use crate::models::backbone::Backbone;
+use crate::models::dit::DiTTransformer2DModel;
+use crate::models::unet::UNet2DConditionModel;
+use crate::sampling::SchedulerConfig;
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the models run.
+    pub device: Device,
+    /// Weight and activation precision of the UNet and text encoders.
+    pub kind: Kind,
+    /// Weight-file variant (e.g. `fp16`).
+    pub variant: Option<String>,
+    /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
+    /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
+    pub backbone_weights: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiTPipeline, else
+/// `unet/`, with `opts.backbone_weights` in place of the folder's weights when given.
+pub fn load_backbone(
+    root: &Path,
+    opts: &LoadOptions,
+) -> Result<(nn::VarStore, Backbone), PipelineError> {
+    let variant = opts.variant.as_deref();
+    let files = opts.backbone_weights.as_ref().map(std::slice::from_ref);
+    if dit::is_dit_folder(root) {
+        let dir = root.join("transformer");
+        let config = hf::load::read_config(&dir)?;
+        let (vs, model) = match files {
+            None => DiTTransformer2DModel::load_with_config(
+                &dir,
+                &config,
+                opts.device,
+                opts.kind,
+                variant,
+            )?,
+            Some(files) => DiTTransformer2DModel::load_with_weights(
+                &dir,
+                &config,
+                files,
+                opts.device,
+                opts.kind,
+            )?,
+        };
+        return Ok((vs, Backbone::DiT(Box::new(model))));
+    }
+    let dir = root.join("unet");
+    let (vs, model) = match files {
+        None => UNet2DConditionModel::load(&dir, opts.device, opts.kind, variant)?,
+        Some(files) => {
+            let config = hf::load::read_config(&dir)?;
+            UNet2DConditionModel::load_with_weights(&dir, &config, files, opts.device, opts.kind)?
+        }
+    };
+    Ok((vs, Backbone::UNet(Box::new(model))))
+}
+
+impl Pipeline {
+    /// Loads a local diffusers folder: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+    /// (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL
+    /// text_encoder_2/, tokenizer_2/), or a `DiTPipeline` (transformer/, vae/, scheduler/).
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
+        if !root.is_dir() {
+            return Err(PipelineError::Folder {
+                path: root.to_owned(),
+                why: "not a folder; expected a diffusers pipeline folder with model_index.json"
+                    .into(),
+            });
+        }
+        let index: ModelIndex = read_json(&root.join("model_index.json"))?;
+        let dual = match index.class_name.as_str() {
+            "StableDiffusionPipeline" => false,
+            "StableDiffusionXLPipeline" => true,
+            "DiTPipeline" => return dit::load(root, opts),
+            other => {
+                return Err(PipelineError::Folder {
+                    path: root.join("model_index.json"),
+                    why: format!(
+                        "pipeline `{other}` is not supported; use a StableDiffusionPipeline, \
+                         StableDiffusionXLPipeline or DiTPipeline folder"
+                    ),
+                })
+            }
+        };
+        let variant = opts.variant.as_deref();
+        let (unet_vs, backbone) = load_backbone(root, opts)?;
+        let Backbone::UNet(unet) = &backbone else {
+            return Err(PipelineError::Folder {
+                path: root.join("model_index.json"),
+                why: "a text-to-image pipeline needs a unet/ folder".into(),
+            });
+        };
+        let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
+        let encoders = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        if unet.needs_added_cond() != dual {
+            return Err(PipelineError::Folder {
+                path: root.join("unet/config.json"),
+                why: "the UNet's addition_embed_type does not fit the pipeline (SDXL needs text_time)".into(),
+            });
+        }
+        Ok(Pipeline {
+            backbone,
+            backbone_vs: unet_vs,
+            vae,
+            scheduler_config,
+            conditioner: Conditioner::Text {
+                encoders: Box::new(encoders),
+                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            },
+            device: opts.device,
+            kind: opts.kind,
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The learner's per-round loop of `pso online`: take a round, train on it, record, checkpoint.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use super::actor_thread::{publish, Rounds};
+use super::trainer::{OnlineTrainer, Prepared};
+use super::{OnlineOptions, Totals};
+use crate::actor::Actor;
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::learner::{Learner, LearnerError, StepReport};
+use crate::run::eval::Evaluator;
+use crate::run::label::PatientScorer;
+use crate::run::rounds::Round;
+use crate::run::{progress, save, step_seed, Metrics, RunDir, RunError, Summary};
+use pairs::writer::AsyncPairWriter;
+
+/// The state of the learner's loop.
+pub(super) struct Loop<'a> {
+    pub(super) config: &'a RunConfig,
+    pub(super) opts: &'a OnlineOptions,
+    pub(super) dir: &'a RunDir,
+    pub(super) trainer: &'a OnlineTrainer,
+    pub(super) learner: &'a mut Learner,
+    pub(super) metrics: Metrics,
+    pub(super) evaluator: Option<&'a Evaluator>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) halt: Arc<AtomicBool>,
+    pub(super) writer: &'a Arc<AsyncPairWriter>,
+    pub(super) totals: Totals,
+    /// Step of the last checkpoint.
+    pub(super) last_checkpoint: u64,
+    pub(super) summary: Summary,
+    /// The next round to train on (the checkpoint's data cursor).
+    pub(super) cursor: u64,
+}
+
+impl Loop<'_> {
+    fn step(&self) -> u64 {
+        self.learner.counters().step
+    }
+
+    fn out_of_time(&self) -> bool {
+        self.opts
+            .max_hours
+            .is_some_and(|h| self.totals.started.elapsed().as_secs_f64() >= h * 3600.0)
+    }
+
+    fn should_stop(&mut self) -> bool {
+        if self.halt.load(Ordering::SeqCst) {
+            self.summary.stopped = true;
+            return true;
+        }
+        if self.out_of_time() {
+            tracing::info!("--max-hours reached");
+            self.summary.stopped = true;
+            return true;
+        }
+        self.step() >= self.config.learner.max_steps
+    }
+
+    pub(super) fn drive(
+        &mut self,
+        rounds: &mut Rounds,
+        scorer: &PatientScorer,
+    ) -> Result<(), RunError> {
+        let bar = progress(
+            self.opts.progress,
+            self.config.learner.max_steps,
+            self.step(),
+        );
+        if self.step() == 0 && !self.opts.resume {
+            self.evaluate()?;
+        }
+        let trainer = self.trainer;
+        let inline_actor = Actor::new(&trainer.pipeline, trainer.settings().clone())?;
+        let mut last_log = Instant::now();
+        while !self.should_stop() {
+            let round = match rounds {
+                Rounds::Inline { maker, next } => {
+                    match maker.make(&inline_actor, *next, self.step(), &self.halt)? {
+                        Some(round) => {
+                            *next += 1;
+                            round
+                        }
+                        None => continue,
+                    }
+                }
+                Rounds::Thread { rounds, .. } => {
+                    match rounds.recv_timeout(Duration::from_millis(200)) {
+                        Ok(round) => round?,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(RunError::Data(
+                                "the actor thread ended without a word".into(),
+                            ))
+                        }
+                    }
+                }
+            };
+            let staleness = self.step().saturating_sub(round.policy_version);
+            self.totals.pairs += round.pairs.len() as u64;
+            self.totals.images += round.images as u64;
+            if staleness > self.config.online.max_staleness as u64 {
+                self.totals.dropped_rounds += 1;
+                tracing::info!(
+                    round = round.index,
+                    staleness,
+                    "round dropped: sampled {staleness} steps ago (online.max_staleness = {})",
+                    self.config.online.max_staleness
+                );
+                self.cursor = round.index + 1;
+                continue;
+            }
+            let finished = self.train_round(round, staleness, rounds, &bar)?;
+            if finished
+                && self.step() - self.last_checkpoint >= self.config.learner.checkpoint_every
+            {
+                self.checkpoint()?;
+            }
+            if !self.opts.progress && last_log.elapsed() >= Duration::from_secs(30) {
+                last_log = Instant::now();
+                tracing::info!(
+                    step = self.step(),
+                    loss = self.summary.last_loss.unwrap_or(f64::NAN),
+                    pairs = self.totals.pairs,
+                    scorer_failures = scorer.failures(),
+                    "online PSO"
+                );
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Trains `refresh_every` steps on `round`; returns whether the round was finished (not cut
+    /// short by a stop or the last step).
+    fn train_round(
+        &mut self,
+        round: Round,
+        staleness: u64,
+        rounds: &Rounds,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<bool, RunError> {
+        let c = self.config;
+        let index = round.index;
+        let stats = RoundStats::of(&round);
+        let version = round.policy_version;
+        let prepared = self.trainer.prepare(round)?;
+        if prepared.is_empty() {
+            self.cursor = index + 1;
+            return Ok(true);
+        }
+        let mut order: Vec<usize> = (0..prepared.len()).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(step_seed(
+            c.run.seed,
+            index,
+            u32::MAX - 2,
+        )));
+        let (batch, accumulation) = (c.learner.batch_size as usize, c.learner.grad_accumulation);
+        let per_step = batch * accumulation as usize;
+        let transitions = self.trainer.stochastic_steps();
+        let t = transitions.len() as u32;
+        for k in 0..c.learner.refresh_every as usize {
+            if self.should_stop() {
+                self.cursor = index + 1;
+                return Ok(false);
+            }
+            let chosen: Vec<&Prepared> = (0..per_step)
+                .map(|i| &prepared[order[(k * per_step + i) % order.len()]])
+                .collect();
+            let step = self.step();
+            let mut rng = ChaCha8Rng::seed_from_u64(step_seed(c.run.seed, step, 0));
+            let perms: Vec<Vec<usize>> = chosen
+                .iter()
+                .map(|_| {
+                    let mut p = transitions.to_vec();
+                    p.shuffle(&mut rng);
+                    p
+                })
+                .collect();
+            let trainer = self.trainer;
+            let outcome = self.learner.step_over(accumulation * t, |micro| {
+                let (a, j) = ((micro / t) as usize, (micro % t) as usize);
+                let rows = a * batch..(a + 1) * batch;
+                let steps: Vec<usize> = perms[rows.clone()].iter().map(|p| p[j]).collect();
+                trainer
+                    .loss(&chosen[rows], &steps)
+                    .map_err(|e| LearnerError::Batch(Box::new(e)))
+            });
+            let report = outcome?;
+            self.totals.learner_seconds += report.seconds;
+            if let Rounds::Thread {
+                weights, device, ..
+            } = rounds
+            {
+                publish(weights, self.learner, *device);
+            }
+            self.record(&report, &stats, index, version, staleness)?;
+            bar.set_position(report.step);
+            bar.set_message(format!(
+                "loss {:.4} reward {:.4}",
+                report.diagnostics.loss, stats.mean
+            ));
+            if c.eval.every > 0 && report.step % c.eval.every == 0 {
+                self.evaluate()?;
+            }
+        }
+        self.cursor = index + 1;
+        Ok(true)
+    }
+
+    fn record(
+        &mut self,
+        report: &StepReport,
+        stats: &RoundStats,
+        round: u64,
+        version: u64,
+        staleness: u64,
+    ) -> Result<(), RunError> {
+        let wall = self.totals.started.elapsed().as_secs_f64().max(1e-9);
+        let f = |v: f64| Value::from(v.is_finite().then_some(v));
+        self.metrics.write(
+            report,
+            &[
+                ("round", round.into()),
+                ("sample_policy_version", version.into()),
+                ("staleness", staleness.into()),
+                ("reward_mean", f(stats.mean)),
+                ("reward_std", f(stats.std)),
+                ("reward_max", f(stats.max)),
+                ("score_margin", f(stats.margin)),
+                ("pairs_per_s", f(self.totals.pairs as f64 / wall)),
+                ("images_per_s", f(self.totals.images as f64 / wall)),
+                ("time_actor_s", f(stats.actor_seconds)),
+                ("time_reward_s", f(stats.reward_wait_seconds)),
+                ("time_learner_s", f(report.seconds)),
+                ("learner_busy", f(self.totals.learner_seconds / wall)),
+                ("dropped_rounds", self.totals.dropped_rounds.into()),
+            ],
+        )?;
+        self.summary.last_loss = Some(report.diagnostics.loss);
+        self.summary.steps = report.step;
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<(), RunError> {
+        let Some(evaluator) = self.evaluator else {
+            return Ok(());
+        };
+        let means = evaluator.run(
+            &self.trainer.pipeline,
+            self.step(),
+            &self.runtime,
+            &self.halt,
+        )?;
+        tracing::info!(step = self.step(), scores = ?means, "evaluation");
+        Ok(())
+    }
+
+    /// Flushes the pair store and writes a checkpoint whose cursor is the next round.
+    pub(super) fn checkpoint(&mut self) -> Result<PathBuf, RunError> {
+        self.runtime.block_on(self.writer.flush())?;
+        let at = save(self.dir, self.learner, self.config, self.cursor)?;
+        self.last_checkpoint = self.step();
+        self.summary.checkpoint = Some(at.clone());
+        Ok(at)
+    }
+
+    /// The final checkpoint, unless the newest one is already of this step.
+    pub(super) fn finish(&mut self) -> Result<(), RunError> {
+        let last = checkpoint::latest(&self.dir.checkpoints())?;
+        let up_to_date = last
+            .as_ref()
+            .is_some_and(|p| p.ends_with(checkpoint::dir_name(self.step())));
+        if up_to_date {
+            self.summary.checkpoint = last;
+        } else {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reward statistics of a round.
+struct RoundStats {
+    mean: f64,
+    std: f64,
+    max: f64,
+    margin: f64,
+    actor_seconds: f64,
+    reward_wait_seconds: f64,
+}
+
+impl RoundStats {
+    fn of(round: &Round) -> RoundStats {
+        let s: Vec<f64> = round.scores.iter().map(|&v| v as f64).collect();
+        let n = s.len().max(1) as f64;
+        let mean = s.iter().sum::<f64>() / n;
+        let std = (s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let counted: Vec<f64> = round
+            .pairs
+            .iter()
+            .filter(|p| p.counted)
+            .map(|p| p.margin as f64)
+            .collect();
+        RoundStats {
+            mean,
+            std,
+            max: s.iter().copied().fold(f64::NAN, f64::max),
+            margin: counted.iter().sum::<f64>() / counted.len().max(1) as f64,
+            actor_seconds: round.actor_seconds,
+            reward_wait_seconds: round.reward_wait_seconds,
+        }
+    }
+}
