@@ -1,12 +1,15 @@
-//! Link settings for every `pso` binary (the CLI, tests, benches): find libtorch at run time
-//! without `LD_LIBRARY_PATH`, and keep libtorch_cuda even though no symbol of it is referenced.
+//! The build script of every workspace crate that links libtorch: its binaries (the CLI, tests,
+//! benches) find libtorch at run time without `LD_LIBRARY_PATH`, and keep libtorch_cuda even
+//! though no symbol of it is referenced.
 
 use std::path::Path;
 
 fn main() {
-    // Set by torch-sys (`links = "tch"`) for crates that depend on it directly.
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
-        .expect("torch-sys did not report its libtorch directory; run scripts/setup.sh");
+    // Set by torch-sys (`links = "tch"`) for crates that depend on it directly; absent only when
+    // a crate is built without libtorch (the reward crate without its `local` feature).
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // rustc links with --as-needed, which drops libtorch_cuda: nothing calls it directly, it
     // registers the CUDA backend from its static initialisers.

@@ -16,5 +16,12 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "crates that build without libtorch: pairs, and reward's protocol without its local scorers"
+cargo clippy -p reward --lib --no-default-features --locked -- -D warnings
+if { cargo tree -p pairs -e normal --locked
+     cargo tree -p reward --no-default-features -e normal --locked; } | grep -q 'torch-sys'; then
+  echo "pairs or reward (no default features) depends on libtorch" >&2
+  exit 1
+fi
 step "cargo test"
 cargo test --workspace --locked

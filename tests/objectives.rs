@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use diffusion::sampling::PredictionType;
+use diffusion::sampling::{BetaSchedule, PredictionType, SchedulerConfig, SchedulerKind};
+use pso::objective::offline_pso::offline_pso;
 use pso::objective::{
-    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Diagnostics, Dpo, Loss,
-    OnlinePso, PairPredictions, PsoDb, Transitions,
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod,
+    Diagnostics, Dpo, Loss, OnlinePso, PairPredictions, PsoDb, Transitions,
 };
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -88,8 +89,13 @@ fn load(dir: &Path, file: &str) -> HashMap<String, Tensor> {
 }
 
 fn alphas_cumprod() -> Vec<f64> {
+    oracle_alphas_cumprod("alphas_cumprod")
+}
+
+/// The ᾱ the oracle wrote under `name`, widened to f64.
+fn oracle_alphas_cumprod(name: &str) -> Vec<f64> {
     let o = oracle();
-    let t = &load(o.dir.path(), &o.index.alphas_cumprod_file)["alphas_cumprod"];
+    let t = &load(o.dir.path(), &o.index.alphas_cumprod_file)[name];
     Vec::<f32>::try_from(t)
         .unwrap()
         .into_iter()
@@ -253,8 +259,31 @@ fn online_pso_edge_case_covers_both_sides_of_both_edges() {
     assert_eq!(norm("grad_policy_l", 3), 0.0);
 }
 
+/// `objective.zero_terminal_snr` noises on the schedule Diffusion-DPO's `enforce_zero_terminal_snr`
+/// makes for Turbo models (train.py l. 480–503, transcribed in the oracle); off, on DDPM's.
 #[test]
-fn dpo_and_offline_pso_match_diffusion_dpo() {
+fn zero_terminal_snr_matches_diffusion_dpo_turbo_schedule() {
+    let mut config = SchedulerConfig::new(SchedulerKind::Euler);
+    config.beta_schedule = BetaSchedule::ScaledLinear;
+    config.beta_start = 0.00085;
+    config.beta_end = 0.012;
+    for (zero_snr, name) in [(false, "alphas_cumprod"), (true, "alphas_cumprod_zero_snr")] {
+        let ours = training_alphas_cumprod(&config, zero_snr);
+        let theirs = oracle_alphas_cumprod(name);
+        assert_eq!(ours.len(), theirs.len());
+        for (t, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.max(1e-3),
+                "{name} t={t}: {a} vs {b}"
+            );
+        }
+    }
+    assert_eq!(training_alphas_cumprod(&config, true)[999], 0.0);
+    assert!(training_alphas_cumprod(&config, false)[999] > 0.004);
+}
+
+#[test]
+fn dpo_and_offline_pso_match_the_official_losses() {
     let ac = alphas_cumprod();
     for (case, t) in cases(&["dpo", "offline_pso"]) {
         let name = case.name.as_str();
@@ -300,7 +329,7 @@ fn dpo_and_offline_pso_match_diffusion_dpo() {
         let objective = if case.objective == "dpo" {
             Dpo::diffusion_dpo(ac.len(), case.beta).unwrap()
         } else {
-            Dpo::offline_pso(&[999, 749, 499, 249], case.beta).unwrap()
+            offline_pso(&[999, 749, 499, 249], case.beta, case.lambda).unwrap()
         };
         let (pw, pl) = (
             leaf(get(&t, name, "policy_w")),

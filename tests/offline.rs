@@ -7,12 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use pairs::schema::PairRecord;
+use diffusion::pipeline::GenerateRequest;
+use diffusion::sampling::{SeededNoise, Timesteps};
 use pairs::writer::{PairStoreWriter, WriterOptions};
+use pairs::PairRecord;
 use pso::config::RunConfig;
 use pso::learner::Learner;
 use pso::run::offline::Trainer;
+use pso::seed::step_seed;
 use serde_json::Value;
+use tch::Device;
 
 /// The tiny pipelines (scripts/oracle/peft_oracle.py make), once per test binary.
 fn models() -> &'static Path {
@@ -353,7 +357,11 @@ fn training_images_against_fresh_samples_train_pso_db() {
     let cfg = config(
         dir.path(),
         "lora",
-        &["objective.kind=pso_db", "learner.max_steps=2"],
+        &[
+            "objective.kind=pso_db",
+            "objective.reference_pool=3",
+            "learner.max_steps=2",
+        ],
     );
     let run = dir.path().join("run");
     let args = [
@@ -364,6 +372,8 @@ fn training_images_against_fresh_samples_train_pso_db() {
         s(&images),
         "--prompt",
         "a photo of a circle",
+        "--class-prompt",
+        "a photo of a shape",
         "--out",
         s(&run),
     ];
@@ -374,6 +384,63 @@ fn training_images_against_fresh_samples_train_pso_db() {
     assert!(run
         .join("checkpoints/step-00000002/trainable.safetensors")
         .exists());
+    // The reference pool: 3 images sampled once, before training, from the base model with the
+    // class prompt, each from its own seed.
+    let pool_path = run.join("reference_pool.safetensors");
+    let pool = hf::tensor_file::read(&pool_path).unwrap();
+    let latents = &pool.tensors[0].1;
+    assert_eq!(latents.size()[0], 3);
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let base = pso::run::load_pipeline(&resolved, Device::Cpu).unwrap();
+    for k in 0..3 {
+        let want = base
+            .generate(
+                GenerateRequest {
+                    prompt: "a photo of a shape",
+                    negative_prompt: None,
+                    timesteps: Timesteps::Steps(4),
+                    guidance: 0.0,
+                    height: 16,
+                    width: 16,
+                    num_images: 1,
+                    init_latents: None,
+                    record: false,
+                },
+                &mut SeededNoise::new(step_seed(3, k, u32::MAX - 1)),
+            )
+            .unwrap()
+            .latents;
+        assert!(
+            latents
+                .get(k as i64)
+                .allclose(&want.get(0), 1e-5, 1e-6, false),
+            "pool image {k} is not the base model's sample"
+        );
+    }
+    // A resumed run trains on against the same pool, not a resampled one.
+    let before = std::fs::read(&pool_path).unwrap();
+    let mut resume = args.to_vec();
+    resume.extend(["--resume", "--max-steps", "4"]);
+    ok(&resume);
+    assert_eq!(losses(&run).len(), 4);
+    assert!(
+        std::fs::read(&pool_path).unwrap() == before,
+        "the pool was rewritten"
+    );
+    // The pool needs its class prompt.
+    let out = pso(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--train-images",
+        s(&images),
+        "--prompt",
+        "a photo of a circle",
+        "--out",
+        s(&dir.path().join("no-class")),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--class-prompt"), "{e}");
     // pso_db needs training images, not pairs.
     let pairs = store(dir.path(), records(1..4));
     let out = pso(&[

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use diffusion::sampling::{SeededNoise, Timesteps};
 use pairs::reader::{PairReader, ReadOptions};
-use pairs::schema::{batch_to_records, PairRecord};
+use pairs::{batch_to_records, PairRecord};
 use pso::config::RunConfig;
 use pso::objective::online_pso::{OnlinePso, Transitions};
 use pso::run::online::{run, OnlineOptions, OnlineTrainer, Scorers};

@@ -11,7 +11,8 @@ Sources (read, re-implemented here):
   pso_pytorch/diffusers_patch/distilled_inference_with_logprob.py l. 129-135 (the log-prob), in
   fp32 and in that op order. Tied pairs are removed before the batch mean (the Rust objective masks
   them; the official DMD2 script would add the constant log 2 for each).
-- dpo / offline_pso: DiffusionDPO train.py l. 1121-1145 (fp32); noising and targets with diffusers'
+- dpo: DiffusionDPO train.py l. 1121-1145 (fp32); offline_pso: the official personalization
+  script's --loss_type pso (l. 1843-1883: lambda-weighted losers, no 1/2, beta_pso); noising and targets with diffusers'
   DDPMScheduler.add_noise / get_velocity.
 - pso_db: Pairwise_Sample_Optimization personalization/train_pso_sdxl_turbo_dreambooth.py
   l. 1723-1893 with --do_edm_style_training --loss_type pso_db: EulerDiscreteScheduler noising in
@@ -45,6 +46,21 @@ def gen(seed):
 
 def randn(g, *shape):
     return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+
+def enforce_zero_terminal_snr(scheduler):
+    """DiffusionDPO train.py l. 480-503, applied there when the model name contains "turbo"."""
+    alphas = 1 - scheduler.betas
+    alphas_bar = alphas.cumprod(0)
+    alphas_bar_sqrt = alphas_bar.sqrt()
+    alphas_bar_sqrt_0 = alphas_bar_sqrt[0].clone()
+    alphas_bar_sqrt_T = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= alphas_bar_sqrt_T
+    alphas_bar_sqrt *= alphas_bar_sqrt_0 / (alphas_bar_sqrt_0 - alphas_bar_sqrt_T)
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = alphas_bar[1:] / alphas_bar[:-1]
+    alphas = torch.cat([alphas_bar[0:1], alphas])
+    scheduler.alphas_cumprod = torch.cumprod(alphas, dim=0)
 
 
 def sd_scheduler(prediction_type="epsilon"):
@@ -207,8 +223,10 @@ def online_case(name, seed, std_w, std_l, offsets_w, offsets_l, ties=(), beta=50
 # --------------------------------------------------------------------------------------- DPO
 
 def dpo_case(name, objective, seed, timesteps, beta, prediction="epsilon", ties=(),
-             spread=(0.1, 0.1)):
-    """Official Diffusion-DPO on predictions = target + random error (policy and reference)."""
+             spread=(0.1, 0.1), lam=1.0):
+    """Official Diffusion-DPO (objective "dpo") or the official offline PSO loss ("offline_pso",
+    personalization/train_pso_sdxl_turbo_dreambooth.py --loss_type pso, l. 1843-1883) on
+    predictions = target + random error (policy and reference)."""
     g = gen(seed)
     b = len(timesteps)
     sched = sd_scheduler(prediction)
@@ -225,13 +243,24 @@ def dpo_case(name, objective, seed, timesteps, beta, prediction="epsilon", ties=
     counted = torch.tensor([i not in ties for i in range(b)])
     model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
     model_losses_w, model_losses_l = model_losses.chunk(2)
-    model_diff = model_losses_w - model_losses_l
-    with torch.no_grad():
-        ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
-        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
-        ref_diff = ref_losses_w - ref_losses_l
-    scale_term = -0.5 * beta
-    inside_term = scale_term * (model_diff - ref_diff)
+    if objective == "dpo":
+        # train.py l. 1131-1143
+        model_diff = model_losses_w - model_losses_l
+        with torch.no_grad():
+            ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+            ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+            ref_diff = ref_losses_w - ref_losses_l
+        scale_term = -0.5 * beta
+        inside_term = scale_term * (model_diff - ref_diff)
+    else:
+        # train_pso_sdxl_turbo_dreambooth.py l. 1850, 1873, 1878, 1883 (neg_defactor = lam)
+        model_diff = model_losses_w - lam * model_losses_l
+        with torch.no_grad():
+            ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+            ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+            ref_diff = ref_losses_w - lam * ref_losses_l
+        logits = ref_diff - model_diff
+        inside_term = beta * logits
     # train.py takes the mean over the batch; ties are removed first (Diffusion-DPO drops them
     # from its data set).
     n = int(counted.sum())
@@ -257,7 +286,7 @@ def dpo_case(name, objective, seed, timesteps, beta, prediction="epsilon", ties=
         "loss": loss.detach(), "grad_policy_w": grad_w, "grad_policy_l": grad_l,
     }
     entry = {
-        "name": name, "objective": objective,
+        "name": name, "objective": objective, "lambda": lam,
         "beta": beta, "prediction": prediction, "timesteps": timesteps,
         "counted": counted.tolist(), "diagnostics": diag,
     }
@@ -435,8 +464,12 @@ def main(out):
         dpo_case("dpo_v", "dpo", 12, [0, 400, 999], 5000.0, prediction="v_prediction", spread=(0.003, 0.1)),
         dpo_case("dpo_ties", "dpo", 13, [10, 500, 900, 700], 5000.0, ties=(0, 2), spread=(0.003, 0.1)),
         dpo_case("dpo_saturated", "dpo", 14, [100, 800], 5e6, spread=(0.1, 0.1)),
-        dpo_case("offline_pso_eps", "offline_pso", 15, [999, 749, 499, 249], 5000.0, spread=(0.003, 0.1)),
-        dpo_case("offline_pso_v", "offline_pso", 16, [249, 999, 499], 50.0, prediction="v_prediction"),
+        dpo_case("offline_pso_eps", "offline_pso", 15, [999, 749, 499, 249], 200.0, spread=(0.003, 0.1),
+                 lam=0.1),
+        dpo_case("offline_pso_v", "offline_pso", 16, [249, 999, 499], 50.0, prediction="v_prediction",
+                 lam=0.3),
+        dpo_case("offline_pso_ties", "offline_pso", 17, [999, 249, 749], 200.0, ties=(1,),
+                 spread=(0.003, 0.1), lam=0.1),
         pso_db_case("pso_db_mixed", 21, [249, 499, 749, 999], [0.05, 0.1, 0.05, 0.02],
                     [1.0, 2.5, 0.5, 3.0]),
         pso_db_case("pso_db_params", 22, [999, 249, 499], [0.3, 0.05, 0.2], [0.2, 1.0, 0.1],
@@ -448,7 +481,11 @@ def main(out):
         hybrid_case("hybrid_low", 35, [0, 0, 3]),
     ]
     index = {"alphas_cumprod_file": "alphas_cumprod.safetensors", "cases": []}
-    save_file({"alphas_cumprod": sd.alphas_cumprod.contiguous()}, str(out / "alphas_cumprod.safetensors"))
+    zero_snr = sd_scheduler()
+    enforce_zero_terminal_snr(zero_snr)
+    save_file({"alphas_cumprod": sd.alphas_cumprod.contiguous(),
+               "alphas_cumprod_zero_snr": zero_snr.alphas_cumprod.contiguous()},
+              str(out / "alphas_cumprod.safetensors"))
     for entry, tensors in cases:
         tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(out / f"{entry['name']}.safetensors"))

@@ -85,6 +85,12 @@ pub struct OfflineArgs {
     /// Prompt of training images that have no NAME.txt.
     #[arg(long, requires = "train_images")]
     prompt: Option<String>,
+    /// With --train-images and objective.kind = pso_db or offline_pso: the prompt of the fixed
+    /// pool of reference images sampled once from the initial model, the subject's class ("a
+    /// photo of a dog", as the official DreamBooth script's class prompt); sets
+    /// objective.class_prompt.
+    #[arg(long, requires = "train_images")]
+    class_prompt: Option<String>,
     /// The image column of a --train-images table (default: the Image feature of its metadata,
     /// else image, img, jpg, png, …).
     #[arg(long, requires = "train_images")]
@@ -203,6 +209,9 @@ pub fn offline(args: OfflineArgs) -> Result<()> {
     if let Some(n) = args.max_steps {
         anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
         config.learner.max_steps = n;
+    }
+    if let Some(prompt) = args.class_prompt {
+        config.objective.class_prompt = Some(prompt);
     }
     let out = run_path(&config, args.out.as_deref());
     let relabel_with = match &args.relabel_with {

@@ -16,6 +16,7 @@ pub mod writer;
 
 use std::path::PathBuf;
 
+pub use batch::{batch_to_records, records_to_batch, Columns};
 pub use reader::{PairFilter, PairReader, ReadOptions};
 pub use record::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
 pub use recover::{recover_dir, RecoveryReport};

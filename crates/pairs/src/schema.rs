@@ -8,10 +8,6 @@ use std::sync::{Arc, LazyLock};
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
-// The records and their batch conversion live in `record` and `batch`; these paths stay too.
-pub use super::batch::{batch_to_records, records_to_batch, Columns};
-pub use super::record::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
-
 /// Version of the row layout below; written to every file's key-value metadata.
 pub const SCHEMA_VERSION: u32 = 1;
 /// Parquet key-value metadata key holding [`SCHEMA_VERSION`].

@@ -15,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use common::{jpeg, png, record};
 use pairs::import::{import_pickapic, ImportOptions};
 use pairs::inspect::{summarize, validate};
-use pairs::schema::{batch_to_records, Columns};
+use pairs::{batch_to_records, Columns};
 use pairs::{
     col, recover_dir, AsyncPairWriter, ImageFormat, Label, PairFilter, PairReader, PairRecord,
     PairStoreWriter, PairsError, ReadOptions, Source, WriterOptions,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
     /// A model folder, its weights or its tokenizer could not be found or loaded.
+    #[cfg(feature = "local")]
     #[error(transparent)]
     Hf(#[from] hf::HfError),
     /// An image could not be read or decoded.
@@ -44,6 +45,7 @@ pub enum RewardError {
     /// A scorer configuration is invalid.
     #[error("scorer config: {0}")]
     Config(String),
+    #[cfg(feature = "local")]
     /// libtorch reported an error while running a model.
     #[error("{what}: {source}")]
     Torch {
@@ -54,6 +56,7 @@ pub enum RewardError {
     },
 }
 
+#[cfg(feature = "local")]
 impl From<hf::load::LoadError> for RewardError {
     fn from(e: hf::load::LoadError) -> Self {
         RewardError::Hf(e.into())

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::{load_token, HttpScorer, HttpScorerOptions};
 use crate::scorers::pixel::PixelScorer;
+#[cfg(feature = "local")]
 use crate::scorers::{load_local, LocalScorerKind};
 use crate::{RewardError, Scorer};
 
@@ -50,6 +51,7 @@ impl ScorerKind {
     }
 
     /// The CLIP-based model this kind loads from a folder, if it loads one.
+    #[cfg(feature = "local")]
     pub fn local_model(self) -> Option<LocalScorerKind> {
         match self {
             ScorerKind::Clip => Some(LocalScorerKind::Clip),
@@ -127,13 +129,12 @@ pub fn build_scorer(
     model: &str,
     token_file: Option<&Path>,
 ) -> Result<Box<dyn Scorer>, RewardError> {
-    if let Some(local) = kind.local_model() {
-        let root = hf::hub::resolve_model_folder(model)?;
-        return load_local(local, &root, tch::Device::cuda_if_available());
-    }
     match kind {
+        ScorerKind::Clip | ScorerKind::Pickscore | ScorerKind::Aesthetic => {
+            local_model(kind, model)
+        }
         ScorerKind::Pixel => Ok(Box::new(PixelScorer::new(model)?)),
-        _ => {
+        ScorerKind::Http => {
             let options = HttpScorerOptions {
                 token: load_token(token_file)?,
                 ..Default::default()
@@ -147,6 +148,23 @@ pub fn build_scorer(
             ))
         }
     }
+}
+
+/// A CLIP-based scorer from a model folder or hub id, on CUDA when there is one.
+#[cfg(feature = "local")]
+fn local_model(kind: ScorerKind, model: &str) -> Result<Box<dyn Scorer>, RewardError> {
+    let local = kind.local_model().expect("called for the CLIP-based kinds");
+    let root = hf::hub::resolve_model_folder(model)?;
+    load_local(local, &root, tch::Device::cuda_if_available())
+}
+
+/// Without libtorch there is no CLIP model to run.
+#[cfg(not(feature = "local"))]
+fn local_model(kind: ScorerKind, _model: &str) -> Result<Box<dyn Scorer>, RewardError> {
+    Err(RewardError::Config(format!(
+        "scorer {kind} runs a CLIP model in libtorch, which this build of the reward crate \
+         leaves out; build it with its `local` feature"
+    )))
 }
 
 #[cfg(test)]

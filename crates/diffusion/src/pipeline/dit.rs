@@ -164,6 +164,20 @@ impl Pipeline {
         }
     }
 
+    /// The conditioning of `n` images on the null class: DiT's training drops a label to it
+    /// (`LabelEmbedder.token_drop`) so that guidance has an unconditional model to push from.
+    pub fn null_class_condition(&self, n: usize) -> Result<Conditioning, PipelineError> {
+        let names = self.classes()?;
+        Ok(Conditioning {
+            inputs: Condition::Classes(names.model_labels(
+                &vec![names.num_classes; n],
+                false,
+                self.device,
+            )),
+            cfg: None,
+        })
+    }
+
     fn dit(&self) -> Result<&DiTTransformer2DModel, PipelineError> {
         match &self.backbone {
             Backbone::DiT(d) => Ok(d),

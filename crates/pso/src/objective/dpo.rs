@@ -1,10 +1,10 @@
 //! Diffusion-DPO (Wallace et al.; github.com/SalesforceAIResearch/DiffusionDPO `train.py`
-//! l. 1121–1145) and offline PSO, which is the same loss restricted to the distilled timesteps
-//! (method.md §3):
+//! l. 1121–1145), and the pairwise loss it shares with offline PSO ([`super::offline_pso`]):
 //!
 //! L^θ, L^ref = per-sample MSE (mean over C·H·W) of the policy's and the frozen reference's
 //! predictions against the regression target, for winner and loser noised with a shared ε at a
-//! shared timestep; L = −log σ(−(β/2)·[(L^θ_w − L^θ_l) − (L^ref_w − L^ref_l)]).
+//! shared timestep; L = −log σ(−s·β·[(L^θ_w − λ·L^θ_l) − (L^ref_w − λ·L^ref_l)]), with s = ½ and
+//! λ = 1 for Diffusion-DPO, s = 1 and λ = 0.1 (by default) for offline PSO.
 //!
 //! The reference's predictions are treated as constants (detached), as under `no_grad` there.
 //! Tied pairs can be masked out (Diffusion-DPO drops Pick-a-Pic's 0.5/0.5 labels from its data).
@@ -95,11 +95,15 @@ impl TimestepPolicy {
     }
 }
 
-/// Diffusion-DPO with a β and a timestep policy; offline PSO is [`Dpo::offline_pso`].
+/// The pairwise loss of Diffusion-DPO and of offline PSO ([`super::offline_pso::offline_pso`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dpo {
-    /// β of the sigmoid (the loss scales the MSE differences by β/2).
+    /// β of the sigmoid.
     pub beta: f64,
+    /// s: the factor of β inside the sigmoid (½ in Diffusion-DPO, 1 in offline PSO).
+    pub beta_scale: f64,
+    /// λ: the weight of each loser's MSE against its winner's (1 in Diffusion-DPO).
+    pub loser_weight: f64,
     /// The timesteps pairs may be noised at.
     pub timesteps: TimestepPolicy,
 }
@@ -117,26 +121,11 @@ impl Dpo {
         }
         Ok(Dpo {
             beta,
+            beta_scale: 0.5,
+            loser_weight: 1.0,
             timesteps: TimestepPolicy::Uniform {
                 num_train_timesteps,
             },
-        })
-    }
-
-    /// Offline PSO: Diffusion-DPO at the distilled schedule's timesteps only.
-    pub fn offline_pso(distilled: &[u32], beta: f64) -> Result<Dpo, ObjectiveError> {
-        check_positive("offline_pso", "beta", beta)?;
-        if distilled.is_empty() {
-            return Err(ObjectiveError::Input {
-                objective: "offline_pso",
-                why: "the distilled schedule is empty; pass the model's few-step timesteps, e.g. \
-                      [999, 749, 499, 249]"
-                    .into(),
-            });
-        }
-        Ok(Dpo {
-            beta,
-            timesteps: TimestepPolicy::Distilled(distilled.to_vec()),
         })
     }
 
@@ -185,9 +174,9 @@ impl Dpo {
         let model_l = per_sample_mse(p.policy_loser, &target_l);
         let ref_w = per_sample_mse(&p.reference_winner.detach(), &target_w);
         let ref_l = per_sample_mse(&p.reference_loser.detach(), &target_l);
-        let model_diff = &model_w - &model_l;
-        let ref_diff = &ref_w - &ref_l;
-        let inside = (model_diff - ref_diff) * (-0.5 * self.beta);
+        let model_diff = &model_w - &model_l * self.loser_weight;
+        let ref_diff = &ref_w - &ref_l * self.loser_weight;
+        let inside = (model_diff - ref_diff) * (-self.beta_scale * self.beta);
         let loss = masked_mean(&inside.log_sigmoid().neg(), &index);
 
         let n = index.len();
@@ -225,12 +214,13 @@ impl Dpo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objective::offline_pso::{offline_pso, LAMBDA};
     use rand::SeedableRng;
     use tch::Device;
 
     #[test]
     fn offline_pso_draws_and_accepts_only_distilled_timesteps() {
-        let o = Dpo::offline_pso(&[999, 749, 499, 249], BETA).unwrap();
+        let o = offline_pso(&[999, 749, 499, 249], BETA, LAMBDA).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let drawn = o.timesteps.draw(&mut rng, 64);
         assert!(drawn.iter().all(|t| [999, 749, 499, 249].contains(t)));
@@ -248,7 +238,7 @@ mod tests {
         assert!(d.timesteps.check("dpo", &[0, 500, 999]).is_ok());
         assert!(d.timesteps.check("dpo", &[1000]).is_err());
         assert!(d.timesteps.draw(&mut rng, 64).iter().all(|&t| t < 1000));
-        assert!(Dpo::offline_pso(&[], BETA).is_err() && Dpo::diffusion_dpo(1000, -1.0).is_err());
+        assert!(offline_pso(&[], BETA, LAMBDA).is_err() && Dpo::diffusion_dpo(1000, -1.0).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod dpo;
 pub mod noising;
+pub mod offline_pso;
 pub mod online_pso;
 pub mod pso_db;
 pub mod sft;
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::problems::{failing, Problems};
 
 pub use dpo::{Dpo, PairPredictions, TimestepPolicy};
-pub use noising::{add_noise, noise_pair, regression_target, NoisedPair};
+pub use noising::{add_noise, noise_pair, regression_target, training_alphas_cumprod, NoisedPair};
 pub use online_pso::{OnlinePso, Transitions};
 pub use pso_db::PsoDb;
 pub use sft::{hybrid_loss, sft_loss};
@@ -150,10 +151,10 @@ pub enum Objective {
 
 impl Objective {
     /// The objective of a run config. An unset `objective.beta` takes the kind's official value
-    /// ([`online_pso::BETA`]; [`dpo::BETA`] for DPO and offline PSO, which share its ε-MSE
-    /// scale; [`pso_db::BETA`]); `distilled` is the model's few-step schedule (offline PSO trains
-    /// only there) and `num_train_timesteps` the training schedule's length (DPO draws from all
-    /// of it).
+    /// ([`online_pso::BETA`], [`offline_pso::BETA`], [`dpo::BETA`], [`pso_db::BETA`]) and an
+    /// unset `objective.lambda` the official λ; `distilled` is the model's few-step schedule
+    /// (offline PSO trains only there) and `num_train_timesteps` the training schedule's length
+    /// (DPO draws from all of it).
     pub fn from_section(
         section: &ObjectiveSection,
         distilled: &[u32],
@@ -161,16 +162,22 @@ impl Objective {
     ) -> Result<Objective, ObjectiveError> {
         let beta = section.beta.unwrap_or(match section.kind {
             ObjectiveKind::OnlinePso => online_pso::BETA,
+            ObjectiveKind::OfflinePso => offline_pso::BETA,
             ObjectiveKind::PsoDb => pso_db::BETA,
-            ObjectiveKind::OfflinePso | ObjectiveKind::Dpo | ObjectiveKind::Sft => dpo::BETA,
+            ObjectiveKind::Dpo | ObjectiveKind::Sft => dpo::BETA,
         });
         Ok(match section.kind {
             ObjectiveKind::OnlinePso => {
                 Objective::OnlinePso(OnlinePso::new(beta, section.epsilon)?)
             }
-            ObjectiveKind::OfflinePso => Objective::OfflinePso(Dpo::offline_pso(distilled, beta)?),
+            ObjectiveKind::OfflinePso => Objective::OfflinePso(offline_pso::offline_pso(
+                distilled,
+                beta,
+                section.lambda.unwrap_or(offline_pso::LAMBDA),
+            )?),
             ObjectiveKind::PsoDb => Objective::PsoDb(PsoDb {
                 beta,
+                lambda: section.lambda.unwrap_or(pso_db::LAMBDA),
                 ..PsoDb::default()
             }),
             ObjectiveKind::Dpo => Objective::Dpo(Dpo::diffusion_dpo(num_train_timesteps, beta)?),
@@ -196,11 +203,29 @@ impl Objective {
 pub struct ObjectiveSection {
     /// `online_pso`, `offline_pso`, `pso_db`, `dpo` or `sft`.
     pub kind: ObjectiveKind,
-    /// β of the loss; unset means the kind's official default (50 for online_pso, 5000 for
-    /// offline_pso and dpo, 5 for pso_db).
+    /// β of the loss; unset means the kind's official default (50 for online_pso, 200 for
+    /// offline_pso, 5000 for dpo, 5 for pso_db).
     pub beta: Option<f64>,
     /// Clamp of the likelihood ratio to [1 − ε, 1 + ε].
     pub epsilon: f64,
+    /// λ, the weight of the loser's (reference image's) MSE in offline_pso and pso_db; unset
+    /// means the official 0.1 (`--neg_defactor`).
+    pub lambda: Option<f64>,
+    /// Noise the offline objectives' training images on a schedule rescaled to zero terminal
+    /// SNR (ᾱ_999 = 0), as Diffusion-DPO trains Turbo models.
+    pub zero_terminal_snr: bool,
+    /// SFT on a class-conditional model (DiT): the probability that a training image's label is
+    /// replaced by the null class, as DiT's and DiffFit's training do (0.1), so the null
+    /// embedding that guidance pushes from keeps training.
+    pub label_dropout: f64,
+    /// Training images (pso_db, offline_pso) are paired against a fixed pool of this many
+    /// reference images, sampled once from the initial model with `class_prompt` (the official
+    /// DreamBooth script's 20); 0 samples a fresh reference from the current model each step
+    /// with the image's own prompt instead.
+    pub reference_pool: u32,
+    /// The prompt of the reference pool: the subject's class, e.g. "a photo of a dog"
+    /// (`pso offline --class-prompt`).
+    pub class_prompt: Option<String>,
 }
 
 impl Default for ObjectiveSection {
@@ -209,6 +234,11 @@ impl Default for ObjectiveSection {
             kind: ObjectiveKind::OnlinePso,
             beta: None,
             epsilon: 0.1,
+            lambda: None,
+            zero_terminal_snr: false,
+            label_dropout: 0.1,
+            reference_pool: 20,
+            class_prompt: None,
         }
     }
 }
@@ -226,6 +256,42 @@ impl ObjectiveSection {
                 self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon < 1.0,
                 "objective.epsilon",
                 format!("{} is not in (0, 1)", self.epsilon),
+            ),
+            (
+                self.lambda.is_none_or(|l| l.is_finite() && l >= 0.0),
+                "objective.lambda",
+                format!("{} is not a number ≥ 0", self.lambda.unwrap_or_default()),
+            ),
+            (
+                (0.0..1.0).contains(&self.label_dropout),
+                "objective.label_dropout",
+                format!("{} is not in [0, 1)", self.label_dropout),
+            ),
+            (
+                !(self.zero_terminal_snr && self.kind == ObjectiveKind::OnlinePso),
+                "objective.zero_terminal_snr",
+                "does not apply to online_pso, whose likelihoods come from the sampler's own \
+                 schedule; remove it"
+                    .into(),
+            ),
+            (
+                self.class_prompt.is_none()
+                    || matches!(self.kind, ObjectiveKind::OfflinePso | ObjectiveKind::PsoDb),
+                "objective.class_prompt",
+                format!(
+                    "applies to offline_pso and pso_db on training images only, not to {}; \
+                     remove it",
+                    self.kind
+                ),
+            ),
+            (
+                self.lambda.is_none()
+                    || matches!(self.kind, ObjectiveKind::OfflinePso | ObjectiveKind::PsoDb),
+                "objective.lambda",
+                format!(
+                    "applies to offline_pso and pso_db only, not to {}; remove it",
+                    self.kind
+                ),
             ),
         ])
     }

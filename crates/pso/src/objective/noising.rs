@@ -9,7 +9,18 @@
 use tch::{Kind, Tensor};
 
 use super::{check_alike, ObjectiveError};
-use diffusion::sampling::PredictionType;
+use diffusion::sampling::betas::alphas_cumprod;
+use diffusion::sampling::{PredictionType, SchedulerConfig, SchedulerKind};
+
+/// ᾱ of the training forward process for a model's scheduler config: DDPM's (a training
+/// schedule has no Euler σ cap), rescaled to zero terminal SNR (ᾱ_{N−1} = 0) when
+/// `zero_terminal_snr`, as Diffusion-DPO's `train.py` does for Turbo models (l. 480–505).
+pub fn training_alphas_cumprod(config: &SchedulerConfig, zero_terminal_snr: bool) -> Vec<f64> {
+    let mut config = config.clone();
+    config.kind = SchedulerKind::Ddpm;
+    config.rescale_betas_zero_snr |= zero_terminal_snr;
+    alphas_cumprod(&config)
+}
 
 /// The images of a batch of pairs noised with a shared ε at a shared timestep, and their targets.
 #[derive(Debug)]

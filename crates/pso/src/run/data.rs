@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use super::relabel::Relabeler;
 use super::{step_seed, RunError};
 use pairs::reader::{PairFilter, PairReader, ReadOptions};
-use pairs::schema::{batch_to_records, Label, LatentDType, PairRecord};
+use pairs::{batch_to_records, Label, LatentDType, PairRecord};
 
 /// Labelled, untied pairs in a reproducible order: epoch e is the store shuffled with a seed
 /// derived from (run seed, e). With a relabeler, every pair is scored again as it is read and

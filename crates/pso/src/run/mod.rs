@@ -13,6 +13,7 @@ pub mod offline;
 pub mod online;
 mod progress;
 pub mod prompts;
+pub mod reference_pool;
 pub mod relabel;
 mod resume;
 pub mod rounds;
@@ -21,6 +22,7 @@ mod stop;
 use std::path::PathBuf;
 
 use diffusion::pipeline::{LoadOptions, Pipeline};
+use diffusion::sampling::SchedulerKind;
 
 use crate::config::RunConfig;
 pub use crate::seed::step_seed;
@@ -35,6 +37,9 @@ pub use stop::stop_flag;
 /// `sampler.name` (as diffusers' `Scheduler.from_config(pipe.scheduler.config)`): SD-Turbo's
 /// folder names Euler, its PSO recipe samples with Euler ancestral.
 pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline, RunError> {
+    if let Some(why) = unpinned_dmd2(config) {
+        tracing::warn!("{why}");
+    }
     let root = hf::hub::resolve_model(&config.model.id, None)?;
     let mut pipeline = Pipeline::load(
         &root,
@@ -62,4 +67,45 @@ pub struct Summary {
     pub checkpoint: Option<PathBuf>,
     /// Whether a stop request ended it early.
     pub stopped: bool,
+}
+
+/// DMD2's 4-step UNet was distilled at timesteps 999, 749, 499, 249, but LCM's spacing of 4
+/// steps gives 999, 759, 499, 259: a DMD2 model (by its `model.id` or `model.unet` name) with an
+/// LCM sampler and no `sampler.timesteps` samples off its schedule. Says so, with the fix.
+fn unpinned_dmd2(config: &RunConfig) -> Option<String> {
+    let names_dmd2 = |s: &str| s.to_ascii_lowercase().contains("dmd2");
+    let dmd2 = names_dmd2(&config.model.id)
+        || config
+            .model
+            .unet
+            .as_ref()
+            .is_some_and(|p| names_dmd2(&p.to_string_lossy()));
+    let unpinned = config.sampler.name == SchedulerKind::Lcm && config.sampler.timesteps.is_empty();
+    (dmd2 && unpinned).then(|| {
+        "this looks like a DMD2 model, which was distilled at timesteps [999, 749, 499, 249]; \
+         the LCM sampler's own spacing differs (4 steps: [999, 759, 499, 259]). Set \
+         sampler.timesteps = [999, 749, 499, 249], as configs/dmd2-pickscore.toml does"
+            .to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmd2_with_lcm_spacing_is_named_and_pinned_timesteps_are_not() {
+        let mut config = RunConfig::default();
+        config.sampler.name = SchedulerKind::Lcm;
+        config.model.unet = Some("dmd2/dmd2_sdxl_4step_unet_fp16.bin.safetensors".into());
+        let why = unpinned_dmd2(&config).unwrap();
+        assert!(why.contains("[999, 749, 499, 249]"), "{why}");
+        config.sampler.timesteps = vec![999, 749, 499, 249];
+        assert!(unpinned_dmd2(&config).is_none());
+        config.sampler.timesteps.clear();
+        config.model.unet = None;
+        assert!(unpinned_dmd2(&config).is_none());
+        config.model.id = "tianweiy/DMD2".into();
+        assert!(unpinned_dmd2(&config).is_some());
+    }
 }

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 use super::data::{image_tensor, stored_latent, PairStream};
 use super::image_table::TableColumns;
 use super::images::{ImageSetOptions, LabelAs, TrainingImage, TrainingImages};
+use super::reference_pool::{self, ReferencePool};
 use super::relabel::Relabeler;
 use super::{
     progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError, Summary,
@@ -21,13 +22,13 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::LearnerError;
 use crate::objective::{
-    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, Dpo, Loss, NoisedPair,
-    Objective, PairPredictions, TimestepPolicy,
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod, Dpo,
+    Loss, NoisedPair, Objective, PairPredictions, TimestepPolicy,
 };
-use crate::peft::Adapter;
+use crate::peft::{Adapter, PeftKind};
 use diffusion::pipeline::{Conditioning, GenerateRequest, Pipeline};
 use diffusion::sampling::{PredictionType, SeededNoise, Timesteps};
-use pairs::schema::{Label, PairRecord};
+use pairs::{Label, PairRecord};
 
 /// What to train on and where.
 pub struct OfflineOptions {
@@ -105,7 +106,10 @@ impl Trainer {
             config.run.seed,
         )?;
         Ok(Trainer {
-            alphas_cumprod: scheduler.alphas_cumprod().to_vec(),
+            alphas_cumprod: training_alphas_cumprod(
+                scheduler.config(),
+                config.objective.zero_terminal_snr,
+            ),
             prediction: scheduler.config().prediction_type,
             pipeline,
             adapter,
@@ -161,70 +165,108 @@ impl Trainer {
         })
     }
 
+    /// Latent [1, C, h, w] of an image for `prompt` sampled from the current model with the
+    /// run's sampler, noise from `seed`.
+    fn sample(&self, prompt: &str, seed: u64) -> Result<Tensor, RunError> {
+        let request = GenerateRequest {
+            prompt,
+            negative_prompt: None,
+            timesteps: self.timesteps.clone(),
+            guidance: 0.0,
+            height: self.height as i64,
+            width: self.width as i64,
+            num_images: 1,
+            init_latents: None,
+            record: false,
+        };
+        Ok(self
+            .pipeline
+            .generate(request, &mut SeededNoise::new(seed))?
+            .latents)
+    }
+
+    /// [`Self::sample`] from the initial model: adapters off, DiffFit's original tensors (under
+    /// full fine-tuning the policy itself, so only before the first update).
+    pub fn reference_sample(&self, prompt: &str, seed: u64) -> Result<Tensor, RunError> {
+        self.adapter
+            .reference(&self.pipeline.backbone, |_| self.sample(prompt, seed))
+    }
+
     /// A micro-batch of source c (method.md §3): each training image is the preferred side,
-    /// against a reference image sampled now from the current model for its prompt (noise from
-    /// `seed`).
-    pub fn image_batch(&self, images: &[&TrainingImage], seed: u64) -> Result<Batch, RunError> {
+    /// against distinct images of the fixed reference `pool`, or, without one, against an image
+    /// sampled now from the current model for its prompt. Both sides are conditioned on the
+    /// training image's prompt; every draw comes from `seed`.
+    pub fn image_batch(
+        &self,
+        images: &[&TrainingImage],
+        pool: Option<&ReferencePool>,
+        seed: u64,
+    ) -> Result<Batch, RunError> {
         let _no_grad = tch::no_grad_guard();
         let pixels: Vec<&Tensor> = images.iter().map(|i| &i.pixels).collect();
         let x0_winner = self.pipeline.encode(&Tensor::stack(&pixels, 0));
-        let (mut losers, mut conds) = (Vec::new(), Vec::new());
-        for (i, image) in images.iter().enumerate() {
-            let generated = self.pipeline.generate(
-                GenerateRequest {
-                    prompt: &image.prompt,
-                    negative_prompt: None,
-                    timesteps: self.timesteps.clone(),
-                    guidance: 0.0,
-                    height: self.height as i64,
-                    width: self.width as i64,
-                    num_images: 1,
-                    init_latents: None,
-                    record: false,
-                },
-                &mut SeededNoise::new(step_seed(seed, i as u64, u32::MAX)),
-            )?;
-            losers.push(generated.latents);
-            conds.push(self.pipeline.condition(
-                &image.prompt,
-                None,
-                0.0,
-                self.height as i64,
-                self.width as i64,
-                1,
-            )?);
-        }
+        let x0_loser = match pool {
+            Some(pool) => pool.draw(images.len(), seed, x0_winner.device())?,
+            None => {
+                let fresh = images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, image)| {
+                        self.sample(&image.prompt, step_seed(seed, i as u64, u32::MAX))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Tensor::cat(&fresh, 0)
+            }
+        };
+        let conds = images
+            .iter()
+            .map(|image| {
+                let (h, w) = (self.height as i64, self.width as i64);
+                self.pipeline.condition(&image.prompt, None, 0.0, h, w, 1)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Batch {
             x0_winner,
-            x0_loser: Tensor::cat(&losers, 0),
+            x0_loser,
             cond: Conditioning::cat(&conds.iter().collect::<Vec<_>>())?,
         })
     }
 
     /// An SFT micro-batch of training images: their cached latents (each mirrored with
-    /// probability 1/2 when `random_flip`, drawn from `seed`) and prompts. SFT reads only the
-    /// winners; the losers are the same tensors.
+    /// probability 1/2 when `random_flip`, drawn from `seed`) and prompts; on a class-conditional
+    /// model each label becomes the null class with probability `label_dropout` (also drawn
+    /// from `seed`). SFT reads only the winners; the losers are the same tensors.
     pub fn sft_batch(
         &self,
         images: &mut TrainingImages,
         picked: &[usize],
         random_flip: bool,
+        label_dropout: f64,
         seed: u64,
     ) -> Result<Batch, RunError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5f1f);
+        let dropout = if self.pipeline.is_class_conditional() {
+            dropped_labels(seed, picked.len(), label_dropout)
+        } else {
+            vec![false; picked.len()]
+        };
         let (mut latents, mut conds) = (Vec::new(), Vec::new());
-        for &i in picked {
+        for (&i, dropped) in picked.iter().zip(dropout) {
             let side = i64::from(random_flip && rng.random_bool(0.5));
             let both = images.latents(i, |pixels| self.pipeline.encode(pixels));
             latents.push(both.get(side));
-            conds.push(self.pipeline.condition(
-                &images.get(i).prompt,
-                None,
-                0.0,
-                self.height as i64,
-                self.width as i64,
-                1,
-            )?);
+            conds.push(if dropped {
+                self.pipeline.null_class_condition(1)?
+            } else {
+                self.pipeline.condition(
+                    &images.get(i).prompt,
+                    None,
+                    0.0,
+                    self.height as i64,
+                    self.width as i64,
+                    1,
+                )?
+            });
         }
         let x0 = Tensor::stack(&latents, 0);
         Ok(Batch {
@@ -443,6 +485,19 @@ pub fn run_with(
             Source::Pairs(Box::new(stream))
         }
     };
+    let pool = match (&source, &trainer.objective) {
+        (Source::Images(_), Objective::PsoDb(_) | Objective::OfflinePso(_))
+            if config.objective.reference_pool > 0 =>
+        {
+            Some(open_reference_pool(
+                trainer,
+                config,
+                &dir,
+                learner.counters().step,
+            )?)
+        }
+        _ => None,
+    };
     let mut metrics = Metrics::open(&dir, learner.counters().step)?;
     tracing::info!(
         run = %dir.path.display(),
@@ -487,11 +542,17 @@ pub fn run_with(
                 Source::Images(images) => {
                     let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
                     let batch = if let Objective::Sft = trainer.objective {
-                        trainer.sft_batch(images, &picked, opts.random_flip, micro_seed)
+                        trainer.sft_batch(
+                            images,
+                            &picked,
+                            opts.random_flip,
+                            config.objective.label_dropout,
+                            micro_seed,
+                        )
                     } else {
                         let chosen: Vec<&TrainingImage> =
                             picked.iter().map(|&i| images.get(i)).collect();
-                        trainer.image_batch(&chosen, micro_seed)
+                        trainer.image_batch(&chosen, pool.as_ref(), micro_seed)
                     };
                     batch.and_then(|b| trainer.batch_loss(&b, micro_seed))
                 }
@@ -527,4 +588,65 @@ pub fn run_with(
         Some(save(&dir, &learner, config, source.consumed())?)
     };
     Ok(summary)
+}
+
+/// The run's reference pool: stored in `dir` by its first invocation (at step 0, from the
+/// initial model with `objective.class_prompt`), read back on resume.
+fn open_reference_pool(
+    trainer: &Trainer,
+    config: &RunConfig,
+    dir: &RunDir,
+    step: u64,
+) -> Result<ReferencePool, RunError> {
+    let Some(class_prompt) = &config.objective.class_prompt else {
+        return Err(RunError::Config(format!(
+            "objective.kind = {} pairs training images with a pool of reference images sampled \
+             from the class prompt: give --class-prompt \"a photo of a dog\" (the subject's \
+             class; objective.class_prompt), or set objective.reference_pool = 0 to sample each \
+             reference from the current model with the image's own prompt",
+            config.objective.kind
+        )));
+    };
+    let stored = dir.path.join(reference_pool::FILE).exists();
+    if !stored && step > 0 && config.peft.kind == PeftKind::Full {
+        return Err(RunError::RunDir {
+            path: dir.path.clone(),
+            why: format!(
+                "has no {} and full fine-tuning has moved past the initial model it must be \
+                 sampled from; start a new run",
+                reference_pool::FILE
+            ),
+        });
+    }
+    let size = config.objective.reference_pool as usize;
+    ReferencePool::open_or_build(dir, class_prompt, size, |k| {
+        trainer.reference_sample(
+            class_prompt,
+            step_seed(config.run.seed, k as u64, u32::MAX - 1),
+        )
+    })
+}
+
+/// Which of `n` images of a micro-batch train on the null class: each with probability `p`,
+/// from its own stream of `seed` (so mirroring draws stay as they were).
+fn dropped_labels(seed: u64, n: usize, p: f64) -> Vec<bool> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd20b);
+    (0..n).map(|_| p > 0.0 && rng.random_bool(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_drop_to_the_null_class_at_the_configured_rate() {
+        let drawn: Vec<bool> = (0..2000)
+            .flat_map(|seed| dropped_labels(seed, 8, 0.1))
+            .collect();
+        let rate = drawn.iter().filter(|&&d| d).count() as f64 / drawn.len() as f64;
+        // 16 000 draws: the standard error of the rate is 0.0024.
+        assert!((rate - 0.1).abs() < 0.01, "{rate}");
+        assert!(dropped_labels(7, 64, 0.0).iter().all(|&d| !d));
+        assert_eq!(dropped_labels(7, 64, 0.3), dropped_labels(7, 64, 0.3));
+    }
 }

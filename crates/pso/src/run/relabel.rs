@@ -5,7 +5,7 @@
 use reward::{score_checked, ScoreItem, Scorer, ScorerInfo};
 
 use super::RunError;
-use pairs::schema::{Label, PairRecord, Source};
+use pairs::{Label, PairRecord, Source};
 
 /// A scorer and the runtime its (async) interface runs on.
 pub struct Relabeler {

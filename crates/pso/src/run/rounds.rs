@@ -22,8 +22,8 @@ use super::prompts::{PromptOrder, PromptSet};
 use super::RunError;
 use crate::actor::{Actor, Group};
 use crate::config::RunConfig;
-use pairs::schema::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
 use pairs::writer::AsyncPairWriter;
+use pairs::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
 
 /// A labelled pair as the learner uses it.
 #[derive(Debug)]

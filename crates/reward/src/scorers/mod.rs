@@ -1,46 +1,15 @@
-//! The local scorers (CLIP-based, run in `tch`) and the composite of several scorers.
+//! The local scorers: CLIP-based ones in `tch` (feature `local`, on by default), pixel
+//! statistics, and the composite of several scorers.
 
+#[cfg(feature = "local")]
 pub mod aesthetic;
+#[cfg(feature = "local")]
 pub mod clip_score;
+#[cfg(feature = "local")]
 pub mod composite;
+#[cfg(feature = "local")]
+mod local;
 pub mod pixel;
 
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
-use tch::Device;
-
-use crate::{RewardError, Scorer};
-
-/// The scorers this crate runs locally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LocalScorerKind {
-    /// CLIPScore, `100 * max(cos, 0)`, with any CLIPModel.
-    Clip,
-    /// `logit_scale.exp() * cos`, with PickScore or any CLIPModel.
-    Pickscore,
-    /// LAION's aesthetic predictor on CLIP ViT-L/14 image embeddings.
-    Aesthetic,
-}
-
-/// Loads a local scorer from a model folder (layouts: see each scorer's `load`).
-pub fn load_local(
-    kind: LocalScorerKind,
-    dir: &Path,
-    device: Device,
-) -> Result<Box<dyn Scorer>, RewardError> {
-    Ok(match kind {
-        LocalScorerKind::Clip => Box::new(clip_score::ClipScorer::load(
-            dir,
-            clip_score::ClipMetric::ClipScore,
-            device,
-        )?),
-        LocalScorerKind::Pickscore => Box::new(clip_score::ClipScorer::load(
-            dir,
-            clip_score::ClipMetric::PickScore,
-            device,
-        )?),
-        LocalScorerKind::Aesthetic => Box::new(aesthetic::AestheticScorer::load(dir, device)?),
-    })
-}
+#[cfg(feature = "local")]
+pub use local::{load_local, LocalScorerKind};

@@ -10,7 +10,9 @@ use super::check;
 use crate::actor::ActorSettings;
 use crate::config::RunConfig;
 use crate::objective::online_pso::{OnlinePso, Transitions};
-use crate::objective::{add_noise, regression_target, sft_loss, Loss, ObjectiveKind};
+use crate::objective::{
+    add_noise, regression_target, sft_loss, training_alphas_cumprod, Loss, ObjectiveKind,
+};
 use crate::peft::Adapter;
 use crate::run::rounds::{Round, TrainingPair};
 use crate::run::{load_pipeline, step_seed, RunError};
@@ -103,8 +105,9 @@ impl OnlineTrainer {
         }
         let objective = if config.objective.kind == ObjectiveKind::Sft {
             OnlineObjective::Sft {
-                alphas_cumprod: diffusion::sampling::betas::alphas_cumprod(
+                alphas_cumprod: training_alphas_cumprod(
                     &pipeline.scheduler_config,
+                    config.objective.zero_terminal_snr,
                 ),
                 prediction: pipeline.scheduler_config.prediction_type,
             }

@@ -1,0 +1,42 @@
+//! The CLIP-based scorers this crate runs in libtorch, by kind.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use super::{aesthetic, clip_score};
+use crate::{RewardError, Scorer};
+
+/// The scorers this crate runs locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalScorerKind {
+    /// CLIPScore, `100 * max(cos, 0)`, with any CLIPModel.
+    Clip,
+    /// `logit_scale.exp() * cos`, with PickScore or any CLIPModel.
+    Pickscore,
+    /// LAION's aesthetic predictor on CLIP ViT-L/14 image embeddings.
+    Aesthetic,
+}
+
+/// Loads a local scorer from a model folder (layouts: see each scorer's `load`).
+pub fn load_local(
+    kind: LocalScorerKind,
+    dir: &Path,
+    device: Device,
+) -> Result<Box<dyn Scorer>, RewardError> {
+    Ok(match kind {
+        LocalScorerKind::Clip => Box::new(clip_score::ClipScorer::load(
+            dir,
+            clip_score::ClipMetric::ClipScore,
+            device,
+        )?),
+        LocalScorerKind::Pickscore => Box::new(clip_score::ClipScorer::load(
+            dir,
+            clip_score::ClipMetric::PickScore,
+            device,
+        )?),
+        LocalScorerKind::Aesthetic => Box::new(aesthetic::AestheticScorer::load(dir, device)?),
+    })
+}
