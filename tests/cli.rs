@@ -346,3 +346,37 @@ fn every_shipped_config_parses() {
     }
     assert!(seen >= 3, "only {seen} configs in {dir}");
 }
+
+/// Values that cannot make an image are refused with the flag named, before a model loads (they
+/// once panicked or ran on).
+#[test]
+fn sample_refuses_impossible_values_before_loading_the_model() {
+    for (flag, value, says) in [
+        ("--num-images", "0", "--num-images 0 is not in 1..=1024"),
+        ("--num-images", "1000000000000", "is not in 1..=1024"),
+        (
+            "--height",
+            "100000",
+            "--height 100000 is not a multiple of 8 in 8..=4096",
+        ),
+        ("--width", "12", "--width 12 is not a multiple of 8"),
+        ("--guidance", "nan", "--guidance NaN is not a finite number"),
+        ("--steps", "0", "--steps 0 is not in 1..=1000"),
+    ] {
+        let out = pso(&[
+            "sample",
+            "--model",
+            "no-such-model",
+            "--prompt",
+            "x",
+            flag,
+            value,
+            "--out",
+            "o",
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -290,3 +290,28 @@ fn token_file_guards_the_server_and_errors_are_clear() {
         "{err}"
     );
 }
+
+/// A server reachable from other machines needs a token, or `--insecure` said out loud.
+#[test]
+fn serving_beyond_loopback_without_a_token_is_refused_unless_insecure() {
+    let out = pso()
+        .args([
+            "reward", "serve", "--scorer", "pixel", "--model", "centered",
+        ])
+        .args(["--bind", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--token-file") && err.contains("--insecure"),
+        "{err}"
+    );
+    let server = Server::start_kind("pixel", "centered".as_ref(), &["--insecure"]);
+    assert!(
+        server.url.starts_with("http://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    assert!(server.terminate().success());
+}

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use diffusion::sampling::{BetaSchedule, PredictionType, SchedulerConfig, SchedulerKind};
+use diffusion::sampling::{
+    BetaSchedule, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    Timesteps,
+};
 use pso::objective::offline_pso::offline_pso;
 use pso::objective::{
     add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod,
@@ -237,6 +240,92 @@ fn online_pso_matches_the_official_loss_and_gradients() {
             out,
             &[(&pw, "grad_policy_w"), (&pl, "grad_policy_l")],
         );
+    }
+}
+
+/// The whole online chain, kernel included: from x_t, the stored x_{t'} and the policy's and
+/// reference's ε predictions, pso's Euler-ancestral kernel (the sampler's own transition) and
+/// online PSO loss equal the official SDXL-Turbo step with log-prob and loss
+/// (`turbo_inference_with_logprob.py` l. 24–116, `train_online_pso_sdxl_turbo.py` l. 842–850),
+/// gradients into the policy's prediction included.
+#[test]
+fn online_pso_from_kernels_matches_the_official_turbo_chain() {
+    let mut config = SchedulerConfig::new(SchedulerKind::EulerAncestral);
+    config.beta_schedule = BetaSchedule::ScaledLinear;
+    config.beta_start = 0.00085;
+    config.beta_end = 0.012;
+    config.timestep_spacing = TimestepSpacing::Trailing;
+    let scheduler = Scheduler::new(config, Timesteps::Steps(4)).unwrap();
+    let cases = cases(&["turbo_chain"]);
+    assert_eq!(cases.len(), 3);
+    for (case, t) in cases {
+        let name = case.name.as_str();
+        let step = case.timesteps[0] as usize;
+        let policy = [
+            leaf(get(&t, name, "policy_0")),
+            leaf(get(&t, name, "policy_1")),
+        ];
+        let kernels: Vec<_> = (0..2)
+            .map(|side| {
+                let x = get(&t, name, &format!("x_{side}"));
+                let reference = get(&t, name, &format!("ref_{side}"));
+                let pol = scheduler.transition(step, x, &policy[side]).unwrap();
+                let rf = scheduler.transition(step, x, reference).unwrap();
+                (pol, rf)
+            })
+            .collect();
+        let winner_is_1 = Vec::<f32>::try_from(get(&t, name, "winner_is_1")).unwrap();
+        // Rows of each side, reordered into (winner, loser) per pair.
+        let pick = |of: &dyn Fn(usize) -> Tensor, winner: bool| {
+            let rows: Vec<Tensor> = winner_is_1
+                .iter()
+                .enumerate()
+                .map(|(i, &w1)| {
+                    let side = usize::from((w1 > 0.5) == winner);
+                    of(side).get(i as i64)
+                })
+                .collect();
+            Tensor::stack(&rows, 0)
+        };
+        let next = |side: usize| get(&t, name, &format!("next_{side}")).shallow_clone();
+        let mean_policy = |side: usize| kernels[side].0.mean.shallow_clone();
+        let mean_reference = |side: usize| kernels[side].1.mean.shallow_clone();
+        let std = vec![kernels[0].0.std; winner_is_1.len()];
+        let (next_w, next_l) = (pick(&next, true), pick(&next, false));
+        let (pol_w, pol_l) = (pick(&mean_policy, true), pick(&mean_policy, false));
+        let (ref_w, ref_l) = (pick(&mean_reference, true), pick(&mean_reference, false));
+        let winner = Transitions {
+            next: &next_w,
+            mean_policy: &pol_w,
+            mean_reference: &ref_w,
+            std: &std,
+        };
+        let loser = Transitions {
+            next: &next_l,
+            mean_policy: &pol_l,
+            mean_reference: &ref_l,
+            std: &std,
+        };
+        let out = OnlinePso::new(case.beta, case.epsilon)
+            .unwrap()
+            .loss(&winner, &loser, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_scalar(
+            name,
+            "loss",
+            Some(out.loss.double_value(&[])),
+            Some(case.diagnostics.loss),
+        );
+        out.loss.backward();
+        for (side, p) in policy.iter().enumerate() {
+            assert_close(
+                name,
+                &format!("grad_policy_{side}"),
+                &p.grad(),
+                get(&t, name, &format!("grad_policy_{side}")),
+                1e-3,
+            );
+        }
     }
 }
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, EulerDiscreteScheduler
+from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from safetensors.torch import save_file
 
 SHAPE = (2, 4, 4)  # C, H, W of the latents
@@ -218,6 +218,96 @@ def online_case(name, seed, std_w, std_l, offsets_w, offsets_l, ties=(), beta=50
         "diagnostics": diag,
     }
     return entry, tensors
+
+
+# ------------------------------------------------------------- online PSO, kernel to loss
+
+def turbo_step_with_logprob(self, model_output, timestep, sample, prev_sample):
+    """pso_pytorch/diffusers_patch/turbo_inference_with_logprob.py l. 24-116, with a given
+    prev_sample (the learner's call)."""
+    step_indices = []
+    for _t in timestep:
+        step_indices.append((_t == self.timesteps).nonzero()[0].item())
+    next_step_indices = [s + 1 for s in step_indices]
+    sigma = self.sigmas[step_indices].reshape(-1, 1, 1, 1).to(model_output.device)
+    sample = sample.to(torch.float32)
+    pred_original_sample = sample - sigma * model_output
+    sigma_from = self.sigmas[step_indices]
+    sigma_to = self.sigmas[next_step_indices]
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    sigma_from = sigma_from.reshape(-1, 1, 1, 1)
+    sigma_to = sigma_to.reshape(-1, 1, 1, 1)
+    sigma_up = sigma_up.reshape(-1, 1, 1, 1)
+    sigma_down = sigma_down.reshape(-1, 1, 1, 1)
+    derivative = (sample - pred_original_sample) / sigma
+    dt = sigma_down - sigma
+    prev_sample_mean = sample + derivative * dt
+    prev_sample = prev_sample.to(torch.float32)
+    log_prob = (
+        -((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * (sigma_up**2))
+        - torch.log(sigma_up)
+        - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    )
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample.to(model_output.dtype), log_prob
+
+
+def turbo_chain_case(name, seed, step, beta=50.0, eps=0.1, spread=0.01):
+    """The whole official SDXL-Turbo chain from the models' ε predictions to the loss:
+    turbo_step_with_logprob for policy and reference (LoRA off), then
+    train_online_pso_sdxl_turbo.py l. 842-850 with sample_compare (l. 401-416). Rewards differ, so
+    no pair is tied. Rust recomputes it from its own Euler-ancestral kernel."""
+    g = gen(seed)
+    b = 3
+    sched = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, timestep_spacing="trailing",
+    )
+    sched.set_timesteps(4)
+    t = sched.timesteps[step].repeat(b)
+    sigma = float(sched.sigmas[step])
+    tensors, logp, refp = {}, [], []
+    for side in (0, 1):
+        x = randn(g, b, *SHAPE) * sigma
+        ref = randn(g, b, *SHAPE)
+        pol = (ref + spread * randn(g, b, *SHAPE)).requires_grad_(True)
+        # The sampler's draw: the reference step plus fresh noise, so the ratio is near 1.
+        with torch.no_grad():
+            sigma_to = sched.sigmas[step + 1]
+            sigma_up = (sigma_to**2 * (sched.sigmas[step]**2 - sigma_to**2) / sched.sigmas[step]**2) ** 0.5
+            nxt = x + ref * ((sigma_to**2 - sigma_up**2) ** 0.5 - sched.sigmas[step]) + sigma_up * randn(g, b, *SHAPE)
+        _, lp = turbo_step_with_logprob(sched, pol, t, x, nxt)
+        with torch.no_grad():
+            _, rp = turbo_step_with_logprob(sched, ref, t, x, nxt)
+        logp.append(lp)
+        refp.append(rp)
+        tensors.update({f"x_{side}": x, f"ref_{side}": ref, f"policy_{side}": pol, f"next_{side}": nxt})
+    rewards = [randn(g, b), randn(g, b)]
+    a, bb = rewards
+    a_dominates = a <= bb
+    b_dominates = bb < a
+    c = torch.zeros([b, 2], dtype=torch.float)
+    c[a_dominates] = torch.tensor([-1., 1.])
+    c[b_dominates] = torch.tensor([1., -1.])
+    ratio_0 = torch.clamp(torch.exp(logp[0] - refp[0]), 1 - eps, 1 + eps)
+    ratio_1 = torch.clamp(torch.exp(logp[1] - refp[1]), 1 - eps, 1 + eps)
+    loss = -torch.log(torch.sigmoid(
+        beta * (torch.log(ratio_0)) * c[:, 0] + beta * (torch.log(ratio_1)) * c[:, 1]
+    )).mean()
+    loss.backward()
+    out = {k: v.detach().clone() for k, v in tensors.items()}
+    out.update({
+        "winner_is_1": (c[:, 1] > 0).to(torch.float32),
+        "loss": loss.detach(),
+        "grad_policy_0": tensors["policy_0"].grad,
+        "grad_policy_1": tensors["policy_1"].grad,
+    })
+    entry = {
+        "name": name, "objective": "turbo_chain", "beta": beta, "epsilon": eps,
+        "timesteps": [step], "diagnostics": {"loss": loss.item(), "counted": b, "skipped": 0},
+    }
+    return entry, out
 
 
 # --------------------------------------------------------------------------------------- DPO
@@ -460,6 +550,9 @@ def main(out):
                     [0.03, 0.01, 0.2], [0.02, 0.05, 0.01]),
         online_case("online_beta_eps", 8, [0.5] * 3, [0.5] * 3, [0.1, 0.2, 0.05],
                     [0.05, 0.1, 0.3], beta=7.0, eps=0.3),
+        turbo_chain_case("turbo_chain_first", 41, 0),
+        turbo_chain_case("turbo_chain_second", 42, 1, spread=0.05),
+        turbo_chain_case("turbo_chain_third", 43, 2, beta=20.0, eps=0.2),
         dpo_case("dpo_eps", "dpo", 11, [3, 250, 612, 999], 5000.0, spread=(0.003, 0.1)),
         dpo_case("dpo_v", "dpo", 12, [0, 400, 999], 5000.0, prediction="v_prediction", spread=(0.003, 0.1)),
         dpo_case("dpo_ties", "dpo", 13, [10, 500, 900, 700], 5000.0, ties=(0, 2), spread=(0.003, 0.1)),

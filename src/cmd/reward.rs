@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use reward::http::{bind, load_token, serve, shutdown_signal, ServerOptions};
 use reward::{build_scorer, ScorerKind};
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
 use super::scorer_kind;
@@ -24,6 +25,10 @@ pub enum RewardCommand {
         /// File holding the bearer token clients must send.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Serve an address beyond this machine (not 127.0.0.0/8 or ::1) without a token; by
+        /// default that is refused, since anyone who reaches the port could use the scorer.
+        #[arg(long)]
+        insecure: bool,
         /// Most items in one scorer call; requests from concurrent clients are batched up to it.
         #[arg(long, default_value_t = 16)]
         max_batch: usize,
@@ -37,8 +42,16 @@ pub fn run(command: RewardCommand) -> Result<()> {
         model,
         bind: address,
         token_file,
+        insecure,
         max_batch,
     } = command;
+    if token_file.is_none() && !insecure && !is_loopback(&address)? {
+        anyhow::bail!(
+            "--bind {address} listens beyond this machine and no --token-file guards it: give \
+             --token-file F (clients send that bearer token), bind 127.0.0.1, or pass --insecure \
+             to serve it open"
+        );
+    }
     // Read the token before loading the model: a bad token file fails fast.
     let token = match &token_file {
         Some(file) => load_token(Some(file))?,
@@ -64,4 +77,13 @@ pub fn run(command: RewardCommand) -> Result<()> {
         tracing::info!("reward server stopped");
         anyhow::Ok(())
     })
+}
+
+/// Whether every address `address` resolves to is a loopback one.
+fn is_loopback(address: &str) -> Result<bool> {
+    let resolved: Vec<_> = address
+        .to_socket_addrs()
+        .with_context(|| format!("--bind {address} is not HOST:PORT"))?
+        .collect();
+    Ok(!resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback()))
 }

@@ -101,8 +101,46 @@ pub struct SampleArgs {
     out: PathBuf,
 }
 
+/// Most images one call generates at once (they are sampled as one batch).
+const MAX_IMAGES: i64 = 1024;
+
+impl SampleArgs {
+    /// Refuses values that cannot make an image, before any model is loaded.
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            (1..=1000).contains(&self.steps),
+            "--steps {} is not in 1..=1000",
+            self.steps
+        );
+        anyhow::ensure!(
+            self.guidance.is_finite() && self.guidance >= 0.0,
+            "--guidance {} is not a finite number ≥ 0 (≤ 1 means no guidance)",
+            self.guidance
+        );
+        for (flag, value) in [("--height", self.height), ("--width", self.width)] {
+            if let Some(v) = value {
+                anyhow::ensure!(
+                    (8..=4096).contains(&v) && v % 8 == 0,
+                    "{flag} {v} is not a multiple of 8 in 8..=4096"
+                );
+            }
+        }
+        if let Some(n) = self.num_images {
+            anyhow::ensure!(
+                (1..=MAX_IMAGES).contains(&n),
+                "--num-images {n} is not in 1..={MAX_IMAGES}; larger sets: several calls with \
+                 other --seed values, or --per-class for a DiT"
+            );
+        }
+        anyhow::ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
+        anyhow::ensure!(self.per_class != Some(0), "--per-class must be at least 1");
+        Ok(())
+    }
+}
+
 /// Generates images (or DiT class samples) as the arguments ask.
 pub fn run(args: SampleArgs) -> Result<()> {
+    args.validate()?;
     let adapter = args
         .adapter
         .as_deref()

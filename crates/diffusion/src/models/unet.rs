@@ -191,6 +191,40 @@ impl UNet2DConditionConfig {
                 n
             ));
         }
+        // Sizes a model cannot be built with (libtorch would panic on them).
+        let groups = self.norm_num_groups;
+        let sizes = [
+            (
+                "in_channels",
+                self.in_channels >= 1,
+                self.in_channels.to_string(),
+            ),
+            (
+                "out_channels",
+                self.out_channels >= 1,
+                self.out_channels.to_string(),
+            ),
+            (
+                "block_out_channels (each ≥ 1 and a multiple of norm_num_groups ≥ 1)",
+                groups >= 1
+                    && self
+                        .block_out_channels
+                        .iter()
+                        .all(|&c| c >= 1 && c % groups == 0),
+                format!(
+                    "{:?} with norm_num_groups {groups}",
+                    self.block_out_channels
+                ),
+            ),
+            (
+                "layers_per_block (each ≥ 1)",
+                self.layers_per_block.expand(n).iter().all(|&l| l >= 1),
+                format!("{:?}", self.layers_per_block.expand(n)),
+            ),
+        ];
+        if let Some((key, _, value)) = sizes.into_iter().find(|(_, ok, _)| !ok) {
+            return unsupported(format!("{key} = {value}"));
+        }
         let checks: [(&str, bool, String); 10] = [
             ("act_fn", self.act_fn == "silu", self.act_fn.clone()),
             (
@@ -664,5 +698,25 @@ impl UNet2DConditionModel {
         }
         self.conv_out
             .forward(&self.conv_norm_out.forward(&h).silu())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_a_model_cannot_be_built_with_are_refused_by_name() {
+        let config = UNet2DConditionConfig::default();
+        assert!(config.layout().is_ok(), "{:?}", config.layout().err());
+        let mut bad = config.clone();
+        bad.in_channels = 0;
+        assert_eq!(bad.layout().unwrap_err(), "in_channels = 0");
+        let mut bad = config.clone();
+        bad.norm_num_groups = 0;
+        assert!(bad.layout().unwrap_err().contains("norm_num_groups 0"));
+        let mut bad = config;
+        bad.block_out_channels[1] = 100;
+        assert!(bad.layout().unwrap_err().contains("[320, 100, 1280, 1280]"));
     }
 }

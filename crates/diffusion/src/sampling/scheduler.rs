@@ -355,10 +355,9 @@ mod tests {
                 a.transition(i, &x, &out).unwrap(),
                 b.transition(i, &x, &out).unwrap(),
             );
-            assert_eq!(
-                ka.mean.max().double_value(&[]),
-                kb.mean.max().double_value(&[])
-            );
+            assert!(ka.mean.equal(&kb.mean), "step {i}: means differ");
+            assert_eq!(ka.std, kb.std, "step {i}");
+            assert!(ka.learned_std.is_none() && kb.learned_std.is_none());
         }
     }
 
