@@ -206,6 +206,10 @@ impl RunConfig {
         c.learner.checkpoint_every = 0;
         c.learner.keep_checkpoints = 0;
         c.reward.token_file = None;
+        // Where a reward server listens is no part of what trains: a moved server resumes.
+        if c.reward.scorer == reward::ScorerKind::Http {
+            c.reward.model.clear();
+        }
         c.reward.retry_seconds = 0.0;
         c.reward.patience_seconds = 0.0;
         c.eval = EvalSection::default();
@@ -363,6 +367,15 @@ mod tests {
         assert!(err(&["reward.retry_seconds=0"]).contains("positive number of seconds"));
         let ok = load("", &["online.actor_device=cuda:1", "eval.every=0"]).unwrap();
         assert_eq!(ok.online.actor_device, "cuda:1");
+    }
+
+    #[test]
+    fn a_moved_reward_server_keeps_the_training_hash_but_another_model_does_not() {
+        let http = load("[reward]\nscorer = \"http\"\nmodel = \"http://a:1\"\n", &[]).unwrap();
+        let moved = load("[reward]\nscorer = \"http\"\nmodel = \"http://b:2\"\n", &[]).unwrap();
+        assert_eq!(http.training_hash(), moved.training_hash());
+        let other = load("", &["reward.model=other/PickScore"]).unwrap();
+        assert_ne!(RunConfig::default().training_hash(), other.training_hash());
     }
 
     #[test]

@@ -26,6 +26,14 @@ impl RunDir {
         let dir = RunDir {
             path: path.to_owned(),
         };
+        if resume && !dir.path.exists() {
+            return Err(RunError::RunDir {
+                path: dir.path.clone(),
+                why: "does not exist, so there is nothing to resume; check --out (or run.name), \
+                      or drop --resume to start a new run"
+                    .into(),
+            });
+        }
         let has_checkpoints = !checkpoint::list(&dir.checkpoints())?.is_empty();
         if has_checkpoints && !resume {
             return Err(RunError::RunDir {
@@ -37,6 +45,16 @@ impl RunDir {
         }
         if resume && has_checkpoints {
             let old = dir.path.join("config.toml");
+            let text = fs::read_to_string(&old).unwrap_or_default();
+            if old.exists() && text.trim().is_empty() {
+                return Err(RunError::RunDir {
+                    path: old,
+                    why: "is empty, so the checkpoints' training config cannot be checked; put \
+                          the run's config back (the one it was started with), or delete the \
+                          file to resume under this config at your own risk"
+                        .into(),
+                });
+            }
             if old.exists() {
                 let previous = RunConfig::load(&old, &[])?;
                 if previous.training_hash() != config.training_hash() {
@@ -139,4 +157,32 @@ impl Metrics {
 pub fn run_path(config: &RunConfig, out: Option<&Path>) -> PathBuf {
     out.map(Path::to_owned)
         .unwrap_or_else(|| config.run.out.join(&config.run.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_a_missing_run_or_one_with_an_empty_config_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = RunConfig::default();
+        let missing = tmp.path().join("missing");
+        let e = RunDir::prepare(&missing, &config, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nothing to resume") && e.contains("drop --resume"),
+            "{e}"
+        );
+        assert!(!missing.exists());
+        let run = tmp.path().join("run");
+        fs::create_dir_all(run.join("checkpoints/step-00000001")).unwrap();
+        fs::write(run.join("checkpoints/latest"), "step-00000001\n").unwrap();
+        fs::write(run.join("config.toml"), "").unwrap();
+        let e = RunDir::prepare(&run, &config, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is empty"), "{e}");
+    }
 }
