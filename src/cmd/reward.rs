@@ -68,12 +68,13 @@ pub fn run(command: RewardCommand) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let (listener, addr) = bind(&address).await?;
         // Scripts and tests read this line to find the port when --bind asks for port 0.
         println!("listening on http://{addr}");
         std::io::Write::flush(&mut std::io::stdout())?;
         tracing::info!(scorer = %scorer.info(), %addr, max_batch, "serving protocol v1");
-        serve(listener, scorer, options, shutdown_signal()).await?;
+        serve(listener, scorer, options, shutdown).await?;
         tracing::info!("reward server stopped");
         anyhow::Ok(())
     })

@@ -441,6 +441,8 @@ enum Fault {
     Overflow,
     /// Headers and half the body, then the connection closes.
     DropMidBody,
+    /// Correct scores from a scorer whose `higher_is_better` differs from the one at connect.
+    FlippedScorer,
 }
 
 /// What the fault server saw: score requests, and the most it was handling at once.
@@ -578,6 +580,13 @@ async fn handle(
             scores[0] = "1e39".into();
             respond("200 OK", ok(&scores))
         }
+        Fault::FlippedScorer => respond(
+            "200 OK",
+            ok(&scores).replace(
+                r#""higher_is_better": true"#,
+                r#""higher_is_better": false"#,
+            ),
+        ),
         Fault::DropMidBody => {
             let full = respond("200 OK", ok(&scores));
             let _ = socket.write_all(&full.as_bytes()[..full.len() - 10]).await;
@@ -655,6 +664,23 @@ async fn persistent_faults_end_in_a_clear_error_after_the_retry_budget() {
             );
             assert!(text.contains(cause), "{fault:?}: {text}");
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// A server whose scorer changed since the client connected is refused, and the message shows
+/// the field that differs (here only `higher_is_better`).
+#[tokio::test]
+async fn a_scorer_that_changed_since_connect_is_refused_naming_what_differs() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (result, requests, _) = against(vec![Fault::FlippedScorer]).await;
+        let text = result.unwrap_err().to_string();
+        assert_eq!(requests, 1, "an incompatible scorer is not retried");
+        assert!(
+            text.contains("higher_is_better = false") && text.contains("higher_is_better = true"),
+            "{text}"
+        );
     })
     .await
     .unwrap();

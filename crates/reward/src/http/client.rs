@@ -295,9 +295,10 @@ impl HttpScorer {
                 return Err(AttemptError::Fatal(HttpError::Incompatible {
                     url: url.clone(),
                     why: format!(
-                        "scores came from {} ({}) but the server was {} ({}) at connect; \
-                         reconnect to label pairs with the right scorer",
-                        reply.scorer.name, reply.scorer.version, expected.name, expected.version
+                        "scores came from {} but the server was {} at connect; reconnect to \
+                         label pairs with the right scorer",
+                        describe(&reply.scorer),
+                        describe(&expected)
                     ),
                 }));
             }
@@ -321,6 +322,14 @@ impl HttpScorer {
         })
         .await
     }
+}
+
+/// A scorer as the protocol names it, every field shown, so two that differ read differently.
+fn describe(scorer: &WireScorer) -> String {
+    format!(
+        "{} ({}, higher_is_better = {})",
+        scorer.name, scorer.version, scorer.higher_is_better
+    )
 }
 
 /// PNG-encodes an image (fast compression: the bytes cross a local network, not a disk) and
