@@ -27,6 +27,13 @@ pub enum PairsCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Close the shards a crashed writer left open (`.parquet.tmp`) at their last flushed row
+    /// group, as reopening the store with a writer would. Refuses a store whose writer runs.
+    Recover {
+        /// Store directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Import a human-preference dataset into a pair store.
     Import {
         /// Dataset layout.
@@ -80,6 +87,19 @@ pub fn run(command: PairsCommand) -> Result<ExitCode> {
                     problems.len()
                 );
                 return Ok(ExitCode::from(1));
+            }
+        }
+        PairsCommand::Recover { dirs } => {
+            for dir in &dirs {
+                let report = pairs::recover_store(dir)
+                    .with_context(|| format!("recovering {}", dir.display()))?;
+                let lines = report.lines();
+                if lines.is_empty() {
+                    println!("{}: no open shard, nothing to recover", dir.display());
+                }
+                for line in lines {
+                    println!("{line}");
+                }
             }
         }
         PairsCommand::Import {

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::batch::Columns;
-use super::reader::{open_shard, schema_version, shard_paths, PairReader, ReadOptions};
+use super::reader::{
+    open_shard, open_shard_paths, schema_version, shard_paths, PairReader, ReadOptions,
+};
 use super::record::Label;
 use super::schema::col;
 use super::PairsError;
@@ -84,12 +86,18 @@ pub struct Summary {
     pub margin: Stats,
     /// Pairs that carry latents.
     pub with_latents: u64,
+    /// Shards still open (`.parquet.tmp`): being written, or left by a crashed writer; their
+    /// pairs are not counted above.
+    pub open_shards: Vec<PathBuf>,
 }
 
 /// Summarises the shards under `paths`, reading only the small columns.
 pub fn summarize(paths: &[PathBuf]) -> Result<Summary, PairsError> {
     let shards = shard_paths(paths)?;
-    let mut s = Summary::default();
+    let mut s = Summary {
+        open_shards: open_shard_paths(paths)?,
+        ..Summary::default()
+    };
     for path in &shards {
         let builder = open_shard(path)?;
         *s.schema_versions
@@ -167,6 +175,14 @@ impl Summary {
         let mut out = String::new();
         let mb = self.bytes as f64 / (1024.0 * 1024.0);
         let _ = writeln!(out, "files          {} ({mb:.1} MiB)", self.files);
+        for path in &self.open_shards {
+            let _ = writeln!(
+                out,
+                "open shard     {} (not counted: still being written, or left by a crashed \
+                 writer; `pso pairs recover DIR` closes it)",
+                path.display()
+            );
+        }
         let _ = writeln!(out, "pairs          {}", self.pairs);
         let tie_pct = if self.pairs > 0 {
             100.0 * self.ties as f64 / self.pairs as f64
@@ -247,7 +263,16 @@ const MAX_ROW_PROBLEMS_PER_FILE: usize = 20;
 /// rows that break the schema's invariants, and pair ids stored twice.
 pub fn validate(paths: &[PathBuf]) -> Result<(usize, u64, Vec<Problem>), PairsError> {
     let shards = shard_paths(paths)?;
-    let mut problems = Vec::new();
+    let mut problems: Vec<Problem> = open_shard_paths(paths)?
+        .into_iter()
+        .map(|path| Problem {
+            path,
+            row: None,
+            why: "a shard still open: being written, or left by a crashed writer (its pairs are \
+                  not read); `pso pairs recover DIR` closes it at its last flushed row group"
+                .into(),
+        })
+        .collect();
     let mut rows_checked = 0u64;
     let mut seen: HashMap<(String, i64), (PathBuf, usize)> = HashMap::new();
     for path in &shards {

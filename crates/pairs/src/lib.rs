@@ -19,7 +19,7 @@ use std::path::PathBuf;
 pub use batch::{batch_to_records, records_to_batch, Columns};
 pub use reader::{PairFilter, PairReader, ReadOptions};
 pub use record::{ImageFormat, Label, LatentDType, Latents, PairRecord, Side, Source};
-pub use recover::{recover_dir, RecoveryReport};
+pub use recover::{recover_dir, recover_store, RecoveryReport};
 pub use schema::{col, pair_schema, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 pub use writer::{AsyncPairWriter, PairStoreWriter, WriterOptions, WriterStats};
 

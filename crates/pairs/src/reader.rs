@@ -119,7 +119,25 @@ impl Default for ReadOptions {
 /// Directories contribute their `*.parquet` files; shards still open (`.parquet.tmp`) are
 /// skipped with a warning, since they have no footer yet.
 pub fn shard_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PairsError> {
-    let mut out = Vec::new();
+    let (finished, open) = list_shards(paths)?;
+    for p in open {
+        tracing::warn!(
+            "skipping {}: the shard is still being written, or its writer crashed (`pso pairs \
+             recover DIR` closes it at its last flushed row group)",
+            p.display()
+        );
+    }
+    Ok(finished)
+}
+
+/// The shards under `paths` still open (`.parquet.tmp`): being written, or left by a crash.
+pub fn open_shard_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PairsError> {
+    Ok(list_shards(paths)?.1)
+}
+
+/// (finished shards, open shards) under `paths`: files as given, directories listed.
+fn list_shards(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>), PairsError> {
+    let (mut out, mut open) = (Vec::new(), Vec::new());
     for path in paths {
         let meta = fs::metadata(path).map_err(|source| PairsError::Io {
             path: path.clone(),
@@ -147,17 +165,14 @@ pub fn shard_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PairsError> {
             if name.ends_with(".parquet") {
                 found.push(p);
             } else if name.ends_with(TMP_SUFFIX) {
-                tracing::warn!(
-                    "skipping {}: the shard is still being written (or its writer crashed; \
-                     reopening the store with its writer recovers it)",
-                    p.display()
-                );
+                open.push(p);
             }
         }
         found.sort();
         out.extend(found);
     }
-    Ok(out)
+    open.sort();
+    Ok((out, open))
 }
 
 /// Opens one shard after checking that it is a complete pair-store file of a known version.

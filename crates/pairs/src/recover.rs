@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use super::shard::{io_err, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
+use super::shard::{io_err, lock_store, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
 use super::PairsError;
 
 /// What [`recover_dir`] did to shards left open by a crash.
@@ -117,4 +117,11 @@ pub fn recover_dir(dir: &Path) -> Result<RecoveryReport, PairsError> {
         }
     }
     Ok(report)
+}
+
+/// `pso pairs recover`: completes the shards a crashed writer left in `dir`, holding the store's
+/// writer lock meanwhile (a store whose writer still runs is refused, not touched).
+pub fn recover_store(dir: &Path) -> Result<RecoveryReport, PairsError> {
+    let _lock = lock_store(dir)?;
+    recover_dir(dir)
 }

@@ -8,6 +8,23 @@ use std::path::{Path, PathBuf};
 
 use super::PairsError;
 
+/// The lock file a writer holds on its store directory.
+pub const LOCK_FILE: &str = ".pso-writer.lock";
+
+/// Takes the store directory's writer lock, or says who holds it.
+pub(crate) fn lock_store(dir: &Path) -> Result<File, PairsError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path, "create"))?;
+    if let Err(e) = lock.try_lock() {
+        return Err(PairsError::BadOption(format!(
+            "another process is writing pairs to {} (it holds {}: {e}); stop it or write elsewhere",
+            dir.display(),
+            lock_path.display()
+        )));
+    }
+    Ok(lock)
+}
+
 /// Suffix of a shard being written.
 pub const TMP_SUFFIX: &str = ".parquet.tmp";
 /// Suffix of the sidecar footer of a shard being written.

@@ -24,7 +24,9 @@ use super::batch::records_to_batch;
 use super::record::PairRecord;
 use super::recover::recover_dir;
 use super::schema::{pair_schema, BLOB_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
-use super::shard::{io_err, next_shard_number, run_shards, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
+use super::shard::{
+    io_err, lock_store, next_shard_number, run_shards, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX,
+};
 use super::PairsError;
 
 /// When to flush row groups and rotate shards.
@@ -233,7 +235,7 @@ pub struct PairStoreWriter {
 }
 
 /// Lock file that one writer holds per store directory.
-pub const LOCK_FILE: &str = ".pso-writer.lock";
+pub use super::shard::LOCK_FILE;
 
 impl PairStoreWriter {
     /// Opens the store directory: recovers any shard left open by a crash, and continues the
@@ -256,15 +258,7 @@ impl PairStoreWriter {
             ));
         }
         fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir, "create directory"))?;
-        let lock_path = opts.dir.join(LOCK_FILE);
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path, "create"))?;
-        if let Err(e) = lock.try_lock() {
-            return Err(PairsError::BadOption(format!(
-                "another process is writing pairs to {} (it holds {}: {e}); stop it or write elsewhere",
-                opts.dir.display(),
-                lock_path.display()
-            )));
-        }
+        let lock = lock_store(&opts.dir)?;
         let report = recover_dir(&opts.dir)?;
         for line in report.lines() {
             tracing::warn!("{line}");

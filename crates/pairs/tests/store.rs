@@ -17,8 +17,8 @@ use pairs::import::{import_pickapic, ImportOptions};
 use pairs::inspect::{summarize, validate};
 use pairs::{batch_to_records, Columns};
 use pairs::{
-    col, recover_dir, AsyncPairWriter, ImageFormat, Label, PairFilter, PairReader, PairRecord,
-    PairStoreWriter, PairsError, ReadOptions, Source, WriterOptions,
+    col, recover_dir, recover_store, AsyncPairWriter, ImageFormat, Label, PairFilter, PairReader,
+    PairRecord, PairStoreWriter, PairsError, ReadOptions, Source, WriterOptions,
 };
 
 fn write_all(
@@ -766,4 +766,46 @@ fn pickapic_files_written_by_pyarrow_import() {
     let s = summarize(&[dir.path().join("s")]).unwrap();
     assert_eq!(s.pairs, 4);
     assert_eq!(s.sources["imported"], 4);
+}
+
+/// A store a writer crashed on (an open shard with a flushed row group and its footer sidecar)
+/// is not "ok": inspect names the open shard, validate reports it, and `recover_store` closes it
+/// with its flushed pairs, after which validate passes.
+#[test]
+fn a_crashed_store_is_reported_until_recovered() {
+    let live = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let mut w = PairStoreWriter::open(WriterOptions::new(live.path(), "crash")).unwrap();
+    for id in 0..3 {
+        w.append(record("crash", id)).unwrap();
+    }
+    w.flush().unwrap();
+    // The files as a writer killed now leaves them (its lock dies with it).
+    for name in shard_names(live.path()) {
+        std::fs::copy(live.path().join(&name), crashed.path().join(&name)).unwrap();
+    }
+    drop(w);
+    let paths = [crashed.path().to_owned()];
+    let summary = summarize(&paths).unwrap();
+    assert_eq!((summary.files, summary.pairs), (0, 0));
+    assert_eq!(summary.open_shards.len(), 1, "{summary:?}");
+    assert!(summary.to_text().contains("pso pairs recover"));
+    let (_, _, problems) = validate(&paths).unwrap();
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].to_string().contains("pso pairs recover"),
+        "{}",
+        problems[0]
+    );
+
+    let report = recover_store(crashed.path()).unwrap();
+    assert_eq!(report.recovered.len(), 1);
+    assert_eq!(report.recovered[0].1, 3);
+    let (files, rows, problems) = validate(&paths).unwrap();
+    assert_eq!((files, rows), (1, 3));
+    assert!(problems.is_empty(), "{problems:?}");
+    // A store whose writer is alive is not touched.
+    let _w = PairStoreWriter::open(WriterOptions::new(crashed.path(), "crash")).unwrap();
+    let e = recover_store(crashed.path()).unwrap_err().to_string();
+    assert!(e.contains("another process is writing"), "{e}");
 }
