@@ -131,8 +131,7 @@ fn time_method(method: &str) {
             ..OptimSection::default()
         },
         &LearnerSection::default(),
-    )
-    .unwrap();
+    );
     let alphas_cumprod: Vec<f64> = {
         let betas = (0..1000).map(|i| 1e-4 + (0.02 - 1e-4) * i as f64 / 999.0);
         betas

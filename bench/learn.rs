@@ -64,8 +64,7 @@ fn main() {
         trainer.adapter.params_shallow(),
         &config.optim,
         &config.learner,
-    )
-    .unwrap();
+    );
     let cond = trainer
         .pipeline
         .condition("a photo of a cat", None, 0.0, 32, 32, 1)

@@ -88,8 +88,7 @@ fn sequential(dir: &Path) -> (f64, f64) {
         trainer.adapter.params_shallow(),
         &config.optim,
         &config.learner,
-    )
-    .unwrap();
+    );
     let patient = PatientScorer::new(scorer(dir), Duration::from_secs(1), Duration::from_secs(60));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let prompts = pso::run::prompts::PromptSet::load("builtin:simple").unwrap();

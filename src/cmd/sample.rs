@@ -15,6 +15,8 @@ use pso::peft::export::{apply_file, open_adapter, AdapterSource};
 use pso::run::class_samples::{write_class_samples, ClassSamples};
 use tch::Tensor;
 
+use super::scheduler_kind;
+
 #[derive(Args)]
 pub struct SampleArgs {
     /// Diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
@@ -92,10 +94,10 @@ pub struct SampleArgs {
     /// folder's config.json.
     #[arg(long)]
     unet: Option<PathBuf>,
-    /// Sampler replacing the folder's scheduler (keeping its settings), as a run's sampler.name:
-    /// euler, euler_ancestral, lcm, ddim or ddpm. Regenerates a stored pair's image with its seed.
-    #[arg(long, value_parser = ["euler", "euler_ancestral", "lcm", "ddim", "ddpm"])]
-    sampler: Option<String>,
+    /// Sampler replacing the folder's scheduler (keeping its settings), as a run's sampler.name.
+    /// Regenerates a stored pair's image with its seed.
+    #[arg(long, value_parser = scheduler_kind())]
+    sampler: Option<SchedulerKind>,
     /// Output directory: 000000.png, 000001.png, …
     #[arg(long)]
     out: PathBuf,
@@ -176,8 +178,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .transpose()?;
     let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
-    if let Some(name) = &args.sampler {
-        pipeline.scheduler_config.kind = SchedulerKind::from_name(name)?;
+    if let Some(kind) = args.sampler {
+        pipeline.scheduler_config.kind = kind;
     }
     if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
         let what = apply_file(&pipeline.backbone, &pipeline.backbone_vs, file, path)
@@ -321,7 +323,10 @@ fn sample_classes(
             latent_size,
             generator: format!(
                 "{} (unet {:?}, adapter {:?}, sampler {:?})",
-                args.model, args.unet, args.adapter, args.sampler
+                args.model,
+                args.unet,
+                args.adapter,
+                args.sampler.map(SchedulerKind::name)
             ),
             progress: std::io::stderr().is_terminal(),
         };

@@ -128,7 +128,8 @@ pub struct OfflineArgs {
     #[arg(long)]
     resume: bool,
     /// Label every pair again as it is read, with SCORER:MODEL (scorer clip, pickscore,
-    /// aesthetic or http; MODEL a model folder or URL), e.g. aesthetic:models/aesthetic.
+    /// aesthetic, pixel or http; MODEL a model folder or hub id, a pixel metric, or a URL),
+    /// e.g. aesthetic:models/aesthetic.
     #[arg(long, value_name = "SCORER:MODEL")]
     relabel_with: Option<String>,
     /// Bearer-token file of an http --relabel-with scorer.

@@ -234,8 +234,7 @@ mod tests {
             vec![("w".into(), w.shallow_clone())],
             &OptimSection::default(),
             &LearnerSection::default(),
-        )
-        .unwrap();
+        );
         let mut state = State {
             pso_version: "test".into(),
             counters: Counters::default(),

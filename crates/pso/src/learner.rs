@@ -32,9 +32,6 @@ pub enum LearnerError {
         /// How many in a row.
         count: u32,
     },
-    /// The schedule or optimizer config is invalid.
-    #[error("{0}")]
-    Config(String),
     /// The optimizer refused a state.
     #[error(transparent)]
     Optim(#[from] OptimError),
@@ -150,7 +147,7 @@ impl Learner {
         params: Vec<(String, Tensor)>,
         optim: &OptimSection,
         learner: &LearnerSection,
-    ) -> Result<Learner, LearnerError> {
+    ) -> Learner {
         let schedule = LrSchedule::from_config(optim, learner.max_steps);
         let adamw = AdamW::new(
             params,
@@ -168,7 +165,7 @@ impl Learner {
                 .collect();
             (learner.ema_decay, copies)
         });
-        Ok(Learner {
+        Learner {
             adamw,
             schedule,
             grad_clip: optim.grad_clip,
@@ -176,7 +173,7 @@ impl Learner {
             ema,
             max_nonfinite: learner.max_nonfinite_steps.max(1),
             counters: Counters::default(),
-        })
+        }
     }
 
     /// Step counters.
@@ -361,7 +358,7 @@ mod tests {
             max_nonfinite_steps: 2,
             ..LearnerSection::default()
         };
-        let l = Learner::new(vec![("w".into(), w.shallow_clone())], &optim, &learner).unwrap();
+        let l = Learner::new(vec![("w".into(), w.shallow_clone())], &optim, &learner);
         (w, l)
     }
 

@@ -38,7 +38,7 @@ pub fn start_learner(
     dir: &RunDir,
     resuming: bool,
 ) -> Result<(Learner, u64), RunError> {
-    let mut learner = Learner::new(adapter.params_shallow(), &config.optim, &config.learner)?;
+    let mut learner = Learner::new(adapter.params_shallow(), &config.optim, &config.learner);
     let cursor = if resuming {
         resume(dir, &mut learner, config)?
     } else {
