@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use base64::Engine;
 use image::RgbImage;
 use reward::http::{
-    serve, HttpError, HttpScorer, HttpScorerOptions, ScoreRequest, ServerOptions, WireItem,
+    reply_limit, serve, HttpError, HttpScorer, HttpScorerOptions, ScoreRequest, ServerOptions,
+    WireItem,
 };
 use reward::{score_checked, RewardError, ScoreItem, Scorer, ScorerInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -443,6 +444,12 @@ enum Fault {
     DropMidBody,
     /// Correct scores from a scorer whose `higher_is_better` differs from the one at connect.
     FlippedScorer,
+    /// A 200 announcing a 10 GB body and streaming zeros until the client hangs up.
+    HugeReply,
+    /// A chunked 200 (no length announced) streaming zeros until the client hangs up.
+    EndlessChunks,
+    /// Correct scores, one byte every 100 ms: each read is quick, the whole is not.
+    Trickle,
 }
 
 /// What the fault server saw: score requests, and the most it was handling at once.
@@ -592,6 +599,41 @@ async fn handle(
             let _ = socket.write_all(&full.as_bytes()[..full.len() - 10]).await;
             return;
         }
+        Fault::HugeReply | Fault::EndlessChunks => {
+            let head = if matches!(fault, Fault::HugeReply) {
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n"
+            } else {
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            };
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let zeros = vec![b'0'; 64 << 10];
+            let mut chunk = format!("{:x}\r\n", zeros.len()).into_bytes();
+            chunk.extend_from_slice(&zeros);
+            chunk.extend_from_slice(b"\r\n");
+            let piece = if matches!(fault, Fault::HugeReply) {
+                &zeros
+            } else {
+                &chunk
+            };
+            // Stops when the client hangs up; bounded in case it never does.
+            for _ in 0..100_000 {
+                if socket.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        Fault::Trickle => {
+            for byte in respond("200 OK", ok(&scores)).bytes() {
+                if socket.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return;
+        }
     };
     let _ = socket.write_all(reply.as_bytes()).await;
 }
@@ -664,6 +706,66 @@ async fn persistent_faults_end_in_a_clear_error_after_the_retry_budget() {
             );
             assert!(text.contains(cause), "{fault:?}: {text}");
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// A reply larger than any protocol v1 reply (announced or streamed) is cut at the client's cap,
+/// at once and without retrying: memory stays bounded and the error says what happened.
+#[tokio::test]
+async fn an_endless_reply_is_cut_at_the_cap_and_not_retried() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        for (fault, what) in [
+            (Fault::HugeReply, "announces 10000000000 bytes"),
+            (Fault::EndlessChunks, "runs past"),
+        ] {
+            let started = std::time::Instant::now();
+            let (result, requests, _) = against(vec![fault, Fault::Ok]).await;
+            let text = result.unwrap_err().to_string();
+            assert_eq!(requests, 1, "{fault:?}: an oversized reply is not retried");
+            assert!(
+                text.contains(what) && text.contains(&format!("limit of {}", reply_limit(2))),
+                "{fault:?}: {text}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{fault:?} took {:?}",
+                started.elapsed()
+            );
+        }
+        // The cap is configurable: a tiny one refuses even a correct reply.
+        let (url, _) = fault_server(vec![Fault::Ok], 8).await;
+        let options = HttpScorerOptions {
+            max_reply_bytes: Some(10),
+            ..fast_options()
+        };
+        let text = HttpScorer::connect(&url, options)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("limit of 10 bytes"), "{text}");
+    })
+    .await
+    .unwrap();
+}
+
+/// The per-request timeout covers the whole reply, not each read: a server that trickles a
+/// correct reply byte by byte is cut at the timeout on every attempt.
+#[tokio::test]
+async fn a_trickled_reply_is_cut_at_the_request_timeout() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let started = std::time::Instant::now();
+        let (result, requests, _) = against(vec![Fault::Trickle]).await;
+        let text = result.unwrap_err().to_string();
+        assert_eq!(requests, 3, "{text}");
+        assert!(text.contains("timed out after 1s"), "{text}");
+        // Three attempts of 1 s plus backoff; the whole reply would take over 10 s each.
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            started.elapsed()
+        );
     })
     .await
     .unwrap();
@@ -888,6 +990,236 @@ async fn split_batches_go_out_concurrently_up_to_the_limit_and_come_back_in_orde
             "one request per item"
         );
         assert_eq!(stats.peak.load(Ordering::SeqCst), 2, "max_concurrency 2");
+    })
+    .await
+    .unwrap();
+}
+
+/// Opens a connection and sends `bytes` (maybe nothing), keeping it open.
+async fn open_idle(url: &str, bytes: &[u8]) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    socket.write_all(bytes).await.unwrap();
+    socket
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_to_close(socket: &mut tokio::net::TcpStream) -> String {
+    let mut reply = Vec::new();
+    let _ = socket.read_to_end(&mut reply).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// The slow-loris probe: hundreds of sockets that never finish a request do not lock a real
+/// client out. At the connection limit the connection idle longest makes room, so health and
+/// scoring answer at once, long before any timeout would have freed a place.
+#[tokio::test]
+async fn idle_sockets_do_not_lock_out_a_client() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let options = ServerOptions {
+            max_connections: 16,
+            header_timeout: Duration::from_secs(50),
+            token: Some("s3cret".into()),
+            ..Default::default()
+        };
+        let server = start(Box::new(Counting::default()), options).await;
+        let mut idle = Vec::new();
+        for i in 0..300 {
+            let partial: &[u8] = if i % 3 == 0 {
+                b"POST /v1/score HTTP/1.1\r\nhost: x\r\n"
+            } else {
+                b""
+            };
+            idle.push(open_idle(&server.url, partial).await);
+        }
+        let started = std::time::Instant::now();
+        let client = HttpScorer::connect(
+            &server.url,
+            HttpScorerOptions {
+                token: Some("s3cret".into()),
+                ..fast_options()
+            },
+        )
+        .await
+        .unwrap();
+        let (prompts, images) = (vec!["p".to_string()], vec![image(9, 3, 3)]);
+        let scores = score_checked(&client, &items(&prompts, &images))
+            .await
+            .unwrap();
+        assert_eq!(scores, vec![toy_score("p", &images[0])]);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        // The oldest idle sockets were closed to make room.
+        assert!(read_to_close(&mut idle[0]).await.is_empty());
+        drop(idle);
+        server.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// A connection that sends nothing, or headers that never end, is closed after the header
+/// timeout; a body that never ends gets 408 after the body timeout.
+#[tokio::test]
+async fn stalled_connections_are_closed_after_their_timeouts() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let options = ServerOptions {
+            header_timeout: Duration::from_millis(300),
+            body_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let server = start(Box::new(Counting::default()), options).await;
+        let started = std::time::Instant::now();
+        let mut silent = open_idle(&server.url, b"").await;
+        let mut half_head = open_idle(&server.url, b"GET /v1/health HTTP/1.1\r\n").await;
+        let mut half_body = open_idle(
+            &server.url,
+            b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"items\"",
+        )
+        .await;
+        // Meanwhile the server answers others.
+        let health = reqwest::get(format!("{}/v1/health", server.url)).await.unwrap();
+        assert_eq!(health.status(), 200);
+        assert!(!read_to_close(&mut silent).await.contains("200"));
+        assert!(!read_to_close(&mut half_head).await.contains("200"));
+        let reply = read_to_close(&mut half_body).await;
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+        assert!(reply.contains("did not arrive within"), "{reply}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A keep-alive connection idle between requests is closed too.
+        let mut kept = open_idle(&server.url, b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let reply = read_to_close(&mut kept).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        server.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// Without the token nothing is read or done: a request announcing a large body is refused
+/// from its headers alone, and an unknown path answers 401 (not 404, which would tell a
+/// stranger what exists).
+#[tokio::test]
+async fn the_token_is_checked_before_the_body_is_read() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let options = ServerOptions {
+            token: Some("s3cret".into()),
+            body_timeout: Duration::from_secs(50),
+            ..Default::default()
+        };
+        let server = start(Box::new(Counting::default()), options).await;
+        let mut socket = open_idle(
+            &server.url,
+            b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-length: 60000000\r\n\r\n",
+        )
+        .await;
+        let mut head = vec![0u8; 12];
+        socket.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 401");
+        let response = reqwest::get(format!("{}/no/such/path", server.url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        let response = reqwest::Client::new()
+            .get(format!("{}/no/such/path", server.url))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        drop(socket);
+        server.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// PNG bytes whose header claims `width` x `height` (the pixel data is empty): enough for the
+/// checks that read only the header.
+fn png_header_claiming(width: u32, height: u32) -> String {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let crc = crc32(&ihdr);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc.to_be_bytes());
+    // An empty IDAT: decoders read the header up to the first data chunk.
+    png.extend_from_slice(&0u32.to_be_bytes());
+    png.extend_from_slice(b"IDAT");
+    png.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The work one request can cause is bounded before any pixel is decoded: prompt bytes, image
+/// sides (413, as the docs say, not 400) and the request's pixel total.
+#[tokio::test]
+async fn prompt_length_image_sides_and_pixel_total_are_bounded() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let fake = Counting::default();
+        let calls = fake.calls.clone();
+        let options = ServerOptions {
+            max_prompt_bytes: 100,
+            max_request_pixels: 3000 * 3000,
+            ..Default::default()
+        };
+        let server = start(Box::new(fake), options).await;
+        let small = encode(&image(1, 8, 8), image::ImageFormat::Png);
+        let long = "a".repeat(20_000_000);
+        let (status, message) = post_json(
+            &server.url,
+            request(vec![("ok", small.clone()), (&long, small.clone())]),
+        )
+        .await;
+        assert_eq!(status, 413, "{message}");
+        assert!(
+            message.contains("item 1") && message.contains("limit of 100 bytes"),
+            "{message}"
+        );
+        let (status, message) = post_json(
+            &server.url,
+            request(vec![("tall", png_header_claiming(10, 5000))]),
+        )
+        .await;
+        assert_eq!(status, 413, "{message}");
+        assert!(
+            message.contains("10x5000") && message.contains("4096"),
+            "{message}"
+        );
+        let big = png_header_claiming(2500, 2500);
+        let (status, message) = post_json(
+            &server.url,
+            request(vec![("a", big.clone()), ("b", big.clone())]),
+        )
+        .await;
+        assert_eq!(status, 413, "{message}");
+        assert!(message.contains("9000000 pixels"), "{message}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // Within the limits the same server scores.
+        let (status, message) = post_json(&server.url, request(vec![("ok", small)])).await;
+        assert_eq!(status, 200, "{message}");
+        server.shutdown().await;
     })
     .await
     .unwrap();

@@ -39,6 +39,15 @@ pub struct HttpScorerOptions {
     pub max_concurrency: usize,
     /// Bearer token sent as `Authorization: Bearer …`.
     pub token: Option<String>,
+    /// Largest reply body accepted; `None` derives it from the request:
+    /// [`reply_limit`] bytes for a request of that many items.
+    pub max_reply_bytes: Option<usize>,
+}
+
+/// The default cap on a reply to a request of `items` items: 1 MiB for the scorer identity and
+/// an error message, plus 1 KiB per score (a JSON number needs at most 25).
+pub fn reply_limit(items: usize) -> usize {
+    (1 << 20) + items.saturating_mul(1 << 10)
 }
 
 impl Default for HttpScorerOptions {
@@ -51,6 +60,7 @@ impl Default for HttpScorerOptions {
             backoff_max: Duration::from_secs(10),
             max_concurrency: 4,
             token: None,
+            max_reply_bytes: None,
         }
     }
 }
@@ -153,7 +163,7 @@ impl HttpScorer {
         &self,
         method: Method,
         path: &str,
-        body: Option<Arc<Vec<u8>>>,
+        body: Option<(Arc<Vec<u8>>, usize)>,
         check: impl Fn(Vec<u8>) -> Result<T, AttemptError>,
     ) -> Result<T, HttpError> {
         let url = format!("{}{path}", self.base);
@@ -182,18 +192,42 @@ impl HttpScorer {
         })
     }
 
-    /// One HTTP exchange under the concurrency limit and the per-request timeout.
+    /// One HTTP exchange under the concurrency limit, with the per-request timeout covering
+    /// everything up to the reply's last byte, and the reply capped in size.
     async fn attempt(
         &self,
         method: &Method,
         url: &str,
-        body: Option<Arc<Vec<u8>>>,
+        body: Option<(Arc<Vec<u8>>, usize)>,
     ) -> Result<Vec<u8>, AttemptError> {
         let _permit = self
             .permits
             .acquire()
             .await
             .expect("the semaphore is never closed");
+        let items = body.as_ref().map_or(0, |(_, n)| *n);
+        let limit = self
+            .options
+            .max_reply_bytes
+            .unwrap_or_else(|| reply_limit(items));
+        let exchange = self.exchange(method, url, body.map(|(b, _)| b), limit);
+        match tokio::time::timeout(self.options.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(AttemptError::Retry(format!(
+                "timed out after {:?}",
+                self.options.timeout
+            ))),
+        }
+    }
+
+    /// Sends the request and reads at most `limit` bytes of the reply.
+    async fn exchange(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Option<Arc<Vec<u8>>>,
+        limit: usize,
+    ) -> Result<Vec<u8>, AttemptError> {
         let mut request = self
             .client
             .request(method.clone(), url)
@@ -220,18 +254,50 @@ impl HttpScorer {
                 message
             }
         };
-        let response = request
+        let method_name = if *method == Method::GET {
+            "GET"
+        } else {
+            "POST"
+        };
+        // A reply this large is not protocol v1: retrying would only repeat it.
+        let too_large = |what: String| {
+            AttemptError::Fatal(HttpError::Incompatible {
+                url: self.base.clone(),
+                why: format!(
+                    "the reply to {method_name} {url} {what}, over the client's limit of {limit} \
+                     bytes; is this a pso reward server? (HttpScorerOptions::max_reply_bytes \
+                     raises the limit)"
+                ),
+            })
+        };
+        let mut response = request
             .send()
             .await
             .map_err(|e| AttemptError::Retry(describe(e)))?;
         let status = response.status();
-        // A body cut short by a dropped connection fails here, never parses as a short reply.
-        let bytes = response
-            .bytes()
+        if let Some(announced) = response.content_length() {
+            if announced > limit as u64 {
+                return Err(too_large(format!("announces {announced} bytes")));
+            }
+        }
+        // Streamed under the cap; a body cut short by a dropped connection fails here, never
+        // parses as a short reply.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| AttemptError::Retry(format!("reading the reply body: {}", describe(e))))?;
+            .map_err(|e| AttemptError::Retry(format!("reading the reply body: {}", describe(e))))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large(format!(
+                    "runs past {} bytes",
+                    bytes.len() + chunk.len()
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if status.is_success() {
-            return Ok(bytes.to_vec());
+            return Ok(bytes);
         }
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error)
@@ -253,11 +319,7 @@ impl HttpScorer {
             _ => "",
         };
         Err(AttemptError::Fatal(HttpError::Rejected {
-            method: if *method == Method::GET {
-                "GET"
-            } else {
-                "POST"
-            },
+            method: method_name,
             url: url.to_owned(),
             status: status.to_string(),
             message,
@@ -284,7 +346,7 @@ impl HttpScorer {
             higher_is_better: self.info.higher_is_better,
         };
         let url = self.base.clone();
-        self.call_checked(Method::POST, "/v1/score", Some(body), |bytes| {
+        self.call_checked(Method::POST, "/v1/score", Some((body, items)), |bytes| {
             let reply: ScoreResponse = serde_json::from_slice(&bytes).map_err(|e| {
                 AttemptError::Retry(format!(
                     "the reply is not valid score JSON ({e}); first bytes: {:?}",

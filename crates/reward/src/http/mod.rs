@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{HttpScorer, HttpScorerOptions};
+pub use client::{reply_limit, HttpScorer, HttpScorerOptions};
 pub use server::{bind, serve, shutdown_signal, ServerOptions};
 
 /// The protocol version this crate speaks; `GET /v1/health` reports it as `protocol`.
