@@ -1082,7 +1082,9 @@ async fn stalled_connections_are_closed_after_their_timeouts() {
         )
         .await;
         // Meanwhile the server answers others.
-        let health = reqwest::get(format!("{}/v1/health", server.url)).await.unwrap();
+        let health = reqwest::get(format!("{}/v1/health", server.url))
+            .await
+            .unwrap();
         assert_eq!(health.status(), 200);
         assert!(!read_to_close(&mut silent).await.contains("200"));
         assert!(!read_to_close(&mut half_head).await.contains("200"));

@@ -100,7 +100,56 @@ impl AutoencoderKLConfig {
         {
             return Some(format!("up block `{t}`"));
         }
-        None
+        // Sizes a model cannot be built with (libtorch would panic on them).
+        let groups = self.norm_num_groups;
+        let sizes = [
+            (
+                "in_channels",
+                self.in_channels >= 1,
+                self.in_channels.to_string(),
+            ),
+            (
+                "out_channels",
+                self.out_channels >= 1,
+                self.out_channels.to_string(),
+            ),
+            (
+                "latent_channels",
+                self.latent_channels >= 1,
+                self.latent_channels.to_string(),
+            ),
+            (
+                "block_out_channels (each ≥ 1 and a multiple of norm_num_groups ≥ 1)",
+                groups >= 1
+                    && self
+                        .block_out_channels
+                        .iter()
+                        .all(|&c| c >= 1 && c % groups == 0),
+                format!(
+                    "{:?} with norm_num_groups {groups}",
+                    self.block_out_channels
+                ),
+            ),
+            (
+                "layers_per_block (≥ 1)",
+                self.layers_per_block >= 1,
+                self.layers_per_block.to_string(),
+            ),
+            (
+                "scaling_factor (finite, not 0)",
+                self.scaling_factor.is_finite() && self.scaling_factor != 0.0,
+                self.scaling_factor.to_string(),
+            ),
+            (
+                "shift_factor (finite)",
+                self.shift_factor.is_none_or(f64::is_finite),
+                format!("{:?}", self.shift_factor),
+            ),
+        ];
+        sizes
+            .into_iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(key, _, value)| format!("{key} = {value}"))
     }
 }
 
@@ -417,5 +466,31 @@ impl AutoencoderKL {
     /// Scales and shifts encoder latents into the diffusion model's latent space.
     pub fn scale_latents(&self, latents: &Tensor) -> Tensor {
         (latents - self.config.shift_factor.unwrap_or(0.0)) * self.config.scaling_factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_a_model_cannot_be_built_with_are_refused_by_name() {
+        let config = AutoencoderKLConfig::default();
+        assert_eq!(config.unsupported(), None);
+        let mut bad = config.clone();
+        bad.latent_channels = 0;
+        assert_eq!(bad.unsupported().unwrap(), "latent_channels = 0");
+        let mut bad = config.clone();
+        bad.norm_num_groups = 0;
+        assert!(bad.unsupported().unwrap().contains("norm_num_groups 0"));
+        let mut bad = config.clone();
+        bad.block_out_channels = vec![48];
+        assert!(bad
+            .unsupported()
+            .unwrap()
+            .contains("[48] with norm_num_groups 32"));
+        let mut bad = config;
+        bad.scaling_factor = 0.0;
+        assert!(bad.unsupported().unwrap().starts_with("scaling_factor"));
     }
 }

@@ -68,6 +68,25 @@ impl Default for ClipTextConfig {
     }
 }
 
+impl ClipTextConfig {
+    /// A size this implementation cannot build a model with (libtorch or an integer division
+    /// would panic on it), if any.
+    pub fn problem(&self) -> Option<String> {
+        tower_problem(
+            "text_config",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("intermediate_size", self.intermediate_size),
+                ("projection_dim", self.projection_dim),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+            self.hidden_size,
+            self.num_attention_heads,
+        )
+    }
+}
+
 /// `CLIPVisionConfig`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -111,6 +130,50 @@ impl Default for ClipVisionConfig {
     }
 }
 
+impl ClipVisionConfig {
+    /// A size this implementation cannot build a model with, if any.
+    pub fn problem(&self) -> Option<String> {
+        if self.patch_size >= 1 && self.image_size % self.patch_size != 0 {
+            return Some(format!(
+                "vision_config: image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        tower_problem(
+            "vision_config",
+            &[
+                ("intermediate_size", self.intermediate_size),
+                ("projection_dim", self.projection_dim),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_channels", self.num_channels),
+                ("image_size", self.image_size),
+                ("patch_size", self.patch_size),
+            ],
+            self.hidden_size,
+            self.num_attention_heads,
+        )
+    }
+}
+
+/// The first size of a tower that is not positive, or a width its heads do not divide.
+fn tower_problem(
+    tower: &str,
+    sizes: &[(&str, i64)],
+    hidden_size: i64,
+    heads: i64,
+) -> Option<String> {
+    if let Some((key, value)) = sizes
+        .iter()
+        .chain(&[("hidden_size", hidden_size), ("num_attention_heads", heads)])
+        .find(|(_, v)| *v < 1)
+    {
+        return Some(format!("{tower}.{key} = {value} (must be at least 1)"));
+    }
+    (hidden_size % heads != 0).then(|| {
+        format!("{tower}: hidden_size {hidden_size} is not divisible into {heads} attention heads")
+    })
+}
+
 /// `CLIPConfig`: both towers and the shared embedding size.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -133,6 +196,21 @@ impl Default for ClipConfig {
     }
 }
 
+impl ClipConfig {
+    /// A size this implementation cannot build a model with, if any.
+    pub fn problem(&self) -> Option<String> {
+        if self.projection_dim < 1 {
+            return Some(format!(
+                "projection_dim = {} (must be at least 1)",
+                self.projection_dim
+            ));
+        }
+        self.text_config
+            .problem()
+            .or_else(|| self.vision_config.problem())
+    }
+}
+
 /// A component's `config.json` as saved by transformers: its config and the `architectures` it
 /// was saved from.
 #[derive(Debug, Clone, Deserialize)]
@@ -143,4 +221,26 @@ pub struct ConfigFile<C> {
     /// Model classes, e.g. `["CLIPTextModelWithProjection"]`.
     #[serde(default)]
     pub architectures: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_a_tower_cannot_be_built_with_are_refused_by_name() {
+        assert_eq!(ClipConfig::default().problem(), None);
+        let mut bad = ClipConfig::default();
+        bad.text_config.num_attention_heads = 0;
+        assert_eq!(
+            bad.problem().unwrap(),
+            "text_config.num_attention_heads = 0 (must be at least 1)"
+        );
+        let mut bad = ClipConfig::default();
+        bad.vision_config.hidden_size = 100;
+        assert!(bad.problem().unwrap().contains("hidden_size 100"));
+        let mut bad = ClipConfig::default();
+        bad.vision_config.patch_size = 30;
+        assert!(bad.problem().unwrap().contains("patch_size 30"));
+    }
 }

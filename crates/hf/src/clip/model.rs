@@ -56,7 +56,15 @@ impl ClipModel {
                 }
             }
         }
-        Ok(serde_json::from_value(value).map_err(|source| LoadError::Json { path, source })?)
+        let config: ClipConfig =
+            serde_json::from_value(value).map_err(|source| LoadError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(why) = config.problem() {
+            return Err(LoadError::Unsupported { path, why }.into());
+        }
+        Ok(config)
     }
 
     /// Loads an HF `CLIPModel` folder (config.json + model.safetensors) in `kind` on `device`.

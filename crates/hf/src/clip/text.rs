@@ -8,7 +8,7 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use super::config::{ClipTextConfig, ConfigFile};
 use super::encoder::{ClipEncoder, EncoderSpec, Mask};
-use crate::load::{build_and_load_with_prefix, check_dir, read_json, weight_files};
+use crate::load::{build_and_load_with_prefix, check_dir, read_json, weight_files, LoadError};
 use crate::HfError;
 
 /// The `eos_token_id` of configs saved before transformers PR #24773; with it the pooled token is
@@ -164,7 +164,11 @@ impl ClipTextModel {
         variant: Option<&str>,
     ) -> Result<(nn::VarStore, Self), HfError> {
         check_dir(dir)?;
-        let file: ConfigFile<ClipTextConfig> = read_json(&dir.join("config.json"))?;
+        let path = dir.join("config.json");
+        let file: ConfigFile<ClipTextConfig> = read_json(&path)?;
+        if let Some(why) = file.config.problem() {
+            return Err(LoadError::Unsupported { path, why }.into());
+        }
         let projection = file
             .architectures
             .iter()
