@@ -13,7 +13,7 @@ use arrow::datatypes::{
 };
 
 use super::record::{Label, Latents, PairRecord, Side};
-use super::schema::{col, pair_schema};
+use super::schema::{col, pair_schema, same_layout};
 use super::PairsError;
 
 /// Builds a record batch of `records` in the pair schema.
@@ -172,7 +172,7 @@ impl<'a> Columns<'a> {
             let want = expected
                 .field_with_name(field.name())
                 .map_err(|_| PairsError::Schema(format!("unexpected column `{}`", field.name())))?;
-            if want.data_type() != field.data_type() {
+            if !same_layout(field.data_type(), want.data_type()) {
                 return Err(PairsError::Schema(format!(
                     "column `{}` has type {}, expected {}",
                     field.name(),

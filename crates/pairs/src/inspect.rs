@@ -259,8 +259,108 @@ impl std::fmt::Display for Problem {
 /// Row problems reported per file before the rest are only counted.
 const MAX_ROW_PROBLEMS_PER_FILE: usize = 20;
 
+/// Where the labels of one scorer's pairs point: rows whose label makes the higher score the
+/// winner, and rows whose label makes the lower one (as `(shard index, row)`).
+#[derive(Default)]
+struct LabelDirections {
+    higher: Vec<(usize, usize)>,
+    lower: Vec<(usize, usize)>,
+}
+
+/// Scorer name of imported human preferences, whose scores (1 / 0) are higher-is-better.
+const HUMAN_SCORER: &str = "human";
+
+/// Checks a row's label against its scores: a tie exactly when the scores are equal; otherwise
+/// records which direction the label agrees with, to be judged against the scorer's majority.
+fn check_label(
+    record: &super::PairRecord,
+    at: (usize, usize),
+    directions: &mut HashMap<(String, String), LabelDirections>,
+) -> Result<(), String> {
+    let (s0, s1) = (record.sides[0].score, record.sides[1].score);
+    match (s0 == s1, record.label) {
+        (true, Label::Tie) => Ok(()),
+        (true, label) => Err(format!(
+            "{}: {} won, but both scores are {s0} (a tie is labelled -1)",
+            col::LABEL,
+            side_name(label)
+        )),
+        (false, Label::Tie) => Err(format!(
+            "{}: a tie (-1), but the scores differ ({s0} vs {s1})",
+            col::LABEL
+        )),
+        (false, label) => {
+            let entry = directions
+                .entry((record.scorer.clone(), record.scorer_version.clone()))
+                .or_default();
+            if label == Label::from_scores(s0, s1, true) {
+                entry.higher.push(at);
+            } else {
+                entry.lower.push(at);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn side_name(label: Label) -> &'static str {
+    match label {
+        Label::Side0 => "side 0",
+        Label::Side1 => "side 1",
+        Label::Tie => "neither side",
+    }
+}
+
+/// The rows whose label points against the other pairs of the same scorer (the majority gives
+/// its direction; `human` pairs are higher-is-better), at most `per_scorer` listed each.
+fn label_problems(
+    directions: HashMap<(String, String), LabelDirections>,
+    shards: &[PathBuf],
+    per_scorer: usize,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut scorers: Vec<_> = directions.into_iter().collect();
+    scorers.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((scorer, version), d) in scorers {
+        let higher_is_better = scorer == HUMAN_SCORER || d.higher.len() >= d.lower.len();
+        let (agree, against) = if higher_is_better {
+            (d.higher.len(), &d.lower)
+        } else {
+            (d.lower.len(), &d.higher)
+        };
+        let (won, lost) = if higher_is_better {
+            ("higher", "lower")
+        } else {
+            ("lower", "higher")
+        };
+        for &(shard, row) in against.iter().take(per_scorer) {
+            problems.push(Problem {
+                path: shards[shard].clone(),
+                row: Some(row),
+                why: format!(
+                    "{}: makes the {lost} score the winner, against {agree} other pairs of scorer                      {scorer} ({version}) that make the {won} one win; a flipped label                      (relabel the store with --relabel-with, or drop the pair)",
+                    col::LABEL
+                ),
+            });
+        }
+        if against.len() > per_scorer {
+            problems.push(Problem {
+                path: shards[against[per_scorer].0].clone(),
+                row: None,
+                why: format!(
+                    "{} more pairs of scorer {scorer} with a flipped label not listed",
+                    against.len() - per_scorer
+                ),
+            });
+        }
+    }
+    problems
+}
+
 /// Reads every row of every shard and lists what is wrong: unreadable files, foreign schemas,
-/// rows that break the schema's invariants, and pair ids stored twice.
+/// rows that break the schema's invariants, pair ids stored twice, and labels that contradict
+/// the scores (a tie with unequal scores, a winner with equal ones, or a winner against the
+/// direction the other pairs of the same scorer follow).
 pub fn validate(paths: &[PathBuf]) -> Result<(usize, u64, Vec<Problem>), PairsError> {
     let shards = shard_paths(paths)?;
     let mut problems: Vec<Problem> = open_shard_paths(paths)?
@@ -275,7 +375,8 @@ pub fn validate(paths: &[PathBuf]) -> Result<(usize, u64, Vec<Problem>), PairsEr
         .collect();
     let mut rows_checked = 0u64;
     let mut seen: HashMap<(String, i64), (PathBuf, usize)> = HashMap::new();
-    for path in &shards {
+    let mut directions = HashMap::new();
+    for (shard, path) in shards.iter().enumerate() {
         let problem = |row: Option<usize>, why: String| Problem {
             path: path.clone(),
             row,
@@ -309,6 +410,9 @@ pub fn validate(paths: &[PathBuf]) -> Result<(usize, u64, Vec<Problem>), PairsEr
                 match c.record(i) {
                     Err(why) => report(why),
                     Ok(r) => {
+                        if let Err(why) = check_label(&r, (shard, row), &mut directions) {
+                            report(why);
+                        }
                         let key = (r.run_id.clone(), r.pair_id);
                         if let Some((p, first)) = seen.get(&key) {
                             report(format!(
@@ -335,5 +439,10 @@ pub fn validate(paths: &[PathBuf]) -> Result<(usize, u64, Vec<Problem>), PairsEr
             ));
         }
     }
+    problems.extend(label_problems(
+        directions,
+        &shards,
+        MAX_ROW_PROBLEMS_PER_FILE,
+    ));
     Ok((shards.len(), rows_checked, problems))
 }

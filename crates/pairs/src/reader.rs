@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::record::{Label, Source};
-use super::schema::{col, pair_schema, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use super::schema::{
+    col, conform_column, pair_schema, same_layout, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
+};
 use super::shard::{has_parquet_magic, TMP_SUFFIX};
 use super::PairsError;
 
@@ -239,7 +241,7 @@ fn check_schema(
                     why: format!("column `{}` is missing", field.name()),
                 })
             }
-            Ok(f) if f.data_type() != field.data_type() => {
+            Ok(f) if !same_layout(f.data_type(), field.data_type()) => {
                 return Err(PairsError::WrongSchema {
                     path: path.to_owned(),
                     why: format!(
@@ -359,7 +361,7 @@ impl PairReader {
             let mask = self.opts.filter.mask(&batch);
             filter_record_batch(&batch, &mask)?
         };
-        let mut batch = batch.project(&order)?;
+        let mut batch = conform_batch(batch.project(&order)?)?;
         if let Some(rng) = self.rng.as_mut() {
             let mut perm: Vec<u32> = (0..batch.num_rows() as u32).collect();
             perm.shuffle(rng);
@@ -367,6 +369,30 @@ impl PairReader {
         }
         Ok(batch)
     }
+}
+
+/// The batch with every column in the pair schema's exact type (see [`conform_column`]).
+fn conform_batch(batch: RecordBatch) -> Result<RecordBatch, PairsError> {
+    let schema = batch.schema();
+    if schema.fields().iter().all(|f| {
+        pair_schema()
+            .field_with_name(f.name())
+            .is_ok_and(|w| w.data_type() == f.data_type())
+    }) {
+        return Ok(batch);
+    }
+    let canonical = pair_schema();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let want = canonical
+            .field_with_name(field.name())
+            .map_err(|_| PairsError::Schema(format!("unexpected column `{}`", field.name())))?;
+        columns.push(conform_column(column.clone(), want).map_err(PairsError::Schema)?);
+        fields.push(want.clone());
+    }
+    let schema = arrow::datatypes::Schema::new_with_metadata(fields, schema.metadata().clone());
+    Ok(RecordBatch::try_new(std::sync::Arc::new(schema), columns)?)
 }
 
 impl Iterator for PairReader {

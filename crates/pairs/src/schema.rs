@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, LazyLock};
 
+use arrow::array::{Array, ArrayRef, AsArray, ListArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 /// Version of the row layout below; written to every file's key-value metadata.
@@ -63,7 +64,11 @@ fn int32_list() -> DataType {
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     use DataType::*;
     let f = Field::new;
-    Arc::new(Schema::new(vec![
+    // The version travels in the Arrow schema too (the file's embedded `ARROW:schema`): pyarrow
+    // restores a table's metadata from there, so a store rewritten by pyarrow keeps it.
+    let metadata: std::collections::HashMap<String, String> =
+        [(SCHEMA_VERSION_KEY.to_owned(), SCHEMA_VERSION.to_string())].into();
+    let fields = vec![
         f(col::RUN_ID, Utf8, false),
         f(col::PAIR_ID, Int64, false),
         f(
@@ -97,10 +102,51 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         f(col::LATENTS_1, LargeBinary, true),
         f(col::TRAJECTORY_0, LargeBinary, true),
         f(col::TRAJECTORY_1, LargeBinary, true),
-    ]))
+    ];
+    Arc::new(Schema::new_with_metadata(fields, metadata))
 });
 
 /// The Arrow schema of a pair-store file.
 pub fn pair_schema() -> SchemaRef {
     SCHEMA.clone()
+}
+
+/// Whether a column of type `found` reads as `want`: the same type, or lists that differ only in
+/// their element field's name or nullability (pyarrow writes `element`, nullable; arrow-rs
+/// `item`), so that a store rewritten by pyarrow with its defaults is still a store.
+pub fn same_layout(found: &DataType, want: &DataType) -> bool {
+    match (found, want) {
+        (DataType::List(a), DataType::List(b)) => same_layout(a.data_type(), b.data_type()),
+        _ => found == want,
+    }
+}
+
+/// Brings a column read from a file to `want`'s exact type when the two have the same layout
+/// but differ in a list's element field; refuses null list elements, which the schema forbids.
+pub(crate) fn conform_column(array: ArrayRef, want: &Field) -> Result<ArrayRef, String> {
+    match (array.data_type(), want.data_type()) {
+        (found, target) if found == target => Ok(array),
+        (DataType::List(_), DataType::List(element)) => {
+            let list = array.as_list::<i32>();
+            let values = conform_column(list.values().clone(), element)?;
+            if !element.is_nullable() && values.null_count() > 0 {
+                return Err(format!(
+                    "column `{}` holds a null inside a list; the pair schema allows none",
+                    want.name()
+                ));
+            }
+            let rebuilt = ListArray::try_new(
+                element.clone(),
+                list.offsets().clone(),
+                values,
+                list.nulls().cloned(),
+            )
+            .map_err(|e| format!("column `{}`: {e}", want.name()))?;
+            Ok(Arc::new(rebuilt))
+        }
+        (found, target) => Err(format!(
+            "column `{}` has type {found}, expected {target}",
+            want.name()
+        )),
+    }
 }

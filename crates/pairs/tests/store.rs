@@ -809,3 +809,79 @@ fn a_crashed_store_is_reported_until_recovered() {
     let e = recover_store(crashed.path()).unwrap_err().to_string();
     assert!(e.contains("another process is writing"), "{e}");
 }
+
+/// Labels are checked against scores: a flipped label (against the direction every other pair
+/// of its scorer follows), a tie with unequal scores and a winner with equal ones are reported
+/// by row; a consistent store, lower-is-better scorers included, passes.
+#[test]
+fn validate_reports_labels_that_contradict_the_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = PairStoreWriter::open(WriterOptions::new(dir.path(), "labels")).unwrap();
+    let mut expected = BTreeSet::new();
+    for i in 0..12 {
+        let mut r = record("labels", i);
+        let (s0, s1) = (r.sides[0].score, r.sides[1].score);
+        match i {
+            3 | 7 => {
+                r.label = Label::from_scores(s0, s1, false);
+                expected.insert((i as usize, "makes the lower score the winner"));
+            }
+            5 => {
+                assert_eq!(s0, s1, "the fixture ties every fifth pair");
+                r.label = Label::Side1;
+                expected.insert((5, "side 1 won, but both scores are"));
+            }
+            9 => {
+                r.label = Label::Tie;
+                expected.insert((9, "a tie (-1), but the scores differ"));
+            }
+            _ => {}
+        }
+        w.append(r).unwrap();
+    }
+    // A lower-is-better scorer whose labels all agree with each other is consistent.
+    for i in 12..16 {
+        let mut r = record("labels", i);
+        r.scorer = "distance".into();
+        r.label = Label::from_scores(r.sides[0].score, r.sides[1].score, false);
+        w.append(r).unwrap();
+    }
+    w.close().unwrap();
+    let (_, rows, problems) = validate(&[dir.path().to_owned()]).unwrap();
+    assert_eq!(rows, 16);
+    let found: BTreeSet<(usize, &str)> = problems
+        .iter()
+        .map(|p| {
+            let (_, what) = expected
+                .iter()
+                .find(|(row, what)| Some(*row) == p.row && p.why.contains(what))
+                .unwrap_or_else(|| panic!("unexpected problem: {p}"));
+            (p.row.unwrap(), *what)
+        })
+        .collect();
+    assert_eq!(found, expected, "{problems:#?}");
+    assert!(problems[0].to_string().contains("label"), "{}", problems[0]);
+}
+
+/// A store rewritten by pyarrow with its defaults (list elements named `element`, nullable) is
+/// still a store: it reads, validates and holds exactly the rows pyarrow kept.
+#[test]
+fn a_store_rewritten_by_pyarrow_with_its_defaults_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write_all(dir.path(), "r", 0..9, 100, 100);
+    let out = common::oracle("rewrite_pairs.py", &[dir.path().as_os_str()]);
+    let types: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        types
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|t| t == "list<element: int32>"),
+        "pyarrow's defaults changed: {types}"
+    );
+    let read = read_records(&[dir.path().to_owned()], ReadOptions::default());
+    let kept: Vec<PairRecord> = written.into_iter().step_by(2).collect();
+    assert_eq!(read, kept);
+    let (_, rows, problems) = validate(&[dir.path().to_owned()]).unwrap();
+    assert_eq!((rows, problems), (5, vec![]));
+}
