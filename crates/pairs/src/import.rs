@@ -168,6 +168,21 @@ pub fn import_pickapic(
         let mut row0 = 0usize;
         for batch in reader {
             let batch = batch.map_err(|e| PairsError::from(e).in_file(path))?;
+            let caption = column(path, &batch, "caption")?;
+            if !matches!(
+                caption.data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            ) {
+                // Numbers would become prompts like "42": surely the wrong column or file.
+                return Err(PairsError::WrongSchema {
+                    path: path.clone(),
+                    why: format!(
+                        "column `caption` holds {}, not text; a Pick-a-Pic caption is the \
+                         prompt (cast the column to string first if these really are prompts)",
+                        caption.data_type()
+                    ),
+                });
+            }
             let caption = cast_to(path, &batch, "caption", &DataType::Utf8)?;
             let caption = caption.as_string::<i32>();
             let jpg = ["jpg_0", "jpg_1"].map(|c| cast_to(path, &batch, c, &DataType::LargeBinary));

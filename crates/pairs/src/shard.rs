@@ -31,6 +31,30 @@ pub const TMP_SUFFIX: &str = ".parquet.tmp";
 pub const FOOTER_SUFFIX: &str = ".parquet.tmp.footer";
 
 /// An [`PairsError::Io`] maker for `map_err`, naming the file and the action.
+/// A [`PairsError::Io`] maker for the Parquet writer's errors: a full disk surfaces as an I/O
+/// error wrapped in a Parquet one, and the message must name the shard.
+pub(crate) fn write_err<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(parquet::errors::ParquetError) -> PairsError + 'a {
+    move |error| {
+        let source = match error {
+            parquet::errors::ParquetError::External(inner) => {
+                match inner.downcast::<std::io::Error>() {
+                    Ok(io) => *io,
+                    Err(other) => std::io::Error::other(other.to_string()),
+                }
+            }
+            other => std::io::Error::other(other.to_string()),
+        };
+        PairsError::Io {
+            path: path.to_owned(),
+            action,
+            source,
+        }
+    }
+}
+
 pub(crate) fn io_err<'a>(
     path: &'a Path,
     action: &'static str,
@@ -92,4 +116,28 @@ pub fn has_parquet_magic(path: &Path) -> Result<bool, PairsError> {
     let mut tail = [0u8; 4];
     f.read_exact(&mut tail).map_err(io_err(path, "read"))?;
     Ok(&head == b"PAR1" && &tail == b"PAR1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk reaches the writer as an I/O error inside a Parquet one; the message names
+    /// the shard and keeps the OS error.
+    #[test]
+    fn a_full_disk_names_the_shard() {
+        let full = std::io::Error::from_raw_os_error(28);
+        let wrapped = parquet::errors::ParquetError::External(Box::new(full));
+        let path = Path::new("/store/run-000003.parquet.tmp");
+        let error = write_err(path, "write")(wrapped);
+        let PairsError::Io { source, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(source.raw_os_error(), Some(28));
+        let text = error.to_string();
+        assert!(
+            text.starts_with("write /store/run-000003.parquet.tmp: No space left on device"),
+            "{text}"
+        );
+    }
 }

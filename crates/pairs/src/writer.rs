@@ -25,7 +25,8 @@ use super::record::PairRecord;
 use super::recover::recover_dir;
 use super::schema::{pair_schema, BLOB_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::shard::{
-    io_err, lock_store, next_shard_number, run_shards, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX,
+    io_err, lock_store, next_shard_number, run_shards, sync_dir, write_err, FOOTER_SUFFIX,
+    TMP_SUFFIX,
 };
 use super::PairsError;
 
@@ -112,7 +113,8 @@ impl ShardWriter {
             .map_err(io_err(&tmp_path, "create"))?;
         let sync_handle = file.try_clone().map_err(io_err(&tmp_path, "open"))?;
         let props = writer_properties(run_id);
-        let writer = ArrowWriter::try_new(file, pair_schema(), Some(props.clone()))?;
+        let writer = ArrowWriter::try_new(file, pair_schema(), Some(props.clone()))
+            .map_err(write_err(&tmp_path, "start"))?;
         Ok(ShardWriter {
             final_path,
             tmp_path,
@@ -130,8 +132,12 @@ impl ShardWriter {
             return Ok(());
         }
         let batch = records_to_batch(records)?;
-        self.writer.write(&batch)?;
-        self.writer.flush()?;
+        self.writer
+            .write(&batch)
+            .map_err(write_err(&self.tmp_path, "write"))?;
+        self.writer
+            .flush()
+            .map_err(write_err(&self.tmp_path, "write"))?;
         self.writer
             .sync()
             .map_err(io_err(&self.tmp_path, "write"))?;
@@ -169,7 +175,7 @@ impl ShardWriter {
             sync_handle,
             ..
         } = self;
-        writer.close()?;
+        writer.close().map_err(write_err(&tmp_path, "close"))?;
         sync_handle.sync_all().map_err(io_err(&tmp_path, "fsync"))?;
         fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path, "rename"))?;
         if let Err(e) = fs::remove_file(&footer_path) {

@@ -744,6 +744,44 @@ fn pickapic_import_names_the_bad_row_and_the_missing_column() {
         err.to_string().contains("column `jpg_0` is missing"),
         "{err}"
     );
+
+    // Integer captions would become prompts like "42": refused, not imported silently.
+    let numbers = dir.path().join("numbers.parquet");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("caption", DataType::Int64, false),
+        Field::new("jpg_0", DataType::Binary, false),
+        Field::new("jpg_1", DataType::Binary, false),
+        Field::new("label_0", DataType::Float64, false),
+        Field::new("label_1", DataType::Float64, false),
+    ]));
+    let (a, b) = (jpeg(1, 8, 8), jpeg(2, 8, 8));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(arrow::array::Int64Array::from(vec![42])) as ArrayRef,
+            Arc::new(BinaryArray::from(vec![a.as_slice()])),
+            Arc::new(BinaryArray::from(vec![b.as_slice()])),
+            Arc::new(Float64Array::from(vec![1.0])),
+            Arc::new(Float64Array::from(vec![0.0])),
+        ],
+    )
+    .unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&numbers).unwrap(),
+        schema,
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let err = import_pickapic(&[numbers], &opts, &indicatif::ProgressBar::hidden()).unwrap_err();
+    assert!(
+        err.to_string().contains("numbers.parquet")
+            && err
+                .to_string()
+                .contains("column `caption` holds Int64, not text"),
+        "{err}"
+    );
 }
 
 #[test]
