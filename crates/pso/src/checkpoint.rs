@@ -171,6 +171,12 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
         return Ok(None);
     }
     let name = fs::read_to_string(&file).map_err(io(&file))?;
+    if name.trim().is_empty() {
+        return Err(CheckpointError::Invalid {
+            path: file,
+            why: "is empty; write the name of one of the step-* directories into it".into(),
+        });
+    }
     let dir = root.join(name.trim());
     if !dir.is_dir() {
         return Err(CheckpointError::Invalid {
@@ -182,6 +188,59 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
         });
     }
     Ok(Some(dir))
+}
+
+/// A checkpoint passed over by [`load_newest`], and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// The checkpoint directory (or the `latest` file).
+    pub path: PathBuf,
+    /// Why it could not be used.
+    pub why: String,
+}
+
+/// The newest checkpoint under `root` that reads back whole: the one `latest` names, else, when
+/// `latest` is missing, empty or names nothing, or that checkpoint is damaged (a truncated
+/// file), the newest step-* directory that loads. Returns it with what was passed over; `None`
+/// when `root` holds no checkpoint at all.
+pub fn load_newest(root: &Path) -> Result<Option<(Loaded, Vec<Skipped>)>, CheckpointError> {
+    let mut skipped = Vec::new();
+    let mut candidates = list(root)?;
+    candidates.reverse();
+    match latest(root) {
+        Ok(Some(named)) => {
+            candidates.retain(|c| c != &named);
+            candidates.insert(0, named);
+        }
+        Ok(None) => {}
+        Err(e) => skipped.push(Skipped {
+            path: root.join(LATEST),
+            why: e.to_string(),
+        }),
+    }
+    if candidates.is_empty() && skipped.is_empty() {
+        return Ok(None);
+    }
+    for dir in candidates {
+        match load(&dir) {
+            Ok(loaded) => return Ok(Some((loaded, skipped))),
+            Err(e) => skipped.push(Skipped {
+                path: dir,
+                why: e.to_string(),
+            }),
+        }
+    }
+    Err(CheckpointError::Invalid {
+        path: root.to_owned(),
+        why: format!(
+            "no checkpoint reads back whole ({}); start the run anew in another directory",
+            skipped
+                .iter()
+                .map(|s| s.why.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    })
 }
 
 /// Reads a checkpoint directory.
@@ -274,5 +333,69 @@ mod tests {
         fs::write(root.join(LATEST), "step-00000009\n").unwrap();
         let e = latest(&root).unwrap_err().to_string();
         assert!(e.contains("step-00000009"), "{e}");
+    }
+
+    /// Two checkpoints under `root`, of steps 1 and 2, `latest` naming step 2.
+    fn two_checkpoints(root: &Path) {
+        let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let mut learner = Learner::new(
+            vec![("w".into(), w.shallow_clone())],
+            &OptimSection::default(),
+            &LearnerSection::default(),
+        );
+        for cursor in 1..=2 {
+            learner
+                .step(|_| {
+                    let loss = w.square().sum(Kind::Float);
+                    Ok(Loss {
+                        diagnostics: Diagnostics::default(),
+                        loss,
+                    })
+                })
+                .unwrap();
+            let state = State {
+                pso_version: "test".into(),
+                counters: learner.counters(),
+                data_cursor: cursor,
+                config_hash: "h".into(),
+                peft: "lora".into(),
+            };
+            save(root, &learner, &state, 5).unwrap();
+        }
+    }
+
+    #[test]
+    fn resume_falls_back_to_the_newest_checkpoint_that_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("checkpoints");
+        assert!(load_newest(&root).unwrap().is_none());
+        two_checkpoints(&root);
+        let (loaded, skipped) = load_newest(&root).unwrap().unwrap();
+        assert_eq!((loaded.state.data_cursor, skipped), (2, vec![]));
+
+        // The newest checkpoint truncated (a disk that filled, a copy cut short).
+        let newest = root.join(dir_name(2)).join(TRAINABLE);
+        let bytes = fs::read(&newest).unwrap();
+        fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let (loaded, skipped) = load_newest(&root).unwrap().unwrap();
+        assert_eq!(loaded.state.data_cursor, 1);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].path.ends_with(dir_name(2)), "{skipped:?}");
+
+        // `latest` empty, or naming nothing: the newest directory that loads is used.
+        for pointer in ["", "step-00000077\n"] {
+            fs::write(root.join(LATEST), pointer).unwrap();
+            let (loaded, skipped) = load_newest(&root).unwrap().unwrap();
+            assert_eq!(loaded.state.data_cursor, 1);
+            assert!(skipped[0].path.ends_with(LATEST), "{skipped:?}");
+        }
+        fs::remove_file(root.join(LATEST)).unwrap();
+        assert_eq!(load_newest(&root).unwrap().unwrap().0.state.data_cursor, 1);
+
+        // Nothing loads: the error lists every reason.
+        fs::remove_file(root.join(dir_name(1)).join(STATE)).unwrap();
+        let e = load_newest(&root).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint reads back whole"), "{e}");
+        assert!(e.contains(STATE) && e.contains(TRAINABLE), "{e}");
     }
 }

@@ -30,6 +30,7 @@ pub use dir::{run_path, Metrics, RunDir};
 pub(crate) use error::io;
 pub use error::RunError;
 pub use progress::{progress, progress_of};
+pub(crate) use resume::latest_or_none;
 pub use resume::{resume, save, start_learner};
 pub use stop::stop_flag;
 

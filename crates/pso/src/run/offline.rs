@@ -16,7 +16,8 @@ use super::images::{ImageSetOptions, LabelAs, TrainingImage, TrainingImages};
 use super::reference_pool::{self, ReferencePool};
 use super::relabel::Relabeler;
 use super::{
-    progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError, Summary,
+    latest_or_none, progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError,
+    Summary,
 };
 use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
@@ -578,7 +579,7 @@ pub fn run_with(
         }
     }
     bar.finish_and_clear();
-    let last = checkpoint::latest(&dir.checkpoints())?;
+    let last = latest_or_none(&dir.checkpoints());
     let up_to_date = last
         .as_ref()
         .is_some_and(|p| p.ends_with(checkpoint::dir_name(learner.counters().step)));

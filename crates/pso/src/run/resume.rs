@@ -47,13 +47,21 @@ pub fn start_learner(
     Ok((learner, cursor))
 }
 
-/// Restores the latest checkpoint of `dir` into `learner`; returns the data cursor (0 when the
-/// run has no checkpoint yet).
+/// Restores the newest checkpoint of `dir` that reads back whole into `learner` (passing over,
+/// with a warning, a damaged newest one or a broken `latest` pointer); returns the data cursor
+/// (0 when the run has no checkpoint yet).
 pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result<u64, RunError> {
-    let Some(latest) = checkpoint::latest(&dir.checkpoints())? else {
+    let Some((loaded, skipped)) = checkpoint::load_newest(&dir.checkpoints())? else {
         return Ok(0);
     };
-    let loaded = checkpoint::load(&latest)?;
+    for passed in &skipped {
+        tracing::warn!(
+            path = %passed.path.display(),
+            why = %passed.why,
+            "passing over a checkpoint that does not read back; resuming from an older one"
+        );
+    }
+    let latest = loaded.dir.clone();
     if loaded.state.config_hash != config.training_hash() {
         return Err(RunError::RunDir {
             path: latest,
@@ -74,4 +82,10 @@ pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result
         "resumed"
     );
     Ok(loaded.state.data_cursor)
+}
+
+/// The checkpoint `latest` names, or `None` when there is none or the pointer is broken (empty,
+/// dangling): the caller then writes a checkpoint, which repairs it.
+pub(crate) fn latest_or_none(checkpoints: &std::path::Path) -> Option<PathBuf> {
+    checkpoint::latest(checkpoints).ok().flatten()
 }

@@ -21,7 +21,7 @@ use crate::learner::{Learner, LearnerError, StepReport};
 use crate::run::eval::Evaluator;
 use crate::run::label::PatientScorer;
 use crate::run::rounds::Round;
-use crate::run::{progress, save, step_seed, Metrics, RunDir, RunError, Summary};
+use crate::run::{latest_or_none, progress, save, step_seed, Metrics, RunDir, RunError, Summary};
 use pairs::writer::AsyncPairWriter;
 
 /// The state of the learner's loop.
@@ -278,7 +278,7 @@ impl Loop<'_> {
 
     /// The final checkpoint, unless the newest one is already of this step.
     pub(super) fn finish(&mut self) -> Result<(), RunError> {
-        let last = checkpoint::latest(&self.dir.checkpoints())?;
+        let last = latest_or_none(&self.dir.checkpoints());
         let up_to_date = last
             .as_ref()
             .is_some_and(|p| p.ends_with(checkpoint::dir_name(self.step())));
