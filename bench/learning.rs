@@ -1,19 +1,21 @@
 //! Does PSO learn on the toy model, and does it keep few-step ability where SFT loses it?
 //!
-//! Two online runs of `configs/tiny-cpu.toml` with the same budget (steps, pairs, seeds), on CPU:
-//! - `pso`: online PSO with the `pixel:centered` reward;
-//! - `sft`: the baseline, the plain denoising loss on each pair's winner (`objective.kind =
-//!   "sft"`), i.e. fine-tuning on the reward's preferred samples;
-//! - `sft-lr/10`: the same at a tenth of the learning rate (is SFT's damage only a step size?).
+//! Online runs of `configs/tiny-cpu.toml` with the same budget (steps, pairs per step), on CPU,
+//! each arm with several run seeds (LoRA init, prompts and sampling noise differ):
+//! - `pso`: online PSO with the `pixel:centered` reward (lr 1e-3, the config's);
+//! - `sft-uniform`: the baseline, the plain denoising loss on each pair's winner
+//!   (`objective.kind = "sft"`) at uniform timesteps, lr 1e-4 (at 1e-3 it collapses);
+//! - `sft-distilled`: the same at the distilled (LCM) timesteps PSO trains at, lr 1e-4.
 //!
 //! Before and after, on held-out captions (builtin:shapes-eval) and seeds no training draw uses,
-//! at 1, 2 and 4 LCM steps: mean reward, caption accuracy read by the toy classifier, and
-//! sharpness (Laplacian variance; the dataset's is the reference). Writes OUT/learning.json,
-//! OUT/samples.png (rows: base, PSO, SFT, SFT lr/10 at 4 steps; then the same at 1 step) and a
-//! `pso report` page per run; prints a Markdown table.
+//! at 1, 2 and 4 LCM steps: caption accuracy read by the toy classifier (and per attribute),
+//! mean reward, and sharpness (Laplacian variance; the dataset's is the reference). Writes
+//! OUT/learning.json (every run, and mean ± sd over seeds), OUT/samples.png (rows: base, then
+//! each arm's first seed at 4 steps; then the same at 1 step) and a `pso report` page per run;
+//! prints a Markdown table of mean ± sd.
 //!
-//! Run: `cargo bench --bench learning -- [--steps N] [--out DIR]` (default 300 steps,
-//! target/bench-learning).
+//! Run: `cargo bench --bench learning -- [--steps N] [--seeds K] [--out DIR]` (default 300
+//! steps, 3 seeds, target/bench-learning).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use diffusion::pipeline::Pipeline;
 use diffusion::sampling::Timesteps;
 use image::RgbImage;
 use pso::config::RunConfig;
-use pso::objective::ObjectiveKind;
+use pso::objective::{ObjectiveKind, SftTimesteps};
 use pso::peft::Adapter;
 use pso::run::online::{run, OnlineOptions, Scorers};
 use pso::run::prompts::PromptSet;
@@ -40,18 +42,21 @@ const STEP_COUNTS: [usize; 3] = [1, 2, 4];
 
 struct Args {
     steps: u64,
+    seeds: u64,
     out: PathBuf,
 }
 
 fn args() -> Args {
     let mut args = Args {
         steps: 300,
+        seeds: 3,
         out: PathBuf::from("target/bench-learning"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--steps" => args.steps = it.next().expect("--steps N").parse().expect("a number"),
+            "--seeds" => args.seeds = it.next().expect("--seeds K").parse().expect("a number"),
             "--out" => args.out = it.next().expect("--out DIR").into(),
             // cargo bench passes --bench.
             _ => {}
@@ -61,7 +66,7 @@ fn args() -> Args {
 }
 
 /// What one model does on the held-out set at one step count.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 struct Measure {
     steps: usize,
     reward: f64,
@@ -130,6 +135,60 @@ fn write_grid(path: &Path, rows: &[&[RgbImage]]) {
     grid.save(path).unwrap();
 }
 
+/// One arm of the comparison: an objective, where SFT noises, and a learning rate.
+struct Arm {
+    name: &'static str,
+    kind: ObjectiveKind,
+    sft_timesteps: SftTimesteps,
+    lr: f64,
+}
+
+const ARMS: [Arm; 3] = [
+    Arm {
+        name: "pso",
+        kind: ObjectiveKind::OnlinePso,
+        sft_timesteps: SftTimesteps::Uniform,
+        lr: 1e-3,
+    },
+    Arm {
+        name: "sft-uniform",
+        kind: ObjectiveKind::Sft,
+        sft_timesteps: SftTimesteps::Uniform,
+        lr: 1e-4,
+    },
+    Arm {
+        name: "sft-distilled",
+        kind: ObjectiveKind::Sft,
+        sft_timesteps: SftTimesteps::Distilled,
+        lr: 1e-4,
+    },
+];
+
+/// The metrics of the table, as (column, reader of one measure).
+type Metric = (&'static str, fn(&Measure) -> f64);
+
+const METRICS: [Metric; 7] = [
+    ("caption", |m| m.accuracy.caption),
+    ("reward", |m| m.reward),
+    ("shape", |m| m.accuracy.shape),
+    ("colour", |m| m.accuracy.colour),
+    ("size", |m| m.accuracy.size),
+    ("background", |m| m.accuracy.background),
+    ("sharpness", |m| m.sharpness),
+];
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
 fn main() {
     let args = args();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -152,43 +211,56 @@ fn main() {
     let base = pso::run::load_pipeline(&base_config, Device::Cpu).unwrap();
     let (before, base_images) = measure(&base, &classifier, &captions);
     drop(base);
-    let mut results = vec![json!({"model": "base", "measures": before})];
+    // (arm, per-seed measures at each step count, per-seed training seconds)
+    let mut arms: Vec<(&str, Vec<Vec<Measure>>, Vec<f64>)> = vec![("base", vec![before], vec![])];
     let mut grids = vec![("base", firsts(&base_images[2]), firsts(&base_images[0]))];
-    for (name, kind, lr_scale) in [
-        ("pso", ObjectiveKind::OnlinePso, 1.0),
-        ("sft", ObjectiveKind::Sft, 1.0),
-        ("sft-lr/10", ObjectiveKind::Sft, 0.1),
-    ] {
-        let mut config = base_config.clone();
-        config.objective.kind = kind;
-        config.optim.lr *= lr_scale;
-        config.learner.max_steps = args.steps;
-        config.learner.checkpoint_every = args.steps;
-        config.eval.every = 50;
-        let out = args.out.join(name.replace('/', "-"));
-        let _ = std::fs::remove_dir_all(&out);
-        let started = std::time::Instant::now();
-        let scorer: Arc<dyn reward::Scorer> = Arc::new(PixelScorer::new("centered").unwrap());
-        run(
-            &config,
-            OnlineOptions {
-                out: out.clone(),
-                resume: false,
-                progress: false,
-                max_hours: None,
-            },
-            Scorers {
-                train: scorer.clone(),
-                eval: vec![("pixel:centered".into(), scorer)],
-            },
-        )
-        .unwrap();
-        let seconds = started.elapsed().as_secs_f64();
-        pso::report::write_report(&out, &out.join("report")).unwrap();
-        let (pipeline, _adapter) = trained(&config, &out);
-        let (after, images) = measure(&pipeline, &classifier, &captions);
-        results.push(json!({"model": name, "measures": after, "train_seconds": seconds}));
-        grids.push((name, firsts(&images[2]), firsts(&images[0])));
+    for arm in &ARMS {
+        let mut measures = Vec::new();
+        let mut seconds = Vec::new();
+        for seed in 0..args.seeds {
+            let mut config = base_config.clone();
+            config.run.seed = seed;
+            config.objective.kind = arm.kind;
+            config.objective.sft_timesteps = arm.sft_timesteps;
+            config.optim.lr = arm.lr;
+            config.learner.max_steps = args.steps;
+            config.learner.checkpoint_every = args.steps;
+            config.eval.every = 50;
+            let out = args.out.join(format!("{}-seed{seed}", arm.name));
+            let _ = std::fs::remove_dir_all(&out);
+            let started = std::time::Instant::now();
+            let scorer: Arc<dyn reward::Scorer> = Arc::new(PixelScorer::new("centered").unwrap());
+            run(
+                &config,
+                OnlineOptions {
+                    out: out.clone(),
+                    resume: false,
+                    progress: false,
+                    max_hours: None,
+                },
+                Scorers {
+                    train: scorer.clone(),
+                    eval: vec![("pixel:centered".into(), scorer)],
+                },
+            )
+            .unwrap();
+            seconds.push(started.elapsed().as_secs_f64());
+            pso::report::write_report(&out, &out.join("report")).unwrap();
+            let (pipeline, _adapter) = trained(&config, &out);
+            let (after, images) = measure(&pipeline, &classifier, &captions);
+            eprintln!(
+                "{} seed {seed}: caption {:.3} reward {:.3} at 4 steps ({:.0} s)",
+                arm.name,
+                after[2].accuracy.caption,
+                after[2].reward,
+                seconds.last().unwrap()
+            );
+            if seed == 0 {
+                grids.push((arm.name, firsts(&images[2]), firsts(&images[0])));
+            }
+            measures.push(after);
+        }
+        arms.push((arm.name, measures, seconds));
     }
 
     let rows: Vec<&[RgbImage]> = grids
@@ -210,43 +282,47 @@ fn main() {
         .map(|i| PixelMetric::Centered.measure(i) as f64)
         .sum::<f64>()
         / dataset.len() as f64;
+
+    let mut summary = Vec::new();
+    println!(
+        "| model | LCM steps | caption acc. | reward (centered) | shape | colour | size | background | sharpness |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, measures, _) in &arms {
+        for (k, steps) in STEP_COUNTS.iter().enumerate() {
+            let mut cells = Vec::new();
+            let mut stats = serde_json::Map::new();
+            for (metric, read) in METRICS {
+                let values: Vec<f64> = measures.iter().map(|m| read(&m[k])).collect();
+                let (mean, sd) = mean_sd(&values);
+                stats.insert(
+                    metric.into(),
+                    json!({"mean": mean, "sd": sd, "runs": values}),
+                );
+                cells.push(if metric == "sharpness" {
+                    format!("{mean:.0} ± {sd:.0}")
+                } else {
+                    format!("{mean:.3} ± {sd:.3}")
+                });
+            }
+            summary.push(json!({"model": name, "steps": steps, "metrics": stats}));
+            println!("| {name} | {steps} | {} |", cells.join(" | "));
+        }
+    }
     let report = json!({
         "steps": args.steps,
+        "seeds": args.seeds,
         "held_out_images": captions.len(),
         "dataset_sharpness": data_sharpness,
         "dataset_reward": data_reward,
-        "models": results,
+        "train_seconds": arms.iter().map(|(n, _, s)| (n.to_string(), json!(s))).collect::<serde_json::Map<_, _>>(),
+        "summary": summary,
     });
     std::fs::write(
         args.out.join("learning.json"),
         serde_json::to_string_pretty(&report).unwrap(),
     )
     .unwrap();
-
-    println!(
-        "| model | LCM steps | reward (centered) | caption acc. | shape | colour | size | background | sharpness |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for model in report["models"].as_array().unwrap() {
-        for m in model["measures"].as_array().unwrap() {
-            let a = &m["accuracy"];
-            println!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} |",
-                model["model"].as_str().unwrap(),
-                m["steps"],
-                m["reward"].as_f64().unwrap(),
-                a["caption"].as_f64().unwrap(),
-                a["shape"].as_f64().unwrap(),
-                a["colour"].as_f64().unwrap(),
-                a["size"].as_f64().unwrap(),
-                a["background"].as_f64().unwrap(),
-                m["sharpness"].as_f64().unwrap(),
-            );
-        }
-    }
-    println!(
-        "dataset: sharpness {data_sharpness:.0}, reward {:.3}",
-        report["dataset_reward"]
-    );
+    println!("dataset: sharpness {data_sharpness:.0}, reward {data_reward:.3}");
     println!("written: {}", args.out.display());
 }

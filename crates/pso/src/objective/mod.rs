@@ -145,8 +145,9 @@ pub enum Objective {
     PsoDb(PsoDb),
     /// `dpo`: Diffusion-DPO at any training timestep.
     Dpo(Dpo),
-    /// `sft`: plain ε/v regression on the training images.
-    Sft,
+    /// `sft`: plain ε/v regression on the training images, noised where `objective.sft_timesteps`
+    /// says.
+    Sft(SftTimesteps),
 }
 
 impl Objective {
@@ -181,7 +182,7 @@ impl Objective {
                 ..PsoDb::default()
             }),
             ObjectiveKind::Dpo => Objective::Dpo(Dpo::diffusion_dpo(num_train_timesteps, beta)?),
-            ObjectiveKind::Sft => Objective::Sft,
+            ObjectiveKind::Sft => Objective::Sft(section.sft_timesteps),
         })
     }
 
@@ -192,7 +193,7 @@ impl Objective {
             Objective::OfflinePso(_) => "offline_pso",
             Objective::PsoDb(_) => "pso_db",
             Objective::Dpo(_) => "dpo",
-            Objective::Sft => "sft",
+            Objective::Sft(_) => "sft",
         }
     }
 }
@@ -226,6 +227,20 @@ pub struct ObjectiveSection {
     /// The prompt of the reference pool: the subject's class, e.g. "a photo of a dog"
     /// (`pso offline --class-prompt`).
     pub class_prompt: Option<String>,
+    /// Where `sft` noises its training images: `uniform` over the training schedule (standard
+    /// fine-tuning) or `distilled`, only at the few-step schedule's timesteps, where PSO trains.
+    pub sft_timesteps: SftTimesteps,
+}
+
+/// Where the SFT baseline noises its training images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SftTimesteps {
+    /// Any timestep of the training schedule, as standard diffusion fine-tuning does.
+    #[default]
+    Uniform,
+    /// Only the distilled schedule's timesteps: SFT on the footing PSO trains on.
+    Distilled,
 }
 
 impl Default for ObjectiveSection {
@@ -239,6 +254,7 @@ impl Default for ObjectiveSection {
             label_dropout: 0.1,
             reference_pool: 20,
             class_prompt: None,
+            sft_timesteps: SftTimesteps::Uniform,
         }
     }
 }
@@ -283,6 +299,11 @@ impl ObjectiveSection {
                      remove it",
                     self.kind
                 ),
+            ),
+            (
+                self.sft_timesteps == SftTimesteps::Uniform || self.kind == ObjectiveKind::Sft,
+                "objective.sft_timesteps",
+                format!("applies to sft only, not to {}; remove it", self.kind),
             ),
             (
                 self.lambda.is_none()
@@ -500,6 +521,26 @@ mod tests {
             };
             assert_eq!(got, beta, "{name}");
         }
+    }
+
+    #[test]
+    fn sft_timesteps_reach_sft_and_are_refused_elsewhere() {
+        let section = ObjectiveSection {
+            kind: kind("sft"),
+            sft_timesteps: SftTimesteps::Distilled,
+            ..ObjectiveSection::default()
+        };
+        assert!(section.problems().is_empty());
+        assert_eq!(
+            Objective::from_section(&section, &[999], 1000).unwrap(),
+            Objective::Sft(SftTimesteps::Distilled)
+        );
+        let wrong = ObjectiveSection {
+            kind: kind("online_pso"),
+            ..section
+        };
+        let problems = format!("{:?}", wrong.problems());
+        assert!(problems.contains("objective.sft_timesteps"), "{problems}");
     }
 
     #[test]

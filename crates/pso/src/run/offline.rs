@@ -23,8 +23,8 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::LearnerError;
 use crate::objective::{
-    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod, Dpo,
-    Loss, NoisedPair, Objective, PairPredictions, TimestepPolicy,
+    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod, Loss,
+    NoisedPair, Objective, PairPredictions, SftTimesteps, TimestepPolicy,
 };
 use crate::peft::{Adapter, PeftKind};
 use diffusion::pipeline::{Conditioning, GenerateRequest, Pipeline};
@@ -292,9 +292,14 @@ impl Trainer {
         let noise = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(x0.device());
         let dpo = match &self.objective {
             Objective::OfflinePso(d) | Objective::Dpo(d) => d,
-            Objective::Sft => {
-                let policy = Dpo::diffusion_dpo(self.alphas_cumprod.len(), 1.0)?;
-                let ts = policy.timesteps.draw(&mut rng, pairs);
+            Objective::Sft(at) => {
+                let policy = match at {
+                    SftTimesteps::Uniform => TimestepPolicy::Uniform {
+                        num_train_timesteps: self.alphas_cumprod.len(),
+                    },
+                    SftTimesteps::Distilled => TimestepPolicy::Distilled(self.distilled.clone()),
+                };
+                let ts = policy.draw(&mut rng, pairs);
                 let ac = &self.alphas_cumprod;
                 let x = add_noise(x0, &noise, &ts, ac)?;
                 let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
@@ -542,7 +547,7 @@ pub fn run_with(
                 }
                 Source::Images(images) => {
                     let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
-                    let batch = if let Objective::Sft = trainer.objective {
+                    let batch = if let Objective::Sft(_) = trainer.objective {
                         trainer.sft_batch(
                             images,
                             &picked,

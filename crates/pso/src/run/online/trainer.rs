@@ -12,6 +12,7 @@ use crate::config::RunConfig;
 use crate::objective::online_pso::{OnlinePso, Transitions};
 use crate::objective::{
     add_noise, regression_target, sft_loss, training_alphas_cumprod, Loss, ObjectiveKind,
+    SftTimesteps,
 };
 use crate::peft::Adapter;
 use crate::run::rounds::{Round, TrainingPair};
@@ -23,10 +24,12 @@ use diffusion::sampling::{NoiseSource, Scheduler, SeededNoise, Timesteps};
 enum OnlineObjective {
     /// Online PSO over the stored transitions.
     Pso(OnlinePso),
-    /// The SFT baseline: ε/v regression on the winners' final latents at uniform timesteps.
+    /// The SFT baseline: ε/v regression on the winners' final latents, at uniform timesteps or
+    /// (`distilled`) at the sampler's.
     Sft {
         alphas_cumprod: Vec<f64>,
         prediction: diffusion::sampling::PredictionType,
+        distilled: Option<Vec<u32>>,
     },
 }
 
@@ -110,6 +113,13 @@ impl OnlineTrainer {
                     config.objective.zero_terminal_snr,
                 ),
                 prediction: pipeline.scheduler_config.prediction_type,
+                distilled: (config.objective.sft_timesteps == SftTimesteps::Distilled).then(|| {
+                    scheduler
+                        .timesteps()
+                        .iter()
+                        .map(|&t| t.round() as u32)
+                        .collect()
+                }),
             }
         } else {
             let beta = config
@@ -167,7 +177,16 @@ impl OnlineTrainer {
             OnlineObjective::Sft {
                 alphas_cumprod,
                 prediction,
-            } => return self.sft_loss(pairs, steps, alphas_cumprod, *prediction),
+                distilled,
+            } => {
+                return self.sft_loss(
+                    pairs,
+                    steps,
+                    alphas_cumprod,
+                    *prediction,
+                    distilled.as_deref(),
+                )
+            }
         };
         let b = pairs.len() as i64;
         let at = |side: fn(&TrainingPair) -> &Tensor, offset: usize| {
@@ -248,6 +267,7 @@ impl OnlineTrainer {
         steps: &[usize],
         alphas_cumprod: &[f64],
         prediction: diffusion::sampling::PredictionType,
+        distilled: Option<&[u32]>,
     ) -> Result<Loss, RunError> {
         let device = self.pipeline.device();
         let x0 = Tensor::stack(
@@ -261,11 +281,7 @@ impl OnlineTrainer {
         let mut timesteps = Vec::with_capacity(pairs.len());
         for (p, &i) in pairs.iter().zip(steps) {
             let seed = step_seed(p.pair.pair_id as u64, i as u64, u32::MAX - 1);
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            timesteps.push(rand::Rng::random_range(
-                &mut rng,
-                0..alphas_cumprod.len() as u32,
-            ));
+            timesteps.push(sft_timestep(seed, alphas_cumprod.len(), distilled));
             let mut draw = SeededNoise::new(seed);
             noise.extend(draw.draw(&x0.size()[1..], 1)?);
         }
@@ -280,5 +296,37 @@ impl OnlineTrainer {
             .pipeline
             .predict_batch(&self.pipeline.backbone, &cond, &x, &t);
         Ok(sft_loss(&pred, &target)?)
+    }
+}
+
+/// The timestep SFT noises one winner at, from its seed: uniform over the `train_steps` of the
+/// training schedule, or one of the `distilled` timesteps.
+fn sft_timestep(seed: u64, train_steps: usize, distilled: Option<&[u32]>) -> u32 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    match distilled {
+        None => rand::Rng::random_range(&mut rng, 0..train_steps as u32),
+        Some(list) => list[rand::Rng::random_range(&mut rng, 0..list.len())],
+    }
+}
+
+#[cfg(test)]
+mod sft_tests {
+    use super::*;
+
+    #[test]
+    fn sft_draws_distilled_timesteps_only_when_asked() {
+        let distilled = [999, 759, 499, 259];
+        let draws: Vec<u32> = (0..400)
+            .map(|seed| sft_timestep(seed, 1000, Some(&distilled)))
+            .collect();
+        for t in distilled {
+            assert!(draws.contains(&t), "{t} never drawn");
+        }
+        assert!(draws.iter().all(|t| distilled.contains(t)));
+        let uniform: std::collections::HashSet<u32> = (0..400)
+            .map(|seed| sft_timestep(seed, 1000, None))
+            .collect();
+        assert!(uniform.len() > 300, "{} distinct of 400", uniform.len());
+        assert!(uniform.iter().all(|&t| t < 1000));
     }
 }
