@@ -72,6 +72,13 @@ enum Command {
     /// Work with run configs.
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
+    /// Measure sampling, scoring and learner-step speed on this machine (JSON on stdout).
+    ///
+    /// Each case runs once to warm up, then the best (sample, score) or median (learn) of the
+    /// timed runs counts. scripts/gpu-check.sh compares these with diffusers, transformers and
+    /// PyTorch on the same models; bench/RESULTS.md holds the numbers.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
     /// Build and check the embedded tiny model (data/toy).
     #[command(subcommand)]
     Toy(cmd::toy::ToyCommand),
@@ -90,6 +97,7 @@ fn try_main(cli: Cli) -> Result<ExitCode> {
         Command::Report(args) => cmd::report::run(args)?,
         Command::Reward(command) => cmd::reward::run(command)?,
         Command::Config(command) => cmd::config::run(command)?,
+        Command::Bench(command) => cmd::bench::run(command)?,
         Command::Toy(command) => cmd::toy::run(command)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! One module per `pso` command: its arguments (clap), their checks, and a short handler that
 //! calls the library crates.
 
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod export;

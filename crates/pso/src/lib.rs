@@ -6,6 +6,7 @@
 //! docs/design.md.
 
 pub mod actor;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod fid;

@@ -139,6 +139,11 @@ impl OnlineTrainer {
         })
     }
 
+    /// Steps of the sampler's schedule (a trajectory holds one latent more).
+    pub fn scheduler_steps(&self) -> usize {
+        self.scheduler.num_steps()
+    }
+
     /// The steps of the schedule with a likelihood (all but a deterministic last one).
     pub fn stochastic_steps(&self) -> &[usize] {
         &self.stochastic
