@@ -68,7 +68,6 @@ fn args() -> Args {
 /// What one model does on the held-out set at one step count.
 #[derive(Debug, Clone)]
 struct Measure {
-    steps: usize,
     reward: f64,
     accuracy: Accuracy,
     sharpness: f64,
@@ -89,7 +88,6 @@ fn measure(
             .sum::<f64>()
             / images.len() as f64;
         rows.push(Measure {
-            steps,
             reward,
             accuracy: Accuracy::of(&classifier.predict(&images), captions),
             sharpness: sharpness(&images),
@@ -164,6 +162,13 @@ const ARMS: [Arm; 3] = [
     },
 ];
 
+/// What one arm measured: per seed, a [`Measure`] per step count; per seed, training seconds.
+struct ArmResult {
+    name: &'static str,
+    measures: Vec<Vec<Measure>>,
+    seconds: Vec<f64>,
+}
+
 /// The metrics of the table, as (column, reader of one measure).
 type Metric = (&'static str, fn(&Measure) -> f64);
 
@@ -211,8 +216,11 @@ fn main() {
     let base = pso::run::load_pipeline(&base_config, Device::Cpu).unwrap();
     let (before, base_images) = measure(&base, &classifier, &captions);
     drop(base);
-    // (arm, per-seed measures at each step count, per-seed training seconds)
-    let mut arms: Vec<(&str, Vec<Vec<Measure>>, Vec<f64>)> = vec![("base", vec![before], vec![])];
+    let mut arms = vec![ArmResult {
+        name: "base",
+        measures: vec![before],
+        seconds: vec![],
+    }];
     let mut grids = vec![("base", firsts(&base_images[2]), firsts(&base_images[0]))];
     for arm in &ARMS {
         let mut measures = Vec::new();
@@ -260,7 +268,11 @@ fn main() {
             }
             measures.push(after);
         }
-        arms.push((arm.name, measures, seconds));
+        arms.push(ArmResult {
+            name: arm.name,
+            measures,
+            seconds,
+        });
     }
 
     let rows: Vec<&[RgbImage]> = grids
@@ -288,7 +300,7 @@ fn main() {
         "| model | LCM steps | caption acc. | reward (centered) | shape | colour | size | background | sharpness |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (name, measures, _) in &arms {
+    for ArmResult { name, measures, .. } in &arms {
         for (k, steps) in STEP_COUNTS.iter().enumerate() {
             let mut cells = Vec::new();
             let mut stats = serde_json::Map::new();
@@ -315,7 +327,10 @@ fn main() {
         "held_out_images": captions.len(),
         "dataset_sharpness": data_sharpness,
         "dataset_reward": data_reward,
-        "train_seconds": arms.iter().map(|(n, _, s)| (n.to_string(), json!(s))).collect::<serde_json::Map<_, _>>(),
+        "train_seconds": arms
+            .iter()
+            .map(|a| (a.name.to_string(), json!(a.seconds)))
+            .collect::<serde_json::Map<_, _>>(),
         "summary": summary,
     });
     std::fs::write(
