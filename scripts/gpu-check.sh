@@ -12,6 +12,10 @@
 #                                   $OUT/gpu-check.log and $OUT/doctor.json.
 #   scripts/gpu-check.sh --dry-run  here, on the CPU: the same stages on tiny models (fp32), into
 #                                   target/gpu-check-dry/; the test suite runs it too.
+#   scripts/gpu-check.sh run --dry-run
+#                                   `run` from .gpu/ with tiny models on the CPU: rehearses the
+#                                   device path (unpacking, wheels, libtorch) where python3 has
+#                                   PyTorch (here: PATH=.venv/bin:$PATH OUT=/tmp/x).
 #
 # PSO_GPU_CHECK_SECONDS (default 480) bounds the run's stages; the timeout is a minute above it.
 set -euo pipefail
@@ -51,7 +55,7 @@ run)
   "$work/pso" doctor --json > "$out/doctor.json"
   set -o pipefail
   timeout -k 10 $((seconds + 60)) python3 -u bench/gpu/check.py --pso "$work/pso" --out "$out" \
-    --work "$work" --budget "$seconds" 2>&1 | tee "$out/gpu-check.log"
+    --work "$work" --budget "$seconds" ${2:+"$2"} 2>&1 | tee "$out/gpu-check.log"
   ;;
 --dry-run)
   scripts/setup.sh > /dev/null
@@ -62,7 +66,7 @@ run)
   echo "results: $out/results.json"
   ;;
 *)
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac
