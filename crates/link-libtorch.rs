@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-fn main() {
+pub fn main() {
     // Set by torch-sys (`links = "tch"`) for crates that depend on it directly; absent only when
     // a crate is built without libtorch (the reward crate without its `local` feature).
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {

@@ -1,0 +1,108 @@
+// c10d for pso: a Gloo process group from a TCPStore rendezvous (torchrun's MASTER_ADDR /
+// MASTER_PORT contract) and the collectives a data-parallel learner needs, behind a C ABI.
+// Compiled against the headers of the libtorch that pso links; every call catches what libtorch
+// throws and hands the message back, so no C++ exception crosses into Rust.
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+char* message_of(const std::exception& e) {
+  return strdup(e.what());
+}
+
+// Runs `body`, turning an exception into 1 and its message in `*error`.
+template <typename F>
+int guarded(char** error, F body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    *error = message_of(e);
+  } catch (...) {
+    *error = strdup("unknown C++ exception");
+  }
+  return 1;
+}
+
+} // namespace
+
+extern "C" {
+
+void* pso_c10d_gloo_new(
+    const char* host,
+    uint16_t port,
+    int rank,
+    int world_size,
+    int64_t timeout_ms,
+    char** error) {
+  Group* group = nullptr;
+  guarded(error, [&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions store_options;
+    store_options.port = port;
+    store_options.isServer = rank == 0;
+    store_options.numWorkers = world_size;
+    store_options.waitWorkers = true;
+    store_options.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(host, store_options);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        store, rank, world_size, options);
+    group = new Group{backend, timeout};
+  });
+  return group;
+}
+
+int pso_c10d_all_reduce_sum(void* group, void* tensor, char** error) {
+  return guarded(error, [&] {
+    auto* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    options.timeout = g->timeout;
+    g->backend->allreduce(tensors, options)->wait(g->timeout);
+  });
+}
+
+int pso_c10d_broadcast(void* group, void* tensor, int root, char** error) {
+  return guarded(error, [&] {
+    auto* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    options.timeout = g->timeout;
+    g->backend->broadcast(tensors, options)->wait(g->timeout);
+  });
+}
+
+int pso_c10d_barrier(void* group, char** error) {
+  return guarded(error, [&] {
+    auto* g = static_cast<Group*>(group);
+    c10d::BarrierOptions options;
+    options.timeout = g->timeout;
+    g->backend->barrier(options)->wait(g->timeout);
+  });
+}
+
+void pso_c10d_free(void* group) {
+  delete static_cast<Group*>(group);
+}
+
+void pso_c10d_free_error(char* error) {
+  free(error);
+}
+
+} // extern "C"

@@ -1,0 +1,385 @@
+//! Data-parallel collectives for pso on PyTorch's own distributed engine: a c10d process group
+//! (Gloo) built from torchrun's launch variables, with the all-reduce, broadcast and barrier a
+//! data-parallel learner needs. tch has no distributed layer, so a small C++ bridge
+//! (cxx/bridge.cpp) reaches c10d in the libtorch pso already links; nothing here implements a
+//! collective itself.
+//!
+//! With no launch variables set, [`Launch::from_env`] says so and pso runs as one process
+//! without touching the bridge.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use tch::Tensor;
+
+extern "C" {
+    fn pso_c10d_gloo_new(
+        host: *const c_char,
+        port: u16,
+        rank: i32,
+        world_size: i32,
+        timeout_ms: i64,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn pso_c10d_all_reduce_sum(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        error: *mut *mut c_char,
+    ) -> i32;
+    fn pso_c10d_broadcast(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        root: i32,
+        error: *mut *mut c_char,
+    ) -> i32;
+    fn pso_c10d_barrier(group: *mut c_void, error: *mut *mut c_char) -> i32;
+    fn pso_c10d_free(group: *mut c_void);
+    fn pso_c10d_free_error(error: *mut c_char);
+}
+
+/// Errors of the launch contract and of the collectives.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// A launch variable is missing or malformed.
+    #[error("launch variable {name}={value:?}: {why}")]
+    Launch {
+        /// The variable.
+        name: &'static str,
+        /// Its value as found.
+        value: String,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// c10d refused or failed (rendezvous timeout, a peer gone, a tensor it cannot reduce).
+    #[error("{what} (rank {rank} of {world_size}): {message}")]
+    C10d {
+        /// The operation.
+        what: &'static str,
+        /// This process's rank.
+        rank: usize,
+        /// The number of processes.
+        world_size: usize,
+        /// libtorch's message.
+        message: String,
+    },
+}
+
+/// Where this process sits in a data-parallel launch: torchrun's variables (`RANK`,
+/// `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), or Slurm's
+/// (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) for the ranks with `MASTER_ADDR` /
+/// `MASTER_PORT` still set by the job script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// This process's rank, 0..world_size.
+    pub rank: usize,
+    /// The number of processes.
+    pub world_size: usize,
+    /// Its rank on this node (the GPU it uses).
+    pub local_rank: usize,
+    /// Processes on this node.
+    pub local_world_size: usize,
+    /// The rendezvous host (rank 0 listens there).
+    pub master_addr: String,
+    /// The rendezvous port.
+    pub master_port: u16,
+}
+
+impl Launch {
+    /// The launch described by the environment; `None` when no launcher set `WORLD_SIZE` (or
+    /// `SLURM_NTASKS`): one process, as pso runs without one.
+    pub fn from_env() -> Result<Option<Launch>, DistError> {
+        Launch::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`Launch::from_env`] over any source of variables.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>, DistError> {
+        let pick = |torchrun: &'static str, slurm: &'static str| {
+            var(torchrun)
+                .map(|v| (torchrun, v))
+                .or_else(|| var(slurm).map(|v| (slurm, v)))
+        };
+        let Some(world) = pick("WORLD_SIZE", "SLURM_NTASKS") else {
+            return Ok(None);
+        };
+        let number = |(name, value): (&'static str, String)| -> Result<usize, DistError> {
+            value.trim().parse().map_err(|_| DistError::Launch {
+                name,
+                value,
+                why: "not a non-negative integer".into(),
+            })
+        };
+        let world_size = number(world)?;
+        let rank = number(pick("RANK", "SLURM_PROCID").ok_or_else(|| missing("RANK"))?)?;
+        let local_rank = match pick("LOCAL_RANK", "SLURM_LOCALID") {
+            Some(v) => number(v)?,
+            None => rank,
+        };
+        let local_world_size = match var("LOCAL_WORLD_SIZE") {
+            Some(v) => number(("LOCAL_WORLD_SIZE", v))?,
+            None => world_size,
+        };
+        let master_addr = var("MASTER_ADDR").ok_or_else(|| missing("MASTER_ADDR"))?;
+        let port = var("MASTER_PORT").ok_or_else(|| missing("MASTER_PORT"))?;
+        let master_port = port.trim().parse().map_err(|_| DistError::Launch {
+            name: "MASTER_PORT",
+            value: port.clone(),
+            why: "not a port number (1..=65535)".into(),
+        })?;
+        if world_size == 0 || rank >= world_size {
+            return Err(DistError::Launch {
+                name: "RANK",
+                value: rank.to_string(),
+                why: format!("must be below WORLD_SIZE ({world_size}), which must be at least 1"),
+            });
+        }
+        if local_rank >= local_world_size {
+            return Err(DistError::Launch {
+                name: "LOCAL_RANK",
+                value: local_rank.to_string(),
+                why: format!("must be below LOCAL_WORLD_SIZE ({local_world_size})"),
+            });
+        }
+        Ok(Some(Launch {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+        }))
+    }
+}
+
+fn missing(name: &'static str) -> DistError {
+    DistError::Launch {
+        name,
+        value: String::new(),
+        why: "unset, though WORLD_SIZE is set; launch with torchrun (--no-python) or set \
+              RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            .into(),
+    }
+}
+
+/// A c10d process group: every collective blocks until all ranks took part, or fails after the
+/// group's timeout.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    group: NonNull<c_void>,
+    rank: usize,
+    world_size: usize,
+}
+
+// c10d process groups are made to be driven from any thread (PyTorch's DDP reducer does).
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Joins the Gloo group of `launch` (rank 0 hosts the TCPStore rendezvous), waiting at
+    /// most `timeout` for the others; collectives then time out after the same.
+    pub fn gloo(launch: &Launch, timeout: Duration) -> Result<ProcessGroup, DistError> {
+        let host = CString::new(launch.master_addr.clone()).map_err(|_| DistError::Launch {
+            name: "MASTER_ADDR",
+            value: launch.master_addr.clone(),
+            why: "holds a NUL byte".into(),
+        })?;
+        let mut error = std::ptr::null_mut();
+        // SAFETY: `host` outlives the call; `error` is written only on failure.
+        let group = unsafe {
+            pso_c10d_gloo_new(
+                host.as_ptr(),
+                launch.master_port,
+                launch.rank as i32,
+                launch.world_size as i32,
+                timeout.as_millis().min(i64::MAX as u128) as i64,
+                &mut error,
+            )
+        };
+        let fail = |message| DistError::C10d {
+            what: "joining the process group",
+            rank: launch.rank,
+            world_size: launch.world_size,
+            message,
+        };
+        match NonNull::new(group) {
+            Some(group) => Ok(ProcessGroup {
+                group,
+                rank: launch.rank,
+                world_size: launch.world_size,
+            }),
+            None => Err(fail(format!(
+                "{}; every rank must start within the timeout and reach rank 0 at {}:{} \
+                 (MASTER_ADDR, MASTER_PORT)",
+                take_error(error),
+                launch.master_addr,
+                launch.master_port
+            ))),
+        }
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of processes.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// Replaces `tensor` on every rank with the sum over the ranks.
+    pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), DistError> {
+        self.call("all_reduce", |group, error| {
+            // SAFETY: the tensor pointer is a live at::Tensor* owned by `tensor`.
+            unsafe { pso_c10d_all_reduce_sum(group, tensor.as_mut_ptr().cast(), error) }
+        })
+    }
+
+    /// Replaces a floating-point `tensor` on every rank with the mean over the ranks (a sum,
+    /// then a division: Gloo has no average).
+    pub fn all_reduce_mean(&self, tensor: &mut Tensor) -> Result<(), DistError> {
+        if !tensor.is_floating_point() {
+            return Err(DistError::C10d {
+                what: "all_reduce_mean",
+                rank: self.rank,
+                world_size: self.world_size,
+                message: format!(
+                    "a {:?} tensor has no mean; reduce a float tensor",
+                    tensor.kind()
+                ),
+            });
+        }
+        self.all_reduce_sum(tensor)?;
+        let _ = tensor.g_div_scalar_(self.world_size as f64);
+        Ok(())
+    }
+
+    /// Replaces `tensor` on every rank with rank `root`'s.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), DistError> {
+        self.call("broadcast", |group, error| {
+            // SAFETY: as in all_reduce_sum.
+            unsafe { pso_c10d_broadcast(group, tensor.as_mut_ptr().cast(), root as i32, error) }
+        })
+    }
+
+    /// Returns once every rank called it.
+    pub fn barrier(&self) -> Result<(), DistError> {
+        self.call("barrier", |group, error| {
+            // SAFETY: the group is live while self is.
+            unsafe { pso_c10d_barrier(group, error) }
+        })
+    }
+
+    fn call(
+        &self,
+        what: &'static str,
+        body: impl FnOnce(*mut c_void, *mut *mut c_char) -> i32,
+    ) -> Result<(), DistError> {
+        let mut error = std::ptr::null_mut();
+        if body(self.group.as_ptr(), &mut error) == 0 {
+            return Ok(());
+        }
+        Err(DistError::C10d {
+            what,
+            rank: self.rank,
+            world_size: self.world_size,
+            message: take_error(error),
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: made by pso_c10d_gloo_new, freed once.
+        unsafe { pso_c10d_free(self.group.as_ptr()) }
+    }
+}
+
+/// The bridge's error message, freed.
+fn take_error(error: *mut c_char) -> String {
+    if error.is_null() {
+        return "no message".into();
+    }
+    // SAFETY: the bridge wrote a NUL-terminated strdup'ed string.
+    let message = unsafe { CStr::from_ptr(error) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: allocated by the bridge's strdup, freed once.
+    unsafe { pso_c10d_free_error(error) };
+    // libtorch appends where it threw and a C++ stack trace to the message.
+    let message = message.lines().next().unwrap_or_default();
+    message
+        .split(" Exception raised from")
+        .next()
+        .unwrap_or(message)
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>, DistError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Launch::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn torchrun_and_slurm_variables_make_a_launch() {
+        assert_eq!(launch(&[]).unwrap(), None);
+        let torchrun = launch(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (torchrun.rank, torchrun.world_size, torchrun.local_rank),
+            (3, 8, 1)
+        );
+        assert_eq!(
+            (torchrun.master_addr.as_str(), torchrun.master_port),
+            ("10.0.0.1", 29500)
+        );
+        let slurm = launch(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+            ("MASTER_ADDR", "node1"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((slurm.rank, slurm.world_size, slurm.local_rank), (5, 16, 1));
+    }
+
+    #[test]
+    fn a_broken_launch_names_the_variable() {
+        let e = launch(&[("WORLD_SIZE", "2"), ("RANK", "0")]).unwrap_err();
+        assert!(e.to_string().contains("MASTER_ADDR"), "{e}");
+        let e = launch(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("below WORLD_SIZE (2)"), "{e}");
+        let e = launch(&[
+            ("WORLD_SIZE", "two"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("WORLD_SIZE=\"two\""), "{e}");
+    }
+}
