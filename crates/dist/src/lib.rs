@@ -170,8 +170,10 @@ pub struct ProcessGroup {
     world_size: usize,
 }
 
-// c10d process groups are made to be driven from any thread (PyTorch's DDP reducer does).
+// c10d process groups are made to be driven from any thread: PyTorch's DDP reducer issues
+// collectives from autograd threads, and ProcessGroupGloo queues each call under its own mutex.
 unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
     /// Joins the Gloo group of `launch` (rank 0 hosts the TCPStore rendezvous), waiting at

@@ -4,7 +4,10 @@
 //! One [`Learner::step`] = `learner.grad_accumulation` micro-batches, each a closure that runs the
 //! models and returns a [`Loss`]; their gradients are averaged, clipped and applied once.
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use dist::ProcessGroup;
 
 use tch::{Kind, Tensor};
 
@@ -35,6 +38,9 @@ pub enum LearnerError {
     /// The optimizer refused a state.
     #[error(transparent)]
     Optim(#[from] OptimError),
+    /// A collective across the data-parallel ranks failed.
+    #[error(transparent)]
+    Dist(#[from] dist::DistError),
 }
 
 /// What one optimizer step did.
@@ -139,6 +145,8 @@ pub struct Learner {
     ema: Option<(f64, Vec<Tensor>)>,
     max_nonfinite: u32,
     counters: Counters,
+    /// The data-parallel ranks the gradients are averaged over, if more than this process.
+    group: Option<Arc<ProcessGroup>>,
 }
 
 impl Learner {
@@ -173,7 +181,23 @@ impl Learner {
             ema,
             max_nonfinite: learner.max_nonfinite_steps.max(1),
             counters: Counters::default(),
+            group: None,
         }
+    }
+
+    /// Trains data-parallel over `group`: rank 0's trainable values are copied to every rank
+    /// now (call it after any resume: every rank restores the same checkpoint), and each step
+    /// averages the gradients over the ranks before clipping, so the ranks stay equal.
+    pub fn join(&mut self, group: Arc<ProcessGroup>) -> Result<(), LearnerError> {
+        let mut values = self.adamw.fp32_params();
+        for (_, value) in &mut values {
+            let mut copy = value.copy();
+            group.broadcast(&mut copy, 0)?;
+            *value = copy;
+        }
+        self.adamw.set_params(values)?;
+        self.group = Some(group);
+        Ok(())
     }
 
     /// Step counters.
@@ -266,6 +290,15 @@ impl Learner {
             }
             reports.push(diagnostics);
         }
+        let mut diagnostics = mean_diagnostics(&reports);
+        let mut pairs: usize = reports.iter().map(|d| d.counted).sum();
+        if let Some(group) = self.group.clone() {
+            let (all_finite, loss, counted) =
+                self.average_gradients(&group, finite, diagnostics.loss, pairs)?;
+            finite = all_finite;
+            diagnostics.loss = loss;
+            pairs = counted;
+        }
         let max_norm = if self.grad_clip > 0.0 {
             self.grad_clip
         } else {
@@ -287,13 +320,12 @@ impl Learner {
             self.counters.nonfinite_in_row = 0;
             self.update_ema();
         }
-        let diagnostics = mean_diagnostics(&reports);
         let report = StepReport {
             step: self.counters.step,
             lr,
             grad_norm,
             skipped,
-            pairs: reports.iter().map(|d| d.counted).sum(),
+            pairs,
             diagnostics,
             seconds: start.elapsed().as_secs_f64(),
         };
@@ -303,6 +335,75 @@ impl Learner {
             });
         }
         Ok(report)
+    }
+
+    /// Replaces every gradient with its mean over the ranks (one all-reduce of one flat fp32
+    /// buffer: LoRA and DiffFit tensors are small), and agrees on the step: it is skipped on
+    /// every rank when any rank's loss was not finite. Returns (every rank finite, the mean
+    /// loss over the ranks, pairs counted over the ranks).
+    fn average_gradients(
+        &mut self,
+        group: &ProcessGroup,
+        finite: bool,
+        loss: f64,
+        pairs: usize,
+    ) -> Result<(bool, f64, usize), LearnerError> {
+        let params: Vec<Tensor> = self
+            .adamw
+            .params()
+            .iter()
+            .map(|(_, p)| p.shallow_clone())
+            .collect();
+        // A parameter this rank's loss did not reach still takes part, with a zero gradient.
+        for p in params.iter().filter(|p| !p.grad().defined()) {
+            (p * 0.0).sum(Kind::Float).backward();
+        }
+        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+        let device = grads.first().map_or(tch::Device::Cpu, |g| g.device());
+        let flat: Vec<Tensor> = grads
+            .iter()
+            .map(|g| {
+                if finite {
+                    g.to_kind(Kind::Float).flatten(0, -1)
+                } else {
+                    g.zeros_like().to_kind(Kind::Float).flatten(0, -1)
+                }
+            })
+            .collect();
+        let extra = [
+            if finite { 0.0 } else { 1.0 },
+            if finite { loss as f32 } else { 0.0 },
+            pairs as f32,
+        ];
+        let extra = Tensor::from_slice(&extra).to_device(device);
+        let mut buffer = Tensor::cat(&[Tensor::cat(&flat, 0), extra], 0);
+        group.all_reduce_sum(&mut buffer)?;
+        let world = group.world_size() as f64;
+        let tail = Vec::<f64>::try_from(
+            buffer
+                .narrow(0, buffer.size()[0] - 3, 3)
+                .to_kind(Kind::Double),
+        )
+        .expect("three values");
+        let all_finite = tail[0] == 0.0;
+        if all_finite {
+            let mut offset = 0;
+            tch::no_grad(|| {
+                for g in &grads {
+                    let n = g.numel() as i64;
+                    let mean = buffer.narrow(0, offset, n).view_as(g) / world;
+                    let mut g = g.shallow_clone();
+                    g.copy_(&mean);
+                    offset += n;
+                }
+            });
+        }
+        let loss = if all_finite {
+            tail[1] / world
+        } else {
+            f64::NAN
+        };
+        Ok((all_finite, loss, tail[2].round() as usize))
     }
 
     fn update_ema(&mut self) {
