@@ -744,3 +744,149 @@ fn dit_sft_reads_hugging_face_image_tables() {
         losses(&dir.path().join("by-name"))
     );
 }
+
+/// Runs `pso offline ARGS` as the `world` ranks of a torchrun launch (its environment
+/// variables, loopback rendezvous); returns each rank's stdout.
+fn ranks(world: usize, args: &[&str]) -> Vec<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_pso"))
+                .args(args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("GLOO_SOCKET_IFNAME", "lo")
+                .env("PSO_DIST_TIMEOUT", "120")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "a rank of pso {args:?} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+        .collect()
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn trainable(run: &Path, step: &str) -> Vec<(String, tch::Tensor)> {
+    tch::Tensor::read_safetensors(
+        run.join("checkpoints")
+            .join(step)
+            .join("trainable.safetensors"),
+    )
+    .unwrap()
+}
+
+/// Data-parallel under torchrun's contract: two ranks with one pair per micro-batch take the
+/// steps one process takes accumulating two micro-batches (rank r's pairs are the positions
+/// r, r + 2, … of the same seeded order, its noise that of micro-batch r), rank 0 alone writes
+/// the run, and both ranks resume from its checkpoint to the same weights.
+#[test]
+fn two_ranks_train_as_one_process_accumulating_their_micro_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = store(dir.path(), records(1..12));
+    let steps = ["learner.max_steps=4", "learner.checkpoint_every=2"];
+    let single = dir.path().join("single.toml");
+    let cfg = config(
+        dir.path(),
+        "lora",
+        &[
+            &steps[..],
+            &["learner.batch_size=1", "learner.grad_accumulation=2"],
+        ]
+        .concat(),
+    );
+    std::fs::rename(&cfg, &single).unwrap();
+    let parallel = config(
+        dir.path(),
+        "lora",
+        &[
+            &steps[..],
+            &["learner.batch_size=1", "learner.grad_accumulation=1"],
+        ]
+        .concat(),
+    );
+    let (one, two, resumed) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("resumed"),
+    );
+    let args = |cfg: &Path, out: &Path| -> Vec<String> {
+        [
+            "offline",
+            "--config",
+            s(cfg),
+            "--pairs",
+            s(&pairs),
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    ok(&refs(&args(&single, &one)));
+    let outs = ranks(2, &refs(&args(&parallel, &two)));
+    assert!(outs[0].contains("after 4 steps"), "{outs:?}");
+    assert!(outs[1].is_empty(), "only rank 0 reports: {outs:?}");
+
+    let theirs: std::collections::HashMap<String, tch::Tensor> =
+        trainable(&two, "step-00000004").into_iter().collect();
+    let ours = trainable(&one, "step-00000004");
+    assert_eq!(ours.len(), theirs.len());
+    for (name, a) in &ours {
+        let b = &theirs[name];
+        let diff = (a - b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * (1.0 + scale), "{name}: max |Δ| {diff}");
+    }
+    let (l1, l2) = (losses(&one), losses(&two));
+    assert_eq!(l1.len(), 4);
+    for ((s1, a), (s2, b)) in l1.iter().zip(&l2) {
+        assert_eq!(s1, s2);
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+            "step {s1}: {a} vs {b}"
+        );
+    }
+    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.lines().all(|l| l.contains("\"world_size\":2")),
+        "{metrics}"
+    );
+
+    // Two steps, then both ranks resume from rank 0's checkpoint: the same weights as straight.
+    let mut first = args(&parallel, &resumed);
+    first.extend(["--max-steps", "2"].map(String::from));
+    ranks(2, &refs(&first));
+    let mut again = args(&parallel, &resumed);
+    again.push("--resume".into());
+    ranks(2, &refs(&again));
+    let read = |run: &Path| {
+        std::fs::read(run.join("checkpoints/step-00000004/trainable.safetensors")).unwrap()
+    };
+    assert!(
+        read(&two) == read(&resumed),
+        "the resumed data-parallel run differs"
+    );
+}

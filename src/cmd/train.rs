@@ -141,6 +141,14 @@ pub struct OfflineArgs {
 pub fn online(args: OnlineArgs) -> Result<()> {
     let mut config = args.config.load()?;
     online::check(&config)?;
+    if let Some(launch) = dist::Launch::from_env()?.filter(|l| l.world_size > 1) {
+        anyhow::bail!(
+            "launched as rank {} of {}: pso online does not run data-parallel yet (pso offline \
+             does); start it as one process, with online.actor_device for a second GPU",
+            launch.rank,
+            launch.world_size
+        );
+    }
     if let Some(n) = args.max_steps {
         anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
         config.learner.max_steps = n;
@@ -204,6 +212,36 @@ pub fn online(args: OnlineArgs) -> Result<()> {
     Ok(())
 }
 
+/// Joins the data-parallel group when torchrun (or Slurm) launched this process as one of
+/// several, and puts the model on this rank's GPU (cuda:LOCAL_RANK) when the config asks for
+/// CUDA. `PSO_DIST_TIMEOUT` (seconds, default 1800) bounds the rendezvous and every collective.
+fn data_parallel(config: &mut RunConfig) -> Result<Option<Arc<dist::ProcessGroup>>> {
+    let Some(launch) = dist::Launch::from_env()? else {
+        return Ok(None);
+    };
+    if launch.world_size == 1 {
+        return Ok(None);
+    }
+    let device = config.model.device.as_str();
+    if device.starts_with("cuda") || (device == "auto" && tch::Cuda::is_available()) {
+        config.model.device = format!("cuda:{}", launch.local_rank);
+    }
+    let seconds = match std::env::var("PSO_DIST_TIMEOUT") {
+        Ok(v) => v.parse::<u64>().ok().filter(|&s| s > 0).with_context(|| {
+            format!("PSO_DIST_TIMEOUT={v:?} is not a positive number of seconds")
+        })?,
+        Err(_) => 1800,
+    };
+    tracing::info!(
+        rank = launch.rank,
+        world_size = launch.world_size,
+        master = %format!("{}:{}", launch.master_addr, launch.master_port),
+        "joining the data-parallel group"
+    );
+    let group = dist::ProcessGroup::gloo(&launch, std::time::Duration::from_secs(seconds))?;
+    Ok(Some(Arc::new(group)))
+}
+
 /// Trains on logged pairs or training images, and prints where the run ended.
 pub fn offline(args: OfflineArgs) -> Result<()> {
     let mut config = args.config.load()?;
@@ -214,6 +252,7 @@ pub fn offline(args: OfflineArgs) -> Result<()> {
     if let Some(prompt) = args.class_prompt {
         config.objective.class_prompt = Some(prompt);
     }
+    let group = data_parallel(&mut config)?;
     let out = run_path(&config, args.out.as_deref());
     let relabel_with = match &args.relabel_with {
         None => None,
@@ -241,9 +280,13 @@ pub fn offline(args: OfflineArgs) -> Result<()> {
             out: out.clone(),
             resume: args.resume,
             progress: std::io::stderr().is_terminal(),
+            group: group.clone(),
         },
     )
     .with_context(|| format!("offline run {}", out.display()))?;
+    if group.is_some_and(|g| g.rank() != 0) {
+        return Ok(());
+    }
     let checkpoint = summary
         .checkpoint
         .map(|p| p.display().to_string())

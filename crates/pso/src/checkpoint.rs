@@ -66,6 +66,13 @@ pub struct State {
     pub config_hash: String,
     /// The PEFT method (`lora`, `difffit`, `full`).
     pub peft: String,
+    /// Data-parallel ranks that trained it (the effective batch is per-rank batch × ranks).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// A checkpoint read back.
@@ -300,6 +307,7 @@ mod tests {
             data_cursor: 0,
             config_hash: "h".into(),
             peft: "lora".into(),
+            world_size: 1,
         };
         for i in 0..3 {
             learner
@@ -359,6 +367,7 @@ mod tests {
                 data_cursor: cursor,
                 config_hash: "h".into(),
                 peft: "lora".into(),
+                world_size: 1,
             };
             save(root, &learner, &state, 5).unwrap();
         }

@@ -200,6 +200,11 @@ impl Learner {
         Ok(())
     }
 
+    /// Data-parallel ranks this learner trains with (1 without a group).
+    pub fn world_size(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.world_size())
+    }
+
     /// Step counters.
     pub fn counters(&self) -> Counters {
         self.counters

@@ -13,7 +13,9 @@ use pairs::{batch_to_records, Label, LatentDType, PairRecord};
 
 /// Labelled, untied pairs in a reproducible order: epoch e is the store shuffled with a seed
 /// derived from (run seed, e). With a relabeler, every pair is scored again as it is read and
-/// pairs tied under the new scorer are passed over.
+/// pairs tied under the new scorer are passed over. Sharded over data-parallel ranks, every
+/// rank walks the same order and takes the positions p with p mod world = rank (PyTorch's
+/// DistributedSampler, over an endless stream of epochs).
 pub struct PairStream {
     paths: Vec<PathBuf>,
     seed: u64,
@@ -23,6 +25,8 @@ pub struct PairStream {
     queue: VecDeque<PairRecord>,
     in_epoch: u64,
     consumed: u64,
+    /// (rank, world size).
+    shard: (u64, u64),
 }
 
 impl PairStream {
@@ -42,7 +46,14 @@ impl PairStream {
             queue: VecDeque::new(),
             in_epoch: 0,
             consumed: 0,
+            shard: (0, 1),
         })
+    }
+
+    /// Takes only rank `rank`'s share of every `world` positions of the stream.
+    pub fn shard(mut self, rank: usize, world: usize) -> PairStream {
+        self.shard = (rank as u64, world.max(1) as u64);
+        self
     }
 
     fn reader(
@@ -65,12 +76,15 @@ impl PairStream {
         )?)
     }
 
-    /// Pairs read so far, relabelled ties included (the checkpoint's data cursor).
+    /// Positions of the stream passed so far, relabelled ties included (the checkpoint's data
+    /// cursor). Sharded, it counts whole rounds of `world` positions: after each rank took k
+    /// pairs that is k·world on every rank, and skipping it puts rank r at position k·world + r.
     pub fn consumed(&self) -> u64 {
-        self.consumed
+        let world = self.shard.1;
+        self.consumed.div_ceil(world) * world
     }
 
-    /// Skips `n` pairs (to the cursor of a checkpoint) without scoring them.
+    /// Skips `n` positions (to the cursor of a checkpoint) without scoring them.
     pub fn skip(&mut self, n: u64) -> Result<(), RunError> {
         for _ in 0..n {
             self.next_raw()?;
@@ -82,7 +96,7 @@ impl PairStream {
     pub fn next_pair(&mut self) -> Result<PairRecord, RunError> {
         // Bounded, so that a scorer that ties everything stops the run with a message.
         for _ in 0..10_000 {
-            let mut record = self.next_raw()?;
+            let mut record = self.next_own()?;
             match &self.relabel {
                 None => return Ok(record),
                 Some(r) => {
@@ -96,6 +110,17 @@ impl PairStream {
         Err(RunError::Data(
             "the relabelling scorer tied 10000 pairs in a row; check --relabel-with".into(),
         ))
+    }
+
+    /// The next pair at one of this rank's positions.
+    fn next_own(&mut self) -> Result<PairRecord, RunError> {
+        let (rank, world) = self.shard;
+        loop {
+            let record = self.next_raw()?;
+            if (self.consumed - 1) % world == rank {
+                return Ok(record);
+            }
+        }
     }
 
     fn next_raw(&mut self) -> Result<PairRecord, RunError> {

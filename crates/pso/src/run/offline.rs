@@ -3,7 +3,8 @@
 //! of the online loop.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,6 +30,7 @@ use crate::objective::{
 use crate::peft::{Adapter, PeftKind};
 use diffusion::pipeline::{Conditioning, GenerateRequest, Pipeline};
 use diffusion::sampling::{PredictionType, SeededNoise, Timesteps};
+use dist::ProcessGroup;
 use pairs::{Label, PairRecord};
 
 /// What to train on and where.
@@ -61,6 +63,9 @@ pub struct OfflineOptions {
     pub resume: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Train data-parallel over these ranks (torchrun's launch): each takes its share of the
+    /// pairs, gradients are averaged, rank 0 alone writes the run directory.
+    pub group: Option<Arc<ProcessGroup>>,
 }
 
 /// The model, its trainable tensors and what a micro-batch needs.
@@ -447,8 +452,35 @@ pub fn run_with(
     config: &RunConfig,
     opts: OfflineOptions,
 ) -> Result<Summary, RunError> {
-    let dir = RunDir::prepare(&opts.out, config, opts.resume)?;
-    let (mut learner, cursor) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
+    let (rank, world) = opts
+        .group
+        .as_ref()
+        .map_or((0, 1), |g| (g.rank(), g.world_size()));
+    if world > 1 && (opts.train_images.is_some() || opts.relabel_with.is_some()) {
+        return Err(RunError::Config(
+            "data-parallel offline runs (torchrun) train on stored pairs only for now; run \
+             --train-images or --relabel-with in one process"
+                .into(),
+        ));
+    }
+    // Rank 0 writes the run directory; the others read it (checkpoints to resume) once it is.
+    let dir = if rank == 0 {
+        RunDir::prepare(&opts.out, config, opts.resume)?
+    } else {
+        RunDir {
+            path: opts.out.clone(),
+        }
+    };
+    if let Some(group) = &opts.group {
+        group.barrier().map_err(LearnerError::from)?;
+    }
+    let (mut learner, cursor) = start_learner(
+        &trainer.adapter,
+        config,
+        &dir,
+        opts.resume,
+        opts.group.clone(),
+    )?;
     let mut source = match &opts.train_images {
         Some(dir) => {
             let class_conditional = trainer.pipeline.is_class_conditional();
@@ -486,7 +518,8 @@ pub fn run_with(
                         .into(),
                 ));
             }
-            let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?;
+            let mut stream = PairStream::open(&opts.pairs, config.run.seed, opts.relabel_with)?
+                .shard(rank, world);
             stream.skip(cursor)?;
             Source::Pairs(Box::new(stream))
         }
@@ -504,7 +537,10 @@ pub fn run_with(
         }
         _ => None,
     };
-    let mut metrics = Metrics::open(&dir, learner.counters().step)?;
+    let mut metrics = match rank {
+        0 => Some(Metrics::open(&dir, learner.counters().step)?),
+        _ => None,
+    };
     tracing::info!(
         run = %dir.path.display(),
         objective = trainer.objective.kind(),
@@ -514,11 +550,14 @@ pub fn run_with(
     );
     let stop = stop_flag();
     let bar = progress(
-        opts.progress,
+        opts.progress && rank == 0,
         config.learner.max_steps,
         learner.counters().step,
     );
     let (batch, seed) = (config.learner.batch_size, config.run.seed);
+    // Rank r draws the noise of micro-batches r·A … r·A + A − 1 of the step: N ranks draw what
+    // one process accumulating N·A micro-batches would.
+    let micro_offset = rank as u32 * config.learner.grad_accumulation;
     let mut summary = Summary {
         run: dir.path.clone(),
         steps: learner.counters().step,
@@ -527,14 +566,14 @@ pub fn run_with(
         stopped: false,
     };
     while learner.counters().step < config.learner.max_steps {
-        if stop.load(Ordering::SeqCst) {
+        if stopping(&stop, opts.group.as_deref())? {
             summary.stopped = true;
             break;
         }
         let step = learner.counters().step;
         let mut seen = Vec::new();
         let outcome = learner.step(|micro| {
-            let micro_seed = step_seed(seed, step, micro);
+            let micro_seed = step_seed(seed, step, micro_offset + micro);
             let loss = match &mut source {
                 Source::Pairs(stream) => {
                     let records = (0..batch)
@@ -568,22 +607,33 @@ pub fn run_with(
         let report = match outcome {
             Ok(r) => r,
             Err(e @ LearnerError::NonFinite { .. }) => {
-                let at = save(&dir, &learner, config, source.consumed())?;
-                tracing::error!(checkpoint = %at.display(), "aborting: {e}");
+                if rank == 0 {
+                    let at = save(&dir, &learner, config, source.consumed())?;
+                    tracing::error!(checkpoint = %at.display(), "aborting: {e}");
+                }
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
         };
-        metrics.write(&report, &[("reward_mean", reward_mean(&seen))])?;
+        if let Some(metrics) = &mut metrics {
+            let mut extra = vec![("reward_mean", reward_mean(&seen))];
+            if world > 1 {
+                extra.push(("world_size", world.into()));
+            }
+            metrics.write(&report, &extra)?;
+        }
         summary.last_loss = Some(report.diagnostics.loss);
         summary.steps = report.step;
         bar.set_position(report.step);
         bar.set_message(format!("loss {:.4}", report.diagnostics.loss));
-        if report.step % config.learner.checkpoint_every == 0 {
+        if rank == 0 && report.step % config.learner.checkpoint_every == 0 {
             summary.checkpoint = Some(save(&dir, &learner, config, source.consumed())?);
         }
     }
     bar.finish_and_clear();
+    if rank != 0 {
+        return Ok(summary);
+    }
     let last = latest_or_none(&dir.checkpoints());
     let up_to_date = last
         .as_ref()
@@ -594,6 +644,18 @@ pub fn run_with(
         Some(save(&dir, &learner, config, source.consumed())?)
     };
     Ok(summary)
+}
+
+/// Whether to stop: this process was asked to, or (data-parallel) any rank was, so that every
+/// rank leaves at the same step instead of waiting for the others in a collective.
+fn stopping(stop: &AtomicBool, group: Option<&ProcessGroup>) -> Result<bool, RunError> {
+    let here = stop.load(Ordering::SeqCst);
+    let Some(group) = group else {
+        return Ok(here);
+    };
+    let mut any = Tensor::from_slice(&[f32::from(u8::from(here))]);
+    group.all_reduce_sum(&mut any).map_err(LearnerError::from)?;
+    Ok(any.double_value(&[0]) > 0.0)
 }
 
 /// The run's reference pool: stored in `dir` by its first invocation (at step 0, from the

@@ -21,6 +21,7 @@ pub fn save(
         data_cursor: cursor,
         config_hash: config.training_hash(),
         peft: config.peft.kind.to_string(),
+        world_size: learner.world_size(),
     };
     Ok(checkpoint::save(
         &dir.checkpoints(),
@@ -30,15 +31,20 @@ pub fn save(
     )?)
 }
 
-/// A learner over `adapter`'s tensors, restored from `dir`'s latest checkpoint when resuming;
-/// returns it with the data cursor to continue from (0 for a new run).
+/// A learner over `adapter`'s tensors, data-parallel over `group` when given, restored from
+/// `dir`'s latest checkpoint when resuming; returns it with the data cursor to continue from (0
+/// for a new run).
 pub fn start_learner(
     adapter: &crate::peft::Adapter,
     config: &RunConfig,
     dir: &RunDir,
     resuming: bool,
+    group: Option<std::sync::Arc<dist::ProcessGroup>>,
 ) -> Result<(Learner, u64), RunError> {
     let mut learner = Learner::new(adapter.params_shallow(), &config.optim, &config.learner);
+    if let Some(group) = group {
+        learner.join(group)?;
+    }
     let cursor = if resuming {
         resume(dir, &mut learner, config)?
     } else {
@@ -62,6 +68,18 @@ pub fn resume(dir: &RunDir, learner: &mut Learner, config: &RunConfig) -> Result
         );
     }
     let latest = loaded.dir.clone();
+    if loaded.state.world_size != learner.world_size() {
+        return Err(RunError::RunDir {
+            path: latest,
+            why: format!(
+                "was trained by {} data-parallel ranks and this resume has {}: the effective \
+                 batch (learner.batch_size × ranks) and each rank's share of the data would \
+                 change; resume with {0} ranks (torchrun --nproc-per-node)",
+                loaded.state.world_size,
+                learner.world_size()
+            ),
+        });
+    }
     if loaded.state.config_hash != config.training_hash() {
         return Err(RunError::RunDir {
             path: latest,

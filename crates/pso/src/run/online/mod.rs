@@ -159,7 +159,8 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         spec => Some(resolve_device(spec).map_err(RunError::Config)?),
     };
     let trainer = OnlineTrainer::load(config, device)?;
-    let (mut learner, first_round) = start_learner(&trainer.adapter, config, &dir, opts.resume)?;
+    let (mut learner, first_round) =
+        start_learner(&trainer.adapter, config, &dir, opts.resume, None)?;
     preflight(&dir, config, trainer.adapter.numel())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
