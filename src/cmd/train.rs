@@ -20,12 +20,18 @@ pub struct ConfigArgs {
     /// Override a key: --set optim.lr=2e-5 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Also log to TensorBoard event files in RUN/tensorboard/ (run.tensorboard = true):
+    /// `tensorboard --logdir runs/`, or `wandb sync --sync-tensorboard RUN/tensorboard`.
+    #[arg(long)]
+    tensorboard: bool,
 }
 
 impl ConfigArgs {
     /// The config file with its `--set` overrides applied and every key checked.
     pub fn load(&self) -> Result<RunConfig> {
-        Ok(RunConfig::load(&self.config, &self.set)?)
+        let mut config = RunConfig::load(&self.config, &self.set)?;
+        config.run.tensorboard |= self.tensorboard;
+        Ok(config)
     }
 }
 

@@ -18,3 +18,4 @@ pub mod problems;
 pub mod report;
 pub mod run;
 pub mod seed;
+pub mod tensorboard;

@@ -203,6 +203,7 @@ impl RunConfig {
         let mut c = self.clone();
         c.run.name.clear();
         c.run.out = PathBuf::new();
+        c.run.tensorboard = false;
         c.learner.checkpoint_every = 0;
         c.learner.keep_checkpoints = 0;
         c.reward.token_file = None;

@@ -22,6 +22,8 @@ pub struct RunSection {
     pub seed: u64,
     /// Parent directory of run directories.
     pub out: PathBuf,
+    /// Also log metrics, evals and sample grids as TensorBoard event files in RUN/tensorboard/.
+    pub tensorboard: bool,
 }
 
 impl Default for RunSection {
@@ -30,6 +32,7 @@ impl Default for RunSection {
             name: "run".into(),
             seed: 0,
             out: "runs".into(),
+            tensorboard: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use super::error::{io, RunError};
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::learner::StepReport;
+use crate::tensorboard::{EventWriter, SharedEvents};
 
 /// A run directory: `config.toml`, `metrics.jsonl`, `checkpoints/`, `pairs/`, `samples/`.
 #[derive(Debug, Clone)]
@@ -80,17 +81,40 @@ impl RunDir {
         self.path.join("checkpoints")
     }
 
+    /// `RUN/tensorboard/`: event files, when `run.tensorboard` is on.
+    pub fn tensorboard(&self) -> PathBuf {
+        self.path.join("tensorboard")
+    }
+
+    /// A new event file for this invocation of a run resumed at `resumed_step` (0: new), when
+    /// `run.tensorboard` asks for one.
+    pub fn events(
+        &self,
+        config: &RunConfig,
+        resumed_step: u64,
+    ) -> Result<Option<SharedEvents>, RunError> {
+        if !config.run.tensorboard {
+            return Ok(None);
+        }
+        let folder = self.tensorboard();
+        EventWriter::shared(&folder, "pso", resumed_step + 1)
+            .map(Some)
+            .map_err(io(&folder))
+    }
+
     /// `RUN/metrics.jsonl`.
     pub fn metrics(&self) -> PathBuf {
         self.path.join("metrics.jsonl")
     }
 }
 
-/// Appends one JSON object per learner step to `metrics.jsonl`.
+/// Appends one JSON object per learner step to `metrics.jsonl` (and, when asked, its numbers
+/// as `train/*` scalars to a TensorBoard event file).
 #[derive(Debug)]
 pub struct Metrics {
     path: PathBuf,
     file: File,
+    events: Option<SharedEvents>,
 }
 
 impl Metrics {
@@ -121,7 +145,17 @@ impl Metrics {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
-        Ok(Metrics { path, file })
+        Ok(Metrics {
+            path,
+            file,
+            events: None,
+        })
+    }
+
+    /// Also writes every step's numbers to `events` as `train/*` scalars.
+    pub fn with_tensorboard(mut self, events: SharedEvents) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Writes one step: the report's fields, then `extra` (e.g. `reward_mean`).
@@ -143,6 +177,16 @@ impl Metrics {
         m.insert("seconds".into(), f(report.seconds));
         for (k, v) in extra {
             m.insert((*k).into(), v.clone());
+        }
+        if let Some(events) = &self.events {
+            let scalars: Vec<(String, f64)> = m
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "step" | "policy_version"))
+                .filter_map(|(k, v)| v.as_f64().map(|v| (format!("train/{k}"), v)))
+                .collect();
+            let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
+            let path = events.path().to_owned();
+            events.scalars(report.step, &scalars).map_err(io(&path))?;
         }
         let mut line = Value::Object(m).to_string();
         line.push('\n');

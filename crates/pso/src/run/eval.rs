@@ -21,6 +21,7 @@ use super::prompts::PromptSet;
 use super::{RunDir, RunError};
 use crate::actor::{Actor, ActorSettings};
 use crate::checkpoint::dir_name;
+use crate::tensorboard::SharedEvents;
 use diffusion::pipeline::Pipeline;
 
 /// The evaluation of a run.
@@ -30,6 +31,7 @@ pub struct Evaluator {
     settings: ActorSettings,
     samples: PathBuf,
     log: PathBuf,
+    events: Option<SharedEvents>,
 }
 
 /// Seeds of the eval images are drawn from this run-seed offset, apart from training seeds.
@@ -54,7 +56,15 @@ impl Evaluator {
             settings,
             samples: dir.path.join("samples"),
             log: dir.path.join("eval.jsonl"),
+            events: None,
         }
+    }
+
+    /// Also logs each evaluation to `events`: the mean scores as `eval/*` scalars and the sample
+    /// grid as the image `eval/samples`.
+    pub fn with_tensorboard(mut self, events: SharedEvents) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Samples the eval prompts with `pipeline` after `step` optimizer steps, writes
@@ -77,7 +87,9 @@ impl Evaluator {
             source,
         })?;
         let grid_path = self.samples.join(format!("{}.png", dir_name(step)));
-        hf::tensor_file::write_atomically(&grid_path, &png(&grid(&images), CompressionType::Fast))
+        let grid = grid(&images);
+        let grid_png = png(&grid, CompressionType::Fast);
+        hf::tensor_file::write_atomically(&grid_path, &grid_png)
             .map_err(|e| RunError::Data(format!("cannot write {}: {e}", grid_path.display())))?;
         let items: Vec<ScoreItem> = self
             .prompts
@@ -98,6 +110,20 @@ impl Evaluator {
         line.insert("samples".into(), grid_path.display().to_string().into());
         for (name, mean) in &means {
             line.insert(format!("eval/{name}"), (*mean).into());
+        }
+        if let Some(events) = &self.events {
+            let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
+            let scalars: Vec<(String, f64)> = means
+                .iter()
+                .map(|(name, mean)| (format!("eval/{name}"), *mean))
+                .collect();
+            let path = events.path().to_owned();
+            events
+                .scalars(step, &scalars)
+                .and_then(|()| {
+                    events.image(step, "eval/samples", &grid_png, grid.width(), grid.height())
+                })
+                .map_err(|source| RunError::Io { path, source })?;
         }
         let mut text = Value::Object(line).to_string();
         text.push('\n');

@@ -538,7 +538,14 @@ pub fn run_with(
         _ => None,
     };
     let mut metrics = match rank {
-        0 => Some(Metrics::open(&dir, learner.counters().step)?),
+        0 => {
+            let step = learner.counters().step;
+            let metrics = Metrics::open(&dir, step)?;
+            Some(match dir.events(config, step)? {
+                Some(events) => metrics.with_tensorboard(events),
+                None => metrics,
+            })
+        }
         _ => None,
     };
     tracing::info!(

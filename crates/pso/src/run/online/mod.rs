@@ -202,6 +202,11 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
             trainer.settings().clone(),
         )
     });
+    let events = dir.events(config, learner.counters().step)?;
+    let evaluator = match (evaluator, &events) {
+        (Some(e), Some(events)) => Some(e.with_tensorboard(events.clone())),
+        (e, _) => e,
+    };
     let halt = stop_flag();
     let maker = RoundMaker::new(
         config,
@@ -251,7 +256,10 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         opts: &opts,
         dir: &dir,
         trainer: &trainer,
-        metrics: Metrics::open(&dir, step)?,
+        metrics: match events {
+            Some(events) => Metrics::open(&dir, step)?.with_tensorboard(events),
+            None => Metrics::open(&dir, step)?,
+        },
         learner: &mut learner,
         evaluator: evaluator.as_ref(),
         runtime: runtime.handle().clone(),
