@@ -757,12 +757,7 @@ fn ranks(world: usize, args: &[&str]) -> Vec<String> {
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_pso"))
                 .args(args)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("LOCAL_WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
+                .envs(dist::Launch::local(rank, world, port).to_env())
                 .env("GLOO_SOCKET_IFNAME", "lo")
                 .env("PSO_DIST_TIMEOUT", "120")
                 .stdout(std::process::Stdio::piped())

@@ -151,6 +151,33 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// Rank `rank` of `world_size` processes on this machine, meeting at 127.0.0.1:`port`.
+    pub fn local(rank: usize, world_size: usize, port: u16) -> Launch {
+        Launch {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
+    }
+
+    /// The environment torchrun gives the process of this launch (what [`Launch::from_env`]
+    /// reads), e.g. for `Command::envs`.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("RANK", self.rank.to_string()),
+            ("WORLD_SIZE", self.world_size.to_string()),
+            ("LOCAL_RANK", self.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.local_world_size.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+        ]
+    }
+}
+
 fn missing(name: &'static str) -> DistError {
     DistError::Launch {
         name,
@@ -361,6 +388,14 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((slurm.rank, slurm.world_size, slurm.local_rank), (5, 16, 1));
+    }
+
+    #[test]
+    fn a_launch_round_trips_through_its_environment() {
+        let launch = Launch::local(2, 4, 29500);
+        let env: HashMap<&str, String> = launch.to_env().into_iter().collect();
+        let back = Launch::from_vars(|k| env.get(k).cloned()).unwrap().unwrap();
+        assert_eq!(back, launch);
     }
 
     #[test]
