@@ -13,7 +13,8 @@ pub struct ScoreArgs {
     /// Which scorer.
     #[arg(long, value_parser = scorer_kind(ScorerKind::ALL))]
     scorer: ScorerKind,
-    /// Model folder or hub id, pixel metric (pixel: centered, redness or size), or URL (http).
+    /// Model folder or hub id, pixel metric (pixel: centered, redness or size), URL (http), or
+    /// the judge's TOML file (openai: url, model, template; docs/reward-protocol.md).
     /// clip, pickscore: an HF CLIPModel folder (config.json,
     /// model.safetensors, preprocessor_config.json, and tokenizer.json or vocab.json +
     /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)

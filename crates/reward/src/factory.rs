@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::http::{load_token, HttpScorer, HttpScorerOptions};
+use crate::http::{load_token, HttpScorer, HttpScorerOptions, JudgeConfig, OpenAiJudge};
 use crate::scorers::pixel::PixelScorer;
 #[cfg(feature = "local")]
 use crate::scorers::{load_local, LocalScorerKind};
@@ -27,16 +27,19 @@ pub enum ScorerKind {
     Pixel,
     /// A remote scorer speaking the HTTP reward protocol; the model is its URL.
     Http,
+    /// A VLM judge behind an OpenAI-compatible chat endpoint; the model is its TOML file.
+    Openai,
 }
 
 impl ScorerKind {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [ScorerKind; 5] = [
+    pub const ALL: [ScorerKind; 6] = [
         ScorerKind::Clip,
         ScorerKind::Pickscore,
         ScorerKind::Aesthetic,
         ScorerKind::Pixel,
         ScorerKind::Http,
+        ScorerKind::Openai,
     ];
 
     /// The name configs and the command line use.
@@ -47,6 +50,7 @@ impl ScorerKind {
             ScorerKind::Aesthetic => "aesthetic",
             ScorerKind::Pixel => "pixel",
             ScorerKind::Http => "http",
+            ScorerKind::Openai => "openai",
         }
     }
 
@@ -57,13 +61,14 @@ impl ScorerKind {
             ScorerKind::Clip => Some(LocalScorerKind::Clip),
             ScorerKind::Pickscore => Some(LocalScorerKind::Pickscore),
             ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
-            ScorerKind::Pixel | ScorerKind::Http => None,
+            ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai => None,
         }
     }
 
-    /// Whether this kind scores in this process (everything but `http`), so it can be served.
+    /// Whether this kind scores in this process (everything but `http` and `openai`), so it can
+    /// be served.
     pub fn is_local(self) -> bool {
-        self != ScorerKind::Http
+        !matches!(self, ScorerKind::Http | ScorerKind::Openai)
     }
 }
 
@@ -147,6 +152,10 @@ pub fn build_scorer(
                 runtime.block_on(HttpScorer::connect(model, options))?,
             ))
         }
+        ScorerKind::Openai => {
+            let config = JudgeConfig::load(Path::new(model))?;
+            Ok(Box::new(OpenAiJudge::new(config, load_token(token_file)?)?))
+        }
     }
 }
 
@@ -180,7 +189,7 @@ mod tests {
         }
         let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("clip, pickscore, aesthetic, pixel, http"),
+            err.contains("clip, pickscore, aesthetic, pixel, http, openai"),
             "{err}"
         );
     }

@@ -396,7 +396,7 @@ fn describe(scorer: &WireScorer) -> String {
 
 /// PNG-encodes an image (fast compression: the bytes cross a local network, not a disk) and
 /// returns it in standard base64.
-fn encode_png(image: &image::RgbImage) -> Result<String, RewardError> {
+pub(crate) fn encode_png(image: &image::RgbImage) -> Result<String, RewardError> {
     let mut png = Vec::new();
     PngEncoder::new_with_quality(
         Cursor::new(&mut png),

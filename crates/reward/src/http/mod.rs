@@ -2,6 +2,7 @@
 //! [`Scorer`](crate::Scorer) against a remote server, and a server that exposes any scorer.
 
 pub mod client;
+pub mod openai;
 pub mod server;
 
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use client::{reply_limit, HttpScorer, HttpScorerOptions};
+pub use openai::{JudgeConfig, OpenAiJudge};
 pub use server::{bind, serve, shutdown_signal, ServerOptions};
 
 /// The protocol version this crate speaks; `GET /v1/health` reports it as `protocol`.
