@@ -103,6 +103,7 @@ impl RunData {
             .flat_map(|row| row.values.keys())
             .filter_map(|k| k.strip_prefix("eval/"))
             .collect();
+        let gold = self.gold_panel(&eval_names);
         // One panel per scorer: their scales differ (PickScore ≈ 22, aesthetic ≈ 5).
         let evals = eval_names
             .into_iter()
@@ -127,6 +128,11 @@ impl RunData {
                 ],
             ),
             Figure::new("eval", "Fixed-seed evaluation", evals),
+            Figure::new(
+                "gold",
+                "Training reward vs held-out rewards (reward hacking shows as a gap)",
+                gold.into_iter().collect(),
+            ),
             Figure::new(
                 "loss",
                 "Loss",
@@ -177,6 +183,46 @@ impl RunData {
                 ],
             ),
         ]
+    }
+}
+
+impl RunData {
+    /// With two or more eval scorers (the held-out "gold" pattern: train on one scorer, evaluate
+    /// on others through `eval.scorers`), every scorer's eval mean as its change since the first
+    /// evaluation, in % of that value, on one panel: a training reward that climbs while the
+    /// held-out ones stall or fall is a reward being hacked. The training scorer is named so.
+    fn gold_panel(&self, eval_names: &BTreeSet<&str>) -> Option<Panel> {
+        if eval_names.len() < 2 {
+            return None;
+        }
+        let training = self.setting("reward", "scorer").map(|scorer| {
+            let model = self.setting("reward", "model").unwrap_or_default();
+            (scorer.clone(), format!("{scorer}:{model}"))
+        });
+        let lines = eval_names
+            .iter()
+            .filter_map(|name| {
+                let points = series(&self.evals, &format!("eval/{name}"));
+                let first = points.first()?.1;
+                if first.abs() < 1e-12 {
+                    return None;
+                }
+                let relative = points
+                    .iter()
+                    .map(|&(step, v)| (step, 100.0 * (v - first) / first.abs()))
+                    .collect();
+                let trains = training
+                    .as_ref()
+                    .is_some_and(|(kind, spec)| name == kind || name == spec);
+                let label = if trains {
+                    format!("{name} (training reward)")
+                } else {
+                    format!("{name} (held out)")
+                };
+                Some(Line::new(&label, relative))
+            })
+            .collect();
+        Some(Panel::new("change since the first evaluation, %", lines))
     }
 }
 

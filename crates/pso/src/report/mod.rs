@@ -224,6 +224,46 @@ mod tests {
         }
     }
 
+    /// Trained on pickscore, evaluated on it and on a held-out aesthetic scorer: the gold figure
+    /// puts both on one panel as % change since the first evaluation, the training one named.
+    #[test]
+    fn a_held_out_scorer_is_plotted_against_the_training_reward() {
+        let (_dir, run) = online_run();
+        fs::write(
+            run.join("config.toml"),
+            format!("{CONFIG}[reward]\nscorer = \"pickscore\"\nmodel = \"ps\"\n"),
+        )
+        .unwrap();
+        let evals = "{\"step\":0,\"eval/pickscore:ps\":20.0,\"eval/aesthetic:ae\":5.0}\n\
+                     {\"step\":2,\"eval/pickscore:ps\":22.0,\"eval/aesthetic:ae\":4.5}\n";
+        fs::write(run.join("eval.jsonl"), evals).unwrap();
+        let data = RunData::read(&run).unwrap();
+        let figures = data.figures();
+        let gold = figures
+            .iter()
+            .find(|f| f.name == "gold")
+            .expect("a gold figure");
+        let lines = &gold.panels[0].lines;
+        let by_label: Vec<(&str, &[(u64, f64)])> = lines
+            .iter()
+            .map(|l| (l.label.as_str(), l.points.as_slice()))
+            .collect();
+        assert_eq!(
+            by_label,
+            [
+                ("aesthetic:ae (held out)", &[(0, 0.0), (2, -10.0)][..]),
+                ("pickscore:ps (training reward)", &[(0, 0.0), (2, 10.0)][..]),
+            ]
+        );
+        let out = run.join("report");
+        let summary = write_report(&run, &out).unwrap();
+        assert!(summary.plots.contains(&out.join("gold.png")));
+        // One eval scorer: no gold figure.
+        let (_dir, single) = online_run();
+        let plots = write_report(&single, &single.join("report")).unwrap().plots;
+        assert!(!plots.iter().any(|p| p.ends_with("gold.png")), "{plots:?}");
+    }
+
     #[test]
     fn plots_of_metrics_the_run_does_not_log_are_left_out_and_removed() {
         let (_dir, run) = online_run();

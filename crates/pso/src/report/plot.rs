@@ -30,7 +30,7 @@ impl Line {
 /// One chart: its caption, the curves that have data, and whether its y axis includes 0.
 pub(super) struct Panel {
     title: String,
-    lines: Vec<Line>,
+    pub(super) lines: Vec<Line>,
     zero: bool,
 }
 
