@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::http::{load_token, HttpScorer, HttpScorerOptions, JudgeConfig, OpenAiJudge};
+use crate::http::{load_token, HttpPool, HttpScorer, HttpScorerOptions, JudgeConfig, OpenAiJudge};
 use crate::scorers::pixel::PixelScorer;
 #[cfg(feature = "local")]
 use crate::scorers::{load_local, LocalScorerKind};
@@ -148,6 +148,13 @@ pub fn build_scorer(
                 .enable_all()
                 .build()
                 .map_err(|e| RewardError::Config(format!("cannot start a tokio runtime: {e}")))?;
+            // Several comma-separated URLs: replicas of one scorer, each batch spread over them.
+            let urls: Vec<&str> = model.split(',').map(str::trim).collect();
+            if urls.len() > 1 {
+                return Ok(Box::new(
+                    runtime.block_on(HttpPool::connect(&urls, options))?,
+                ));
+            }
             Ok(Box::new(
                 runtime.block_on(HttpScorer::connect(model, options))?,
             ))

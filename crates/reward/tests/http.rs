@@ -1226,3 +1226,59 @@ async fn prompt_length_image_sides_and_pixel_total_are_bounded() {
     .await
     .unwrap();
 }
+
+/// Several replicas of one scorer as one: a batch is spread over them and comes back in order;
+/// when one replica goes away its share is scored by another; replicas of different scorers
+/// are refused at connect.
+#[tokio::test]
+async fn a_pool_of_servers_spreads_batches_and_survives_one_going_away() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (a, b) = (Counting::default(), Counting::default());
+        let (calls_a, calls_b) = (a.calls.clone(), b.calls.clone());
+        let first = start(Box::new(a), ServerOptions::default()).await;
+        let second = start(Box::new(b), ServerOptions::default()).await;
+        let pool = reward::http::HttpPool::connect(&[&first.url, &second.url], fast_options())
+            .await
+            .unwrap();
+        assert_eq!(pool.urls(), [first.url.as_str(), second.url.as_str()]);
+        let prompts: Vec<String> = (0..5).map(|i| format!("prompt {i}")).collect();
+        let images: Vec<RgbImage> = (0..5).map(|i| image(i, 6, 4)).collect();
+        let batch = items(&prompts, &images);
+        let expected: Vec<f32> = batch
+            .iter()
+            .map(|it| toy_score(it.prompt, it.image))
+            .collect();
+        assert_eq!(score_checked(&pool, &batch).await.unwrap(), expected);
+        assert!(calls_a.load(Ordering::SeqCst) >= 1 && calls_b.load(Ordering::SeqCst) >= 1);
+        second.shutdown().await;
+        assert_eq!(score_checked(&pool, &batch).await.unwrap(), expected);
+
+        struct Other;
+        #[async_trait]
+        impl Scorer for Other {
+            fn info(&self) -> ScorerInfo {
+                ScorerInfo {
+                    name: "toy".into(),
+                    version: "another-model".into(),
+                    higher_is_better: true,
+                }
+            }
+            async fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f32>, RewardError> {
+                Ok(vec![0.0; items.len()])
+            }
+        }
+        let other = start(Box::new(Other), ServerOptions::default()).await;
+        let e = reward::http::HttpPool::connect(&[&first.url, &other.url], fast_options())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("another-model") && e.contains("same scorer"),
+            "{e}"
+        );
+        other.shutdown().await;
+        first.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod openai;
+pub mod pool;
 pub mod server;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{reply_limit, HttpScorer, HttpScorerOptions};
 pub use openai::{JudgeConfig, OpenAiJudge};
+pub use pool::HttpPool;
 pub use server::{bind, serve, shutdown_signal, ServerOptions};
 
 /// The protocol version this crate speaks; `GET /v1/health` reports it as `protocol`.
