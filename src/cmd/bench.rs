@@ -145,7 +145,7 @@ fn sample(args: SampleBench) -> Result<serde_json::Value> {
     Ok(json!({
         "bench": "sample",
         "model": root,
-        "device": format!("{device:?}"),
+        "device": device_name(device),
         "dtype": dtype,
         "height": size.0,
         "width": size.1,
@@ -187,7 +187,7 @@ fn learn(args: LearnBench) -> Result<serde_json::Value> {
     Ok(json!({
         "bench": "learn",
         "model": config.model.id,
-        "device": format!("{device:?}"),
+        "device": device_name(device),
         "dtype": config.model.dtype,
         "peft": config.peft.kind.to_string(),
         "seconds_per_step": timing.seconds,
@@ -195,4 +195,13 @@ fn learn(args: LearnBench) -> Result<serde_json::Value> {
         "transitions": timing.transitions,
         "trainable": timing.trainable,
     }))
+}
+
+/// `cpu` or `cuda:N`, as the flags and configs name devices.
+fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
