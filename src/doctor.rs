@@ -49,6 +49,9 @@ pub struct Report {
     pub mkl: bool,
     /// libtorch built with OpenMP.
     pub openmp: bool,
+    /// The data-parallel launch this process belongs to (torchrun's or Slurm's variables), or
+    /// why those variables do not make one; `null` when none are set.
+    pub launch: Option<String>,
 }
 
 /// Paths of the shared objects mapped into this process whose file name contains `needle`.
@@ -164,6 +167,19 @@ pub fn report() -> Report {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         mkl: tch::utils::has_mkl(),
         openmp: tch::utils::has_openmp(),
+        launch: match dist::Launch::from_env() {
+            Ok(None) => None,
+            Ok(Some(l)) => Some(format!(
+                "rank {} of {} (local {} of {}), rendezvous {}:{}, Gloo",
+                l.rank,
+                l.world_size,
+                l.local_rank,
+                l.local_world_size,
+                l.master_addr,
+                l.master_port
+            )),
+            Err(e) => Some(format!("invalid: {e}")),
+        },
     }
 }
 
@@ -220,6 +236,12 @@ impl Report {
                 self.torch_threads, self.cpus
             ),
             format!("MKL / OpenMP    {} / {}", yes(self.mkl), yes(self.openmp)),
+            format!(
+                "data-parallel   {}",
+                self.launch
+                    .as_deref()
+                    .unwrap_or("one process (no RANK / WORLD_SIZE: not launched by torchrun)")
+            ),
         ]);
         lines.join("\n") + "\n"
     }

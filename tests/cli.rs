@@ -72,9 +72,21 @@ fn doctor_reports_the_libtorch_it_loaded() {
         "CUDA available",
         "bf16 on CPU",
         "threads",
+        "data-parallel   one process",
     ] {
         assert!(human.contains(line), "missing `{line}` in:\n{human}");
     }
+    // Under torchrun's variables it names this process's place in the launch.
+    let launched = Command::new(env!("CARGO_BIN_EXE_pso"))
+        .args(["doctor", "--json"])
+        .envs(dist::Launch::local(1, 2, 29500).to_env())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&launched.stdout).unwrap();
+    assert_eq!(
+        v["launch"],
+        "rank 1 of 2 (local 1 of 2), rendezvous 127.0.0.1:29500, Gloo"
+    );
 }
 
 #[test]
