@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -371,6 +370,7 @@ batch_size = 1
     # ---- 4. scoring speed -----------------------------------------------------------------
 
     def score_speed(self):
+        from PIL import Image
         from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
         images, batch = (64, 16) if not self.dry else (8, 4)
         stdout, _ = self.pso("bench", "score", "--scorer", "pickscore", "--model", self.work / "pickscore",
@@ -382,8 +382,7 @@ batch_size = 1
         processor = AutoImageProcessor.from_pretrained(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
         rng = np.random.default_rng(0)
-        pils = [__import__("PIL.Image").Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8))
-                for _ in range(images)]
+        pils = [Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)) for _ in range(images)]
 
         @torch.no_grad()
         def score(chunk):

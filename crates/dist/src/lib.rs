@@ -149,9 +149,7 @@ impl Launch {
             master_port,
         }))
     }
-}
 
-impl Launch {
     /// Rank `rank` of `world_size` processes on this machine, meeting at 127.0.0.1:`port`.
     pub fn local(rank: usize, world_size: usize, port: u16) -> Launch {
         Launch {
