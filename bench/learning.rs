@@ -245,6 +245,7 @@ fn main() {
                     resume: false,
                     progress: false,
                     max_hours: None,
+                    group: None,
                 },
                 Scorers {
                     train: scorer.clone(),

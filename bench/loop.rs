@@ -64,6 +64,7 @@ fn online(dir: &Path, name: &str, sets: &[&str]) -> (f64, f64) {
             resume: false,
             progress: false,
             max_hours: None,
+            group: None,
         },
         Scorers {
             train: scorer(dir),

@@ -745,41 +745,6 @@ fn dit_sft_reads_hugging_face_image_tables() {
     );
 }
 
-/// Runs `pso offline ARGS` as the `world` ranks of a torchrun launch (its environment
-/// variables, loopback rendezvous); returns each rank's stdout.
-fn ranks(world: usize, args: &[&str]) -> Vec<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            Command::new(env!("CARGO_BIN_EXE_pso"))
-                .args(args)
-                .envs(dist::Launch::local(rank, world, port).to_env())
-                .env("GLOO_SOCKET_IFNAME", "lo")
-                .env("PSO_DIST_TIMEOUT", "120")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "a rank of pso {args:?} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        })
-        .collect()
-}
-
 fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
@@ -841,7 +806,7 @@ fn two_ranks_train_as_one_process_accumulating_their_micro_batches() {
         .to_vec()
     };
     ok(&refs(&args(&single, &one)));
-    let outs = ranks(2, &refs(&args(&parallel, &two)));
+    let outs = common::run_ranks(2, &refs(&args(&parallel, &two)));
     assert!(outs[0].contains("after 4 steps"), "{outs:?}");
     assert!(outs[1].is_empty(), "only rank 0 reports: {outs:?}");
 
@@ -873,10 +838,10 @@ fn two_ranks_train_as_one_process_accumulating_their_micro_batches() {
     // Two steps, then both ranks resume from rank 0's checkpoint: the same weights as straight.
     let mut first = args(&parallel, &resumed);
     first.extend(["--max-steps", "2"].map(String::from));
-    ranks(2, &refs(&first));
+    common::run_ranks(2, &refs(&first));
     let mut again = args(&parallel, &resumed);
     again.push("--resume".into());
-    ranks(2, &refs(&again));
+    common::run_ranks(2, &refs(&again));
     let read = |run: &Path| {
         std::fs::read(run.join("checkpoints/step-00000004/trainable.safetensors")).unwrap()
     };

@@ -378,6 +378,7 @@ fn options(out: &Path) -> OnlineOptions {
         resume: false,
         progress: false,
         max_hours: None,
+        group: None,
     }
 }
 
@@ -728,4 +729,207 @@ fn an_online_run_on_a_dit_samples_classes_and_trains_difffit() {
     assert!(trained
         .iter()
         .any(|(n, _)| n == "transformer_blocks.0.gamma_attn1"));
+}
+
+fn shard_ranks(run: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(run.join("pairs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet"))
+        .map(|n| n.split('-').nth(1).unwrap().to_owned())
+        .collect()
+}
+
+/// Data-parallel online PSO under torchrun's contract: each rank samples its own rounds (rank
+/// r the global rounds r, r + 2, … of one process's numbering) and writes its own shards into
+/// the one store; rank 0 alone writes metrics (over both ranks), evaluations and checkpoints;
+/// stopping after two steps and resuming both ranks gives the straight run's weights bit for
+/// bit.
+#[test]
+fn two_ranks_sample_their_own_rounds_into_one_store_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let sets = ["--set", "learner.batch_size=1", "--set", "eval.every=2"];
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["online", "--config", s(&config), "--out", s(out)]
+            .map(String::from)
+            .to_vec();
+        v.extend(sets.iter().chain(extra).map(|a| a.to_string()));
+        v
+    };
+    let (straight, resumed, single) = (
+        dir.path().join("straight"),
+        dir.path().join("resumed"),
+        dir.path().join("single"),
+    );
+    let outs = common::run_ranks(2, &refs(&args(&straight, &["--max-steps", "4"])));
+    assert!(outs[0].contains("after 4 steps"), "{outs:?}");
+    assert!(outs[1].is_empty(), "only rank 0 reports: {outs:?}");
+
+    // One store, both ranks' shards, the pair ids of rounds 0..4 of one numbering.
+    assert_eq!(
+        shard_ranks(&straight),
+        BTreeSet::from(["rank000".to_string(), "rank001".to_string()])
+    );
+    let stored = pairs(&straight);
+    let per_round = 3; // prompts_per_round × one pair per group of two
+    let ids: Vec<i64> = stored.iter().map(|r| r.pair_id).collect();
+    assert_eq!(
+        ids,
+        (0..4 * per_round).collect::<Vec<_>>(),
+        "two rounds per rank"
+    );
+    // Global round 0 is rank 0's first: the same pairs a single process samples first.
+    ok(online(
+        &config,
+        &single,
+        &["--max-steps", "1", "--set", "eval.every=0"],
+    ));
+    let first = pairs(&single);
+    for (a, b) in first.iter().take(per_round as usize).zip(&stored) {
+        assert_eq!((a.pair_id, &a.prompt), (b.pair_id, &b.prompt));
+        assert_eq!(a.sides[0].image, b.sides[0].image, "pair {}", a.pair_id);
+    }
+    let m = metrics(&straight);
+    assert_eq!(steps(&straight), vec![1, 2, 3, 4]);
+    for line in &m {
+        assert_eq!(line["world_size"], 2, "{line}");
+        assert!(line["reward_mean"].is_f64(), "{line}");
+    }
+    let evals = std::fs::read_to_string(straight.join("eval.jsonl")).unwrap();
+    assert_eq!(
+        evals.lines().count(),
+        3,
+        "steps 0, 2 and 4, once each:\n{evals}"
+    );
+
+    // Two steps, then both ranks resume from rank 0's checkpoint.
+    common::run_ranks(2, &refs(&args(&resumed, &["--max-steps", "2"])));
+    common::run_ranks(2, &refs(&args(&resumed, &["--max-steps", "4", "--resume"])));
+    assert_eq!(
+        file(&straight, 4, "trainable.safetensors"),
+        file(&resumed, 4, "trainable.safetensors"),
+        "the resumed data-parallel run differs"
+    );
+    assert_eq!(steps(&resumed), vec![1, 2, 3, 4]);
+    assert_eq!(
+        pairs(&resumed)
+            .iter()
+            .map(|r| r.pair_id)
+            .collect::<Vec<_>>(),
+        ids,
+        "resume neither repeats nor loses pairs"
+    );
+}
+
+/// SIGTERM to one rank stops both after the same step with one checkpoint and exit 0; kill -9
+/// of rank 1 makes rank 0 fail within seconds, naming the lost rank, and leaves a store that
+/// recovers and validates and a checkpoint that reads back.
+#[test]
+fn sigterm_on_one_rank_stops_both_and_a_killed_rank_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let run = dir.path().join("run");
+    let args = |resume: bool| -> Vec<String> {
+        let mut v: Vec<String> = ["online", "--config", s(&config), "--out", s(&run)]
+            .map(String::from)
+            .to_vec();
+        v.extend(
+            [
+                "--max-steps",
+                "1000",
+                "--set",
+                "eval.every=0",
+                "--set",
+                "learner.batch_size=1",
+            ]
+            .map(String::from),
+        );
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let wait_checkpoint = |children: &mut [Child], step: u64| {
+        let path = run.join(format!("checkpoints/step-{step:08}/state.json"));
+        let start = Instant::now();
+        while !path.exists() {
+            for c in children.iter_mut() {
+                assert!(c.try_wait().unwrap().is_none(), "a rank ended early");
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "timed out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let mut children = common::spawn_ranks(2, &refs(&args(false)), 60);
+    wait_checkpoint(&mut children, 4);
+    let sent = Instant::now();
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(
+        unsafe { libc::kill(children[1].id() as i32, libc::SIGTERM) },
+        0
+    );
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        sent.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        sent.elapsed()
+    );
+    let stopped_at = *steps(&run).last().unwrap();
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{stopped_at:08}"));
+
+    let mut children = common::spawn_ranks(2, &refs(&args(true)), 60);
+    let next = (stopped_at / 2 + 2) * 2;
+    wait_checkpoint(&mut children, next);
+    let mut rank1 = children.pop().unwrap();
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let killed = Instant::now();
+    let out = children.pop().unwrap().wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 0 went on without rank 1");
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(stderr.contains("lost rank 1"), "{stderr}");
+
+    ok({
+        let mut c = pso();
+        c.args(["pairs", "recover"]).arg(run.join("pairs"));
+        c
+    });
+    ok({
+        let mut c = pso();
+        c.args(["pairs", "validate"]).arg(run.join("pairs"));
+        c
+    });
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let state = run
+        .join("checkpoints")
+        .join(latest.trim())
+        .join("state.json");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+    assert!(
+        state["counters"]["step"].as_u64().unwrap() >= next,
+        "{state}"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }

@@ -147,14 +147,6 @@ pub struct OfflineArgs {
 pub fn online(args: OnlineArgs) -> Result<()> {
     let mut config = args.config.load()?;
     online::check(&config)?;
-    if let Some(launch) = dist::Launch::from_env()?.filter(|l| l.world_size > 1) {
-        anyhow::bail!(
-            "launched as rank {} of {}: pso online does not run data-parallel yet (pso offline \
-             does); start it as one process, with online.actor_device for a second GPU",
-            launch.rank,
-            launch.world_size
-        );
-    }
     if let Some(n) = args.max_steps {
         anyhow::ensure!(n >= 1, "--max-steps must be at least 1");
         config.learner.max_steps = n;
@@ -165,6 +157,7 @@ pub fn online(args: OnlineArgs) -> Result<()> {
             "--max-hours must be a positive number"
         );
     }
+    let group = data_parallel(&mut config)?;
     let out = run_path(&config, args.out.as_deref());
     let r = &config.reward;
     let train: Arc<dyn Scorer> = build_scorer(r.scorer, &r.model, r.token_file.as_deref())
@@ -196,10 +189,14 @@ pub fn online(args: OnlineArgs) -> Result<()> {
             resume: args.resume,
             progress: std::io::stderr().is_terminal(),
             max_hours: args.max_hours,
+            group: group.clone(),
         },
         Scorers { train, eval },
     )
     .with_context(|| format!("online run {}", out.display()))?;
+    if group.is_some_and(|g| g.rank() != 0) {
+        return Ok(());
+    }
     println!(
         "{} after {} steps (last loss {})\n  run:         {}\n  pairs:       {}\n  samples:     {}\n  checkpoint:  {}",
         if summary.stopped { "stopped" } else { "done" },
@@ -220,7 +217,7 @@ pub fn online(args: OnlineArgs) -> Result<()> {
 
 /// Joins the data-parallel group when torchrun (or Slurm) launched this process as one of
 /// several, and puts the model on this rank's GPU (cuda:LOCAL_RANK) when the config asks for
-/// CUDA. `PSO_DIST_TIMEOUT` (seconds, default 1800) bounds the rendezvous and every collective.
+/// CUDA. `PSO_DIST_TIMEOUT` (seconds, default 300) bounds the rendezvous and every collective.
 fn data_parallel(config: &mut RunConfig) -> Result<Option<Arc<dist::ProcessGroup>>> {
     let Some(launch) = dist::Launch::from_env()? else {
         return Ok(None);
@@ -236,7 +233,7 @@ fn data_parallel(config: &mut RunConfig) -> Result<Option<Arc<dist::ProcessGroup
         Ok(v) => v.parse::<u64>().ok().filter(|&s| s > 0).with_context(|| {
             format!("PSO_DIST_TIMEOUT={v:?} is not a positive number of seconds")
         })?,
-        Err(_) => 1800,
+        Err(_) => 300,
     };
     tracing::info!(
         rank = launch.rank,

@@ -3,9 +3,11 @@
 
 mod fixtures;
 mod oracle;
+mod ranks;
 
 pub use fixtures::{jpeg, png, record};
 pub use oracle::{oracle, python, workspace_root};
+pub use ranks::{run_ranks, spawn_ranks};
 
 /// Asserts that an 8-bit image equals diffusers' ([H, W, 3] uint8) within 1/255, with at most
 /// 1 % of the values off by that much (fp32 rounding at the last step).

@@ -14,6 +14,7 @@
 namespace {
 
 struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
 };
@@ -61,7 +62,7 @@ void* pso_c10d_gloo_new(
     options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
         store, rank, world_size, options);
-    group = new Group{backend, timeout};
+    group = new Group{store, backend, timeout};
   });
   return group;
 }
@@ -94,6 +95,20 @@ int pso_c10d_barrier(void* group, char** error) {
     c10d::BarrierOptions options;
     options.timeout = g->timeout;
     g->backend->barrier(options)->wait(g->timeout);
+  });
+}
+
+// Adds `delta` to the store's counter `key` and returns the sum in `*value` (delta 0 reads it).
+// The heartbeats that name a lost rank are such counters.
+int pso_c10d_store_add(
+    void* group,
+    const char* key,
+    int64_t delta,
+    int64_t* value,
+    char** error) {
+  return guarded(error, [&] {
+    auto* g = static_cast<Group*>(group);
+    *value = g->store->add(key, delta);
   });
 }
 

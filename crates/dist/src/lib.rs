@@ -9,6 +9,8 @@
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tch::Tensor;
@@ -34,6 +36,13 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> i32;
     fn pso_c10d_barrier(group: *mut c_void, error: *mut *mut c_char) -> i32;
+    fn pso_c10d_store_add(
+        group: *mut c_void,
+        key: *const c_char,
+        delta: i64,
+        value: *mut i64,
+        error: *mut *mut c_char,
+    ) -> i32;
     fn pso_c10d_free(group: *mut c_void);
     fn pso_c10d_free_error(error: *mut c_char);
 }
@@ -186,19 +195,29 @@ fn missing(name: &'static str) -> DistError {
     }
 }
 
+/// How often each rank counts its heartbeat up in the rendezvous store.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
 /// A c10d process group: every collective blocks until all ranks took part, or fails after the
-/// group's timeout.
+/// group's timeout. A failed collective names the ranks that are gone (their heartbeat in the
+/// rendezvous store stopped), so a killed rank is reported as such by the others.
 #[derive(Debug)]
 pub struct ProcessGroup {
-    group: NonNull<c_void>,
+    group: Handle,
     rank: usize,
     world_size: usize,
+    heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
+/// The bridge's group pointer.
+#[derive(Debug, Clone, Copy)]
+struct Handle(NonNull<c_void>);
+
 // c10d process groups are made to be driven from any thread: PyTorch's DDP reducer issues
-// collectives from autograd threads, and ProcessGroupGloo queues each call under its own mutex.
-unsafe impl Send for ProcessGroup {}
-unsafe impl Sync for ProcessGroup {}
+// collectives from autograd threads, ProcessGroupGloo queues each call under its own mutex, and
+// TCPStore serialises its requests under a lock.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
 
 impl ProcessGroup {
     /// Joins the Gloo group of `launch` (rank 0 hosts the TCPStore rendezvous), waiting at
@@ -228,11 +247,27 @@ impl ProcessGroup {
             message,
         };
         match NonNull::new(group) {
-            Some(group) => Ok(ProcessGroup {
-                group,
-                rank: launch.rank,
-                world_size: launch.world_size,
-            }),
+            Some(group) => {
+                let group = Handle(group);
+                let stop = Arc::new(AtomicBool::new(false));
+                let beat = stop.clone();
+                let key = heartbeat_key(launch.rank);
+                let thread = std::thread::Builder::new()
+                    .name("c10d-heartbeat".into())
+                    .spawn(move || {
+                        // Stops quietly when the store is gone: the collectives report that.
+                        while !beat.load(Ordering::Relaxed) && store_add(group, &key, 1).is_ok() {
+                            std::thread::sleep(HEARTBEAT);
+                        }
+                    })
+                    .map_err(|e| fail(format!("cannot start the heartbeat thread: {e}")))?;
+                Ok(ProcessGroup {
+                    group,
+                    rank: launch.rank,
+                    world_size: launch.world_size,
+                    heartbeat: Some((stop, thread)),
+                })
+            }
             None => Err(fail(format!(
                 "{}; every rank must start within the timeout and reach rank 0 at {}:{} \
                  (MASTER_ADDR, MASTER_PORT)",
@@ -302,22 +337,88 @@ impl ProcessGroup {
         body: impl FnOnce(*mut c_void, *mut *mut c_char) -> i32,
     ) -> Result<(), DistError> {
         let mut error = std::ptr::null_mut();
-        if body(self.group.as_ptr(), &mut error) == 0 {
+        if body(self.group.0.as_ptr(), &mut error) == 0 {
             return Ok(());
         }
+        let message = take_error(error);
         Err(DistError::C10d {
             what,
             rank: self.rank,
             world_size: self.world_size,
-            message: take_error(error),
+            message: format!("{}; libtorch says: {message}", self.lost_ranks()),
         })
+    }
+
+    /// After a failed collective: which ranks stopped beating (read the counters twice, a few
+    /// heartbeats apart), or that rank 0, whose store holds the counters, is unreachable.
+    fn lost_ranks(&self) -> String {
+        let read = || -> Result<Vec<i64>, String> {
+            (0..self.world_size)
+                .map(|r| store_add(self.group, &heartbeat_key(r), 0))
+                .collect()
+        };
+        let Ok(before) = read() else {
+            return "rank 0 is gone (its rendezvous store does not answer): it crashed, was                     killed or lost the network; see its log"
+                .into();
+        };
+        std::thread::sleep(HEARTBEAT * 4);
+        let Ok(after) = read() else {
+            return "rank 0 is gone (its rendezvous store stopped answering); see its log".into();
+        };
+        let lost: Vec<String> = (0..self.world_size)
+            .filter(|&r| r != self.rank && after[r] == before[r])
+            .map(|r| r.to_string())
+            .collect();
+        match lost.len() {
+            0 => "every rank is still alive: one is stalled (a collective timed out) or the                   network between them failed"
+                .into(),
+            1 => format!(
+                "lost rank {}: it stopped (crashed or was killed); see its log",
+                lost[0]
+            ),
+            _ => format!(
+                "lost ranks {}: they stopped (crashed or were killed); see their logs",
+                lost.join(", ")
+            ),
+        }
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: made by pso_c10d_gloo_new, freed once.
-        unsafe { pso_c10d_free(self.group.as_ptr()) }
+        if let Some((stop, thread)) = self.heartbeat.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+        // SAFETY: made by pso_c10d_gloo_new, freed once, after the heartbeat thread ended.
+        unsafe { pso_c10d_free(self.group.0.as_ptr()) }
+    }
+}
+
+/// The store counter rank `rank` counts up while alive.
+fn heartbeat_key(rank: usize) -> String {
+    format!("pso/heartbeat/{rank}")
+}
+
+/// Adds `delta` to the store counter `key`; returns its new value or libtorch's message.
+fn store_add(group: Handle, key: &str, delta: i64) -> Result<i64, String> {
+    let key = CString::new(key).expect("heartbeat keys hold no NUL");
+    let (mut value, mut error) = (0, std::ptr::null_mut());
+    // SAFETY: the group outlives every caller (Drop joins the heartbeat thread first); `key`
+    // outlives the call; `value` and `error` are written by the bridge.
+    let rc = unsafe {
+        pso_c10d_store_add(
+            group.0.as_ptr(),
+            key.as_ptr(),
+            delta,
+            &mut value,
+            &mut error,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(take_error(error))
     }
 }
 

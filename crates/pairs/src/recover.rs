@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use super::shard::{io_err, lock_store, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
+use super::shard::{io_err, lock_shards, shard_prefix, sync_dir, FOOTER_SUFFIX, TMP_SUFFIX};
 use super::PairsError;
 
 /// What [`recover_dir`] did to shards left open by a crash.
@@ -41,14 +41,27 @@ impl RecoveryReport {
 
 /// Completes every shard in `dir` that a crash left as `.parquet.tmp`.
 ///
-/// Only safe while no writer is open on `dir`: [`PairStoreWriter::open`](crate::PairStoreWriter::open) takes the directory's
-/// lock before it calls this.
+/// Only safe while no writer is open on `dir`: [`recover_store`] takes each writer's lock first.
 pub fn recover_dir(dir: &Path) -> Result<RecoveryReport, PairsError> {
+    recover_shards(dir, None)
+}
+
+/// Completes the open shards of one shard-name prefix (all of them with `None`): a writer
+/// opening its prefix, which holds that prefix's lock, recovers only its own shards, since the
+/// other ranks of a data-parallel run may be writing theirs beside them.
+pub(crate) fn recover_shards(
+    dir: &Path,
+    prefix: Option<&str>,
+) -> Result<RecoveryReport, PairsError> {
+    let mine = |path: &Path| {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        prefix.is_none_or(|p| shard_prefix(&name) == Some(p))
+    };
     let mut report = RecoveryReport::default();
     let mut tmps: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err(dir, "list"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(TMP_SUFFIX))
+        .filter(|p| p.to_string_lossy().ends_with(TMP_SUFFIX) && mine(p))
         .collect();
     tmps.sort();
     for tmp in tmps {
@@ -112,16 +125,32 @@ pub fn recover_dir(dir: &Path) -> Result<RecoveryReport, PairsError> {
     // A sidecar replacement interrupted before its rename leaves a stray temporary file.
     for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))? {
         let path = entry.map_err(io_err(dir, "list"))?.path();
-        if path.to_string_lossy().ends_with(".footer.tmp") {
+        if path.to_string_lossy().ends_with(".footer.tmp") && mine(&path) {
             fs::remove_file(&path).map_err(io_err(&path, "remove"))?;
         }
     }
     Ok(report)
 }
 
-/// `pso pairs recover`: completes the shards a crashed writer left in `dir`, holding the store's
-/// writer lock meanwhile (a store whose writer still runs is refused, not touched).
+/// `pso pairs recover`: completes the shards crashed writers left in `dir`, holding the lock of
+/// every writer that left one (a store with a live writer of such a shard is refused, not
+/// touched).
 pub fn recover_store(dir: &Path) -> Result<RecoveryReport, PairsError> {
-    let _lock = lock_store(dir)?;
+    let mut prefixes: Vec<String> = fs::read_dir(dir)
+        .map_err(io_err(dir, "list"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let open = name.ends_with(TMP_SUFFIX) || name.ends_with(FOOTER_SUFFIX);
+            open.then(|| shard_prefix(&name).map(str::to_owned))
+                .flatten()
+        })
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    let _locks = prefixes
+        .iter()
+        .map(|p| lock_shards(dir, p))
+        .collect::<Result<Vec<_>, _>>()?;
     recover_dir(dir)
 }

@@ -8,21 +8,32 @@ use std::path::{Path, PathBuf};
 
 use super::PairsError;
 
-/// The lock file a writer holds on its store directory.
-pub const LOCK_FILE: &str = ".pso-writer.lock";
+/// The lock file a writer holds while it writes the shards named `PREFIX-NNNNNN` in a store:
+/// one writer per prefix, so the ranks of a data-parallel run share one directory.
+pub fn lock_file(prefix: &str) -> String {
+    format!(".pso-writer.{prefix}.lock")
+}
 
-/// Takes the store directory's writer lock, or says who holds it.
-pub(crate) fn lock_store(dir: &Path) -> Result<File, PairsError> {
-    let lock_path = dir.join(LOCK_FILE);
+/// Takes the writer lock of `prefix`'s shards in `dir`, or says who holds it.
+pub(crate) fn lock_shards(dir: &Path, prefix: &str) -> Result<File, PairsError> {
+    let lock_path = dir.join(lock_file(prefix));
     let lock = File::create(&lock_path).map_err(io_err(&lock_path, "create"))?;
     if let Err(e) = lock.try_lock() {
         return Err(PairsError::BadOption(format!(
-            "another process is writing pairs to {} (it holds {}: {e}); stop it or write elsewhere",
+            "another process is writing pairs to {} as {prefix}-NNNNNN.parquet (it holds {}: \
+             {e}); stop it or write elsewhere",
             dir.display(),
             lock_path.display()
         )));
     }
     Ok(lock)
+}
+
+/// The shard-name prefix of a shard file (`PREFIX-NNNNNN.parquet`, `.parquet.tmp`, …).
+pub(crate) fn shard_prefix(file_name: &str) -> Option<&str> {
+    let stem = file_name.split(".parquet").next()?;
+    let (prefix, number) = stem.rsplit_once('-')?;
+    (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())).then_some(prefix)
 }
 
 /// Suffix of a shard being written.
@@ -73,9 +84,9 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), PairsError> {
         .map_err(io_err(dir, "fsync directory"))
 }
 
-/// The finished shards of `run_id` in `dir`, by shard number.
-pub(crate) fn run_shards(dir: &Path, run_id: &str) -> Result<Vec<(u64, PathBuf)>, PairsError> {
-    let prefix = format!("{run_id}-");
+/// The finished shards named `prefix-NNNNNN.parquet` in `dir`, by shard number.
+pub(crate) fn prefix_shards(dir: &Path, prefix: &str) -> Result<Vec<(u64, PathBuf)>, PairsError> {
+    let prefix = format!("{prefix}-");
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))? {
         let path = entry.map_err(io_err(dir, "list"))?.path();
@@ -98,9 +109,9 @@ pub(crate) fn run_shards(dir: &Path, run_id: &str) -> Result<Vec<(u64, PathBuf)>
     Ok(out)
 }
 
-/// The number of the next shard of `run_id` in `dir`.
-pub(crate) fn next_shard_number(dir: &Path, run_id: &str) -> Result<u64, PairsError> {
-    Ok(run_shards(dir, run_id)?.last().map_or(0, |(n, _)| n + 1))
+/// The number of the next shard named `prefix-NNNNNN` in `dir`.
+pub(crate) fn next_shard_number(dir: &Path, prefix: &str) -> Result<u64, PairsError> {
+    Ok(prefix_shards(dir, prefix)?.last().map_or(0, |(n, _)| n + 1))
 }
 
 /// Whether a file starts with the Parquet magic and is a complete file (magic at both ends).
@@ -139,5 +150,17 @@ mod tests {
             text.starts_with("write /store/run-000003.parquet.tmp: No space left on device"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn shard_prefixes_come_from_file_names() {
+        assert_eq!(shard_prefix("run-000003.parquet"), Some("run"));
+        assert_eq!(
+            shard_prefix("my-run-rank001-000012.parquet.tmp"),
+            Some("my-run-rank001")
+        );
+        assert_eq!(shard_prefix("run-000003.parquet.tmp.footer"), Some("run"));
+        assert_eq!(shard_prefix("run.parquet"), None);
+        assert_eq!(shard_prefix("run-x.parquet"), None);
     }
 }

@@ -22,10 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::batch::records_to_batch;
 use super::record::PairRecord;
-use super::recover::recover_dir;
+use super::recover::recover_shards;
 use super::schema::{pair_schema, BLOB_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::shard::{
-    io_err, lock_store, next_shard_number, run_shards, sync_dir, write_err, FOOTER_SUFFIX,
+    io_err, lock_shards, next_shard_number, prefix_shards, sync_dir, write_err, FOOTER_SUFFIX,
     TMP_SUFFIX,
 };
 use super::PairsError;
@@ -35,8 +35,10 @@ use super::PairsError;
 pub struct WriterOptions {
     /// Directory of the shards; created if missing.
     pub dir: PathBuf,
-    /// Run id written into every row and used as the shard-name prefix.
+    /// Run id written into every row.
     pub run_id: String,
+    /// Shards are named `PREFIX-NNNNNN.parquet` (default: the run id; one writer per prefix).
+    pub shard_prefix: String,
     /// Flush a row group after this many buffered pairs.
     pub flush_every_pairs: usize,
     /// ...or when the oldest buffered pair is this old.
@@ -52,15 +54,24 @@ pub struct WriterOptions {
 impl WriterOptions {
     /// Defaults suited to the online loop.
     pub fn new(dir: impl Into<PathBuf>, run_id: impl Into<String>) -> Self {
+        let run_id = run_id.into();
         WriterOptions {
             dir: dir.into(),
-            run_id: run_id.into(),
+            shard_prefix: run_id.clone(),
+            run_id,
             flush_every_pairs: 64,
             flush_interval: Duration::from_secs(30),
             max_shard_rows: 10_000,
             max_shard_bytes: 1 << 30,
             channel_capacity: 256,
         }
+    }
+
+    /// Names the shards after data-parallel rank `rank` too (`RUN-rankNNN-NNNNNN.parquet`), so
+    /// each rank writes its own files into the run's one store.
+    pub fn for_rank(mut self, rank: usize) -> Self {
+        self.shard_prefix = format!("{}-rank{rank:03}", self.run_id);
+        self
     }
 }
 
@@ -240,23 +251,26 @@ pub struct PairStoreWriter {
     _lock: File,
 }
 
-/// Lock file that one writer holds per store directory.
-pub use super::shard::LOCK_FILE;
+/// The lock file a writer holds per shard-name prefix.
+pub use super::shard::lock_file;
 
 impl PairStoreWriter {
-    /// Opens the store directory: recovers any shard left open by a crash, and continues the
-    /// shard numbering of `run_id`.
+    /// Opens the store directory: recovers any shard of its prefix left open by a crash, and
+    /// continues that prefix's shard numbering.
     pub fn open(opts: WriterOptions) -> Result<Self, PairsError> {
-        if opts.run_id.is_empty()
-            || !opts
-                .run_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(PairsError::BadOption(format!(
-                "run id `{}` must be non-empty ASCII letters, digits, '-', '_' or '.'",
-                opts.run_id
-            )));
+        for (what, name) in [
+            ("run id", &opts.run_id),
+            ("shard prefix", &opts.shard_prefix),
+        ] {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(PairsError::BadOption(format!(
+                    "{what} `{name}` must be non-empty ASCII letters, digits, '-', '_' or '.'"
+                )));
+            }
         }
         if opts.flush_every_pairs == 0 || opts.max_shard_rows == 0 || opts.channel_capacity == 0 {
             return Err(PairsError::BadOption(
@@ -264,13 +278,13 @@ impl PairStoreWriter {
             ));
         }
         fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir, "create directory"))?;
-        let lock = lock_store(&opts.dir)?;
-        let report = recover_dir(&opts.dir)?;
+        let lock = lock_shards(&opts.dir, &opts.shard_prefix)?;
+        let report = recover_shards(&opts.dir, Some(&opts.shard_prefix))?;
         for line in report.lines() {
             tracing::warn!("{line}");
         }
-        let next_shard = next_shard_number(&opts.dir, &opts.run_id)?;
-        let next_pair_id = next_pair_id(&opts.dir, &opts.run_id)?;
+        let next_shard = next_shard_number(&opts.dir, &opts.shard_prefix)?;
+        let next_pair_id = next_pair_id(&opts.dir, &opts.shard_prefix, &opts.run_id)?;
         Ok(PairStoreWriter {
             opts,
             current: None,
@@ -283,8 +297,8 @@ impl PairStoreWriter {
         })
     }
 
-    /// One more than the largest pair id of this run already durable in the directory (0 when
-    /// none): where a resumed run or a second import continues.
+    /// One more than the largest pair id of this run already durable in this writer's shards
+    /// (0 when none): where a resumed run or a second import continues.
     pub fn next_pair_id(&self) -> i64 {
         self.next_pair_id
     }
@@ -331,7 +345,7 @@ impl PairStoreWriter {
             return Ok(());
         }
         if self.current.is_none() {
-            let name = format!("{}-{:06}", self.opts.run_id, self.next_shard);
+            let name = format!("{}-{:06}", self.opts.shard_prefix, self.next_shard);
             self.next_shard += 1;
             self.current = Some(ShardWriter::create(
                 &self.opts.dir,
@@ -374,8 +388,9 @@ impl PairStoreWriter {
     }
 }
 
-fn next_pair_id(dir: &Path, run_id: &str) -> Result<i64, PairsError> {
-    let shards: Vec<PathBuf> = run_shards(dir, run_id)?
+/// One more than the largest pair id of `run_id` in the shards named `prefix-NNNNNN`.
+fn next_pair_id(dir: &Path, prefix: &str, run_id: &str) -> Result<i64, PairsError> {
+    let shards: Vec<PathBuf> = prefix_shards(dir, prefix)?
         .into_iter()
         .map(|(_, p)| p)
         .collect();

@@ -94,15 +94,47 @@ fn reopening_continues_shard_numbers_and_pair_ids() {
 }
 
 #[test]
-fn a_second_writer_on_the_same_directory_is_refused() {
+fn a_second_writer_of_the_same_shards_is_refused_and_ranks_write_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
     let _first = PairStoreWriter::open(WriterOptions::new(dir.path(), "a")).unwrap();
-    let err = PairStoreWriter::open(WriterOptions::new(dir.path(), "b"))
+    let err = PairStoreWriter::open(WriterOptions::new(dir.path(), "a"))
         .err()
         .unwrap();
     assert!(
         err.to_string().contains("another process is writing pairs"),
         "{err}"
+    );
+    // The ranks of one data-parallel run: one writer each, ids continuing per rank.
+    let mut ranks: Vec<PairStoreWriter> = (0..2)
+        .map(|r| PairStoreWriter::open(WriterOptions::new(dir.path(), "dp").for_rank(r)).unwrap())
+        .collect();
+    for (r, w) in ranks.iter_mut().enumerate() {
+        for id in [r as i64, r as i64 + 2] {
+            let mut rec = record("dp", id);
+            rec.prompt = format!("rank {r}");
+            w.append(rec).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    // Dropped unclosed, as by a crash: each shard stays open. Reopening rank 0 recovers its own
+    // shard only, since rank 1 could still be writing.
+    drop(ranks);
+    let again = PairStoreWriter::open(WriterOptions::new(dir.path(), "dp").for_rank(0)).unwrap();
+    assert_eq!(again.next_pair_id(), 3);
+    assert!(dir.path().join("dp-rank000-000000.parquet").exists());
+    assert!(dir.path().join("dp-rank001-000000.parquet.tmp").exists());
+    drop(again);
+    let one = PairStoreWriter::open(WriterOptions::new(dir.path(), "dp").for_rank(1)).unwrap();
+    assert_eq!(one.next_pair_id(), 4);
+    drop(one);
+    let names = shard_names(dir.path());
+    assert!(
+        names.contains(&"dp-rank000-000000.parquet".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"dp-rank001-000000.parquet".to_string()),
+        "{names:?}"
     );
 }
 
@@ -571,7 +603,7 @@ fn recovered_copy_count(dir: &Path) -> usize {
             std::fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
         }
     }
-    drop(PairStoreWriter::open(WriterOptions::new(copy.path(), "probe")).unwrap());
+    recover_store(copy.path()).unwrap();
     read_records(&[copy.path().to_owned()], ReadOptions::default()).len()
 }
 
@@ -842,8 +874,10 @@ fn a_crashed_store_is_reported_until_recovered() {
     let (files, rows, problems) = validate(&paths).unwrap();
     assert_eq!((files, rows), (1, 3));
     assert!(problems.is_empty(), "{problems:?}");
-    // A store whose writer is alive is not touched.
-    let _w = PairStoreWriter::open(WriterOptions::new(crashed.path(), "crash")).unwrap();
+    // A store whose writer is alive, with a shard open, is not touched.
+    let mut w = PairStoreWriter::open(WriterOptions::new(crashed.path(), "crash")).unwrap();
+    w.append(record("crash", 3)).unwrap();
+    w.flush().unwrap();
     let e = recover_store(crashed.path()).unwrap_err().to_string();
     assert!(e.contains("another process is writing"), "{e}");
 }

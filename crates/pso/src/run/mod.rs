@@ -32,6 +32,7 @@ pub use error::RunError;
 pub use progress::{progress, progress_of};
 pub(crate) use resume::latest_or_none;
 pub use resume::{resume, save, start_learner};
+pub(crate) use stop::any_rank;
 pub use stop::stop_flag;
 
 /// Loads `config.model` on `device`, with the scheduler of the model folder turned into

@@ -3,7 +3,7 @@
 //! of the online loop.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
@@ -17,8 +17,8 @@ use super::images::{ImageSetOptions, LabelAs, TrainingImage, TrainingImages};
 use super::reference_pool::{self, ReferencePool};
 use super::relabel::Relabeler;
 use super::{
-    latest_or_none, progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir, RunError,
-    Summary,
+    any_rank, latest_or_none, progress, save, start_learner, step_seed, stop_flag, Metrics, RunDir,
+    RunError, Summary,
 };
 use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
@@ -573,7 +573,7 @@ pub fn run_with(
         stopped: false,
     };
     while learner.counters().step < config.learner.max_steps {
-        if stopping(&stop, opts.group.as_deref())? {
+        if any_rank(stop.load(Ordering::SeqCst), opts.group.as_deref())? {
             summary.stopped = true;
             break;
         }
@@ -651,18 +651,6 @@ pub fn run_with(
         Some(save(&dir, &learner, config, source.consumed())?)
     };
     Ok(summary)
-}
-
-/// Whether to stop: this process was asked to, or (data-parallel) any rank was, so that every
-/// rank leaves at the same step instead of waiting for the others in a collective.
-fn stopping(stop: &AtomicBool, group: Option<&ProcessGroup>) -> Result<bool, RunError> {
-    let here = stop.load(Ordering::SeqCst);
-    let Some(group) = group else {
-        return Ok(here);
-    };
-    let mut any = Tensor::from_slice(&[f32::from(u8::from(here))]);
-    group.all_reduce_sum(&mut any).map_err(LearnerError::from)?;
-    Ok(any.double_value(&[0]) > 0.0)
 }
 
 /// The run's reference pool: stored in `dir` by its first invocation (at step 0, from the

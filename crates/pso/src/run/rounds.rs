@@ -6,6 +6,10 @@
 //! prompt order), its image seeds, and its pair ids ((round · prompts per round + slot) · pairs
 //! per group + j). A round sampled again after a crash therefore reproduces the same ids, and
 //! pairs already durable in the store are not written twice.
+//!
+//! Data-parallel, rank r of W makes the rounds r, r + W, r + 2W, … of that numbering (its
+//! local round i is the global round i·W + r): the W ranks together sample exactly the rounds
+//! one process would, with distinct prompts, seeds and pair ids.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -75,6 +79,9 @@ pub struct RoundMaker {
     per_round: u32,
     per_group: u32,
     min_margin: f32,
+    /// This process's data-parallel rank and the number of ranks (0 and 1 alone).
+    rank: u64,
+    world: u64,
 }
 
 /// The run-constant fields of a pair record.
@@ -92,6 +99,8 @@ struct RecordSettings {
 
 impl RoundMaker {
     /// A maker for `config`'s rounds; `timesteps` is the distilled schedule as sampled.
+    /// `(rank, world)` places this process in a data-parallel run ((0, 1) alone).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &RunConfig,
         timesteps: &[f64],
@@ -99,6 +108,7 @@ impl RoundMaker {
         scorer: Arc<PatientScorer>,
         writer: Arc<AsyncPairWriter>,
         runtime: tokio::runtime::Handle,
+        (rank, world): (usize, usize),
     ) -> Result<RoundMaker, RunError> {
         let pairing = config.online.pairing;
         Ok(RoundMaker {
@@ -122,11 +132,13 @@ impl RoundMaker {
             per_round: config.online.prompts_per_round,
             per_group: pairing.pairs_per_group(config.sampler.samples_per_prompt),
             min_margin: config.online.min_score_margin,
+            rank: rank as u64,
+            world: world as u64,
         })
     }
 
-    /// Samples, scores, stores and returns round `index` with `actor`'s policy (`version`);
-    /// `Ok(None)` when `halt` was set first (nothing of the round is stored then).
+    /// Samples, scores, stores and returns this rank's round `index` with `actor`'s policy
+    /// (`version`); `Ok(None)` when `halt` was set first (nothing of the round is stored then).
     pub fn make(
         &mut self,
         actor: &Actor,
@@ -135,17 +147,18 @@ impl RoundMaker {
         halt: &Arc<AtomicBool>,
     ) -> Result<Option<Round>, RunError> {
         let started = Instant::now();
+        let global = index * self.world + self.rank;
         let mut pending = Vec::new();
         let mut actor_seconds = 0.0;
         for slot in 0..self.per_round {
             if halt.load(Ordering::SeqCst) {
                 return Ok(None);
             }
-            let position = index * self.per_round as u64 + slot as u64;
+            let position = global * self.per_round as u64 + slot as u64;
             let prompt_index = self.order.index_at(position);
             let t = Instant::now();
             let group = actor.sample(
-                index,
+                global,
                 slot,
                 prompt_index,
                 self.prompts.get(prompt_index),

@@ -3,6 +3,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use dist::ProcessGroup;
+use tch::Tensor;
+
+use super::RunError;
+use crate::learner::LearnerError;
+
 /// Set when the user asks the run to stop (Ctrl-C / SIGTERM): the loop finishes its step,
 /// checkpoints and returns.
 pub fn stop_flag() -> Arc<AtomicBool> {
@@ -34,4 +40,16 @@ pub fn stop_flag() -> Arc<AtomicBool> {
         });
     });
     flag
+}
+
+/// Whether `here` holds on this process or (data-parallel) on any rank: a stop request on one
+/// rank then stops every rank after the same step, instead of leaving the others waiting in a
+/// collective. Every rank must call it at the same point.
+pub(crate) fn any_rank(here: bool, group: Option<&ProcessGroup>) -> Result<bool, RunError> {
+    let Some(group) = group else {
+        return Ok(here);
+    };
+    let mut any = Tensor::from_slice(&[f32::from(u8::from(here))]);
+    group.all_reduce_sum(&mut any).map_err(LearnerError::from)?;
+    Ok(any.double_value(&[0]) > 0.0)
 }

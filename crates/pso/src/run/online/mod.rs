@@ -13,13 +13,19 @@
 //! Checkpoints fall on round boundaries (the cursor is the next round), so a resumed
 //! alternating run samples exactly what an uninterrupted one would. A stop request ends the
 //! current step, abandons the rest of its round and checkpoints.
+//!
+//! Data-parallel (torchrun's launch, docs/distributed.md), every rank alternates its own actor
+//! and learner replica: rank r samples the global rounds r, r + W, … (rounds.rs), scores them
+//! and writes its pairs under its own shard names; the learners average gradients every step;
+//! rank 0 alone writes metrics (reduced over the ranks), evaluations and checkpoints. A stop
+//! request takes effect at the next step every rank agrees on, after the round being sampled.
 
 mod actor_thread;
 mod driver;
 mod trainer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +41,7 @@ use super::{RunError, Summary};
 use crate::config::{resolve_device, RunConfig};
 use crate::objective::ObjectiveKind;
 use actor_thread::{publish, spawn_actor, Rounds, WeightSlot};
+use dist::ProcessGroup;
 use driver::Loop;
 use pairs::writer::{AsyncPairWriter, WriterOptions};
 pub use trainer::{OnlineTrainer, Prepared};
@@ -50,6 +57,8 @@ pub struct OnlineOptions {
     pub progress: bool,
     /// Stop (with a checkpoint) after this many hours.
     pub max_hours: Option<f64>,
+    /// Train data-parallel over these ranks (torchrun's launch).
+    pub group: Option<Arc<ProcessGroup>>,
 }
 
 /// The scorers of a run: the one that labels pairs, and the eval scorers by name.
@@ -87,7 +96,8 @@ pub fn check(config: &RunConfig) -> Result<(), RunError> {
 fn preflight(dir: &RunDir, config: &RunConfig, trainable: i64) -> Result<(), RunError> {
     for sub in ["pairs", "checkpoints"] {
         let path = dir.path.join(sub);
-        let probe = path.join(".pso-write-probe");
+        // One probe per process: the ranks of a data-parallel run probe the same folders.
+        let probe = path.join(format!(".pso-write-probe.{}", std::process::id()));
         let written = std::fs::create_dir_all(&path)
             .and_then(|_| std::fs::write(&probe, [0u8; 4096]))
             .and_then(|_| std::fs::File::open(&probe)?.sync_all())
@@ -148,9 +158,31 @@ struct Totals {
 /// is checkpointed first).
 pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<Summary, RunError> {
     check(config)?;
-    let dir = RunDir::prepare(&opts.out, config, opts.resume)?;
+    let group = opts.group.clone();
+    let (rank, world) = group
+        .as_ref()
+        .map_or((0, 1), |g| (g.rank(), g.world_size()));
+    if world > 1 && !config.online.actor_device.is_empty() {
+        return Err(RunError::Config(format!(
+            "online.actor_device = {:?} with {world} data-parallel ranks: each rank samples              with its own learner's model; leave online.actor_device empty and give every GPU              its own rank (torchrun --nproc-per-node)",
+            config.online.actor_device
+        )));
+    }
+    // Rank 0 writes the run directory; the others wait until it is there.
+    let dir = if rank == 0 {
+        RunDir::prepare(&opts.out, config, opts.resume)?
+    } else {
+        RunDir {
+            path: opts.out.clone(),
+        }
+    };
+    if let Some(group) = &group {
+        group
+            .barrier()
+            .map_err(crate::learner::LearnerError::from)?;
+    }
     let prompts = PromptSet::load(&config.prompts.train)?;
-    let eval_prompts = (config.eval.every > 0)
+    let eval_prompts = (config.eval.every > 0 && rank == 0)
         .then(|| PromptSet::load(&config.eval.prompts))
         .transpose()?;
     let device = resolve_device(&config.model.device).map_err(RunError::Config)?;
@@ -160,7 +192,7 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
     };
     let trainer = OnlineTrainer::load(config, device)?;
     let (mut learner, first_round) =
-        start_learner(&trainer.adapter, config, &dir, opts.resume, None)?;
+        start_learner(&trainer.adapter, config, &dir, opts.resume, group.clone())?;
     preflight(&dir, config, trainer.adapter.numel())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -171,13 +203,17 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
             source,
         })?;
     let p = &config.pairs;
+    let mut names = WriterOptions::new(dir.path.join("pairs"), &config.run.name);
+    if world > 1 {
+        names = names.for_rank(rank);
+    }
     let writer = runtime.block_on(async {
         AsyncPairWriter::spawn(WriterOptions {
             flush_every_pairs: p.flush_every_pairs as usize,
             flush_interval: Duration::from_secs_f64(p.flush_seconds),
             max_shard_rows: p.max_shard_rows as usize,
             max_shard_bytes: p.max_shard_mib as u64 * 1024 * 1024,
-            ..WriterOptions::new(dir.path.join("pairs"), &config.run.name)
+            ..names
         })
     })?;
     let writer = Arc::new(writer);
@@ -202,12 +238,21 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
             trainer.settings().clone(),
         )
     });
-    let events = dir.events(config, learner.counters().step)?;
+    let events = match rank {
+        0 => dir.events(config, learner.counters().step)?,
+        _ => None,
+    };
     let evaluator = match (evaluator, &events) {
         (Some(e), Some(events)) => Some(e.with_tensorboard(events.clone())),
         (e, _) => e,
     };
     let halt = stop_flag();
+    // Data-parallel, every rank finishes the round it samples, so that all of them reach the
+    // same collectives; the stop request is agreed on at the next step instead.
+    let sampling_halt = match world {
+        1 => halt.clone(),
+        _ => Arc::new(AtomicBool::new(false)),
+    };
     let maker = RoundMaker::new(
         config,
         trainer.scheduler.timesteps(),
@@ -215,6 +260,7 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         train_scorer.clone(),
         writer.clone(),
         runtime.handle().clone(),
+        (rank, world),
     )?;
     let mut rounds = match actor_device {
         None => Rounds::Inline {
@@ -248,22 +294,28 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         trainable = trainer.adapter.numel(),
         scorer = %train_scorer.info(),
         concurrent_actor = actor_device.is_some(),
+        rank,
+        world_size = world,
         "online PSO"
     );
     let step = learner.counters().step;
+    let metrics = match (rank, events) {
+        (0, Some(events)) => Some(Metrics::open(&dir, step)?.with_tensorboard(events)),
+        (0, None) => Some(Metrics::open(&dir, step)?),
+        _ => None,
+    };
     let mut state = Loop {
         config,
         opts: &opts,
         dir: &dir,
         trainer: &trainer,
-        metrics: match events {
-            Some(events) => Metrics::open(&dir, step)?.with_tensorboard(events),
-            None => Metrics::open(&dir, step)?,
-        },
+        metrics,
         learner: &mut learner,
+        group,
         evaluator: evaluator.as_ref(),
         runtime: runtime.handle().clone(),
         halt: halt.clone(),
+        sampling_halt,
         writer: &writer,
         totals: Totals {
             started: Instant::now(),
@@ -295,8 +347,9 @@ pub fn run(config: &RunConfig, opts: OnlineOptions, scorers: Scorers) -> Result<
         Ok(()) => state.finish(),
         Err(e) => {
             // Keep what was learned: a failure after training still leaves a checkpoint.
-            if let Ok(at) = state.checkpoint() {
-                tracing::error!(checkpoint = %at.display(), "stopping: {e}");
+            match state.checkpoint() {
+                Ok(Some(at)) => tracing::error!(checkpoint = %at.display(), "stopping: {e}"),
+                _ => tracing::error!("stopping: {e}"),
             }
             Err(e)
         }
