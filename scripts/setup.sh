@@ -37,6 +37,17 @@ else
   "$venv/bin/python" -m pip install "torch==$TORCH_VERSION"
 fi
 
+# Headers only (about 7 MB): the CUDA runtime's crt/ and CCCL's nv/target, which c10d's
+# ProcessGroupNCCL.hpp includes and the torch wheel's own CUDA packages leave out. With them
+# crates/dist builds its NCCL process group; without them it builds Gloo only.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -f "$site/nvidia/cu13/include/crt/host_config.h" ] && [ -f "$site/nvidia/cu13/include/nv/target" ]; then
+  say "CUDA headers for NCCL already in $venv"
+else
+  say "installing the CUDA headers c10d's NCCL process group needs (nvidia-cuda-crt, nvidia-cuda-cccl)"
+  "$venv/bin/python" -m pip install -q --no-deps "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+fi
+
 req="$root/scripts/oracle/requirements.txt"
 stamp="$venv/.pso-oracle-$(sha256sum "$req" | cut -c1-16)"
 if [ "${PSO_SKIP_ORACLE:-0}" = 1 ]; then

@@ -52,6 +52,9 @@ pub struct Report {
     /// The data-parallel launch this process belongs to (torchrun's or Slurm's variables), or
     /// why those variables do not make one; `null` when none are set.
     pub launch: Option<String>,
+    /// The c10d process groups this binary was built with ("gloo", and "nccl" when the CUDA
+    /// and NCCL headers were there at build time).
+    pub dist_backends: Vec<&'static str>,
 }
 
 /// Paths of the shared objects mapped into this process whose file name contains `needle`.
@@ -167,10 +170,15 @@ pub fn report() -> Report {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         mkl: tch::utils::has_mkl(),
         openmp: tch::utils::has_openmp(),
+        dist_backends: if dist::nccl_built() {
+            vec!["gloo", "nccl"]
+        } else {
+            vec!["gloo"]
+        },
         launch: match dist::Launch::from_env() {
             Ok(None) => None,
             Ok(Some(l)) => Some(format!(
-                "rank {} of {} (local {} of {}), rendezvous {}:{}, Gloo",
+                "rank {} of {} (local {} of {}), rendezvous {}:{}",
                 l.rank,
                 l.world_size,
                 l.local_rank,
@@ -241,6 +249,10 @@ impl Report {
                 self.launch
                     .as_deref()
                     .unwrap_or("one process (no RANK / WORLD_SIZE: not launched by torchrun)")
+            ),
+            format!(
+                "c10d backends   {} (NCCL on GPUs, Gloo on the CPU; PSO_DIST_BACKEND chooses)",
+                self.dist_backends.join(", ")
             ),
         ]);
         lines.join("\n") + "\n"

@@ -73,6 +73,7 @@ fn doctor_reports_the_libtorch_it_loaded() {
         "bf16 on CPU",
         "threads",
         "data-parallel   one process",
+        "c10d backends   gloo",
     ] {
         assert!(human.contains(line), "missing `{line}` in:\n{human}");
     }
@@ -85,8 +86,10 @@ fn doctor_reports_the_libtorch_it_loaded() {
     let v: serde_json::Value = serde_json::from_slice(&launched.stdout).unwrap();
     assert_eq!(
         v["launch"],
-        "rank 1 of 2 (local 1 of 2), rendezvous 127.0.0.1:29500, Gloo"
+        "rank 1 of 2 (local 1 of 2), rendezvous 127.0.0.1:29500"
     );
+    // scripts/setup.sh installs the CUDA and NCCL headers, so the bridge has NCCL.
+    assert_eq!(v["dist_backends"], serde_json::json!(["gloo", "nccl"]));
 }
 
 #[test]
@@ -390,5 +393,24 @@ fn sample_refuses_impossible_values_before_loading_the_model() {
         assert_eq!(out.status.code(), Some(1), "{flag} {value}: {err}");
         assert!(err.contains(says), "{flag} {value}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_data_parallel_launch_with_a_wrong_backend_is_refused_before_joining() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny-cpu.toml");
+    for (backend, expected) in [
+        ("nccl", "PSO_DIST_BACKEND=nccl, but model.device"),
+        ("mpi", "PSO_DIST_BACKEND=\"mpi\": use nccl or gloo"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pso"))
+            .args(["offline", "--config", config, "--pairs", "nowhere"])
+            .envs(dist::Launch::local(0, 2, 1).to_env())
+            .env("PSO_DIST_BACKEND", backend)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
     }
 }

@@ -217,7 +217,8 @@ pub fn online(args: OnlineArgs) -> Result<()> {
 
 /// Joins the data-parallel group when torchrun (or Slurm) launched this process as one of
 /// several, and puts the model on this rank's GPU (cuda:LOCAL_RANK) when the config asks for
-/// CUDA. `PSO_DIST_TIMEOUT` (seconds, default 300) bounds the rendezvous and every collective.
+/// CUDA. The group is NCCL on GPUs and Gloo on the CPU (`PSO_DIST_BACKEND=nccl|gloo` chooses);
+/// `PSO_DIST_TIMEOUT` (seconds, default 300) bounds the rendezvous and every collective.
 fn data_parallel(config: &mut RunConfig) -> Result<Option<Arc<dist::ProcessGroup>>> {
     let Some(launch) = dist::Launch::from_env()? else {
         return Ok(None);
@@ -235,13 +236,33 @@ fn data_parallel(config: &mut RunConfig) -> Result<Option<Arc<dist::ProcessGroup
         })?,
         Err(_) => 300,
     };
+    let on_gpu = config.model.device.starts_with("cuda");
+    let nccl = match std::env::var("PSO_DIST_BACKEND").as_deref() {
+        Err(_) => on_gpu,
+        Ok("nccl") => true,
+        Ok("gloo") => false,
+        Ok(other) => anyhow::bail!("PSO_DIST_BACKEND={other:?}: use nccl or gloo"),
+    };
+    if nccl && !on_gpu {
+        anyhow::bail!(
+            "PSO_DIST_BACKEND=nccl, but model.device = {:?}: NCCL reduces on GPUs; set \
+             model.device = \"cuda\" or PSO_DIST_BACKEND=gloo",
+            config.model.device
+        );
+    }
     tracing::info!(
         rank = launch.rank,
         world_size = launch.world_size,
         master = %format!("{}:{}", launch.master_addr, launch.master_port),
+        backend = if nccl { "nccl" } else { "gloo" },
         "joining the data-parallel group"
     );
-    let group = dist::ProcessGroup::gloo(&launch, std::time::Duration::from_secs(seconds))?;
+    let timeout = std::time::Duration::from_secs(seconds);
+    let group = if nccl {
+        dist::ProcessGroup::nccl(&launch, timeout)?
+    } else {
+        dist::ProcessGroup::gloo(&launch, timeout)?
+    };
     Ok(Some(Arc::new(group)))
 }
 

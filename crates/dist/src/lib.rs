@@ -1,5 +1,5 @@
 //! Data-parallel collectives for pso on PyTorch's own distributed engine: a c10d process group
-//! (Gloo) built from torchrun's launch variables, with the all-reduce, broadcast and barrier a
+//! (Gloo, or NCCL on GPUs) built from torchrun's launch variables, with the all-reduce, broadcast and barrier a
 //! data-parallel learner needs. tch has no distributed layer, so a small C++ bridge
 //! (cxx/bridge.cpp) reaches c10d in the libtorch pso already links; nothing here implements a
 //! collective itself.
@@ -24,6 +24,15 @@ extern "C" {
         timeout_ms: i64,
         error: *mut *mut c_char,
     ) -> *mut c_void;
+    fn pso_c10d_nccl_new(
+        host: *const c_char,
+        port: u16,
+        rank: i32,
+        world_size: i32,
+        timeout_ms: i64,
+        device_index: i32,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
     fn pso_c10d_all_reduce_sum(
         group: *mut c_void,
         tensor: *mut c_void,
@@ -44,6 +53,7 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> i32;
     fn pso_c10d_free(group: *mut c_void);
+    fn pso_c10d_has_nccl() -> i32;
     fn pso_c10d_free_error(error: *mut c_char);
 }
 
@@ -195,6 +205,12 @@ fn missing(name: &'static str) -> DistError {
     }
 }
 
+/// Whether this build has c10d's NCCL process group (build.rs found the CUDA and NCCL headers).
+pub fn nccl_built() -> bool {
+    // SAFETY: a constant answer, no arguments.
+    unsafe { pso_c10d_has_nccl() != 0 }
+}
+
 /// How often each rank counts its heartbeat up in the rendezvous store.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -206,6 +222,8 @@ pub struct ProcessGroup {
     group: Handle,
     rank: usize,
     world_size: usize,
+    /// NCCL's GPU (collectives of tensors elsewhere go through it); None for Gloo.
+    device: Option<tch::Device>,
     heartbeat: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
@@ -223,59 +241,95 @@ impl ProcessGroup {
     /// Joins the Gloo group of `launch` (rank 0 hosts the TCPStore rendezvous), waiting at
     /// most `timeout` for the others; collectives then time out after the same.
     pub fn gloo(launch: &Launch, timeout: Duration) -> Result<ProcessGroup, DistError> {
+        Self::join(launch, timeout, None)
+    }
+
+    /// Joins the NCCL group of `launch` on GPU `cuda:LOCAL_RANK` (the rendezvous as for Gloo).
+    /// Tensors elsewhere are reduced through that GPU. Fails with libtorch's message on a
+    /// machine without that GPU, or when this pso was built without the NCCL headers.
+    pub fn nccl(launch: &Launch, timeout: Duration) -> Result<ProcessGroup, DistError> {
+        Self::join(launch, timeout, Some(launch.local_rank))
+    }
+
+    fn join(
+        launch: &Launch,
+        timeout: Duration,
+        gpu: Option<usize>,
+    ) -> Result<ProcessGroup, DistError> {
         let host = CString::new(launch.master_addr.clone()).map_err(|_| DistError::Launch {
             name: "MASTER_ADDR",
             value: launch.master_addr.clone(),
             why: "holds a NUL byte".into(),
         })?;
+        let timeout_ms = timeout.as_millis().min(i64::MAX as u128) as i64;
+        let (rank, world) = (launch.rank as i32, launch.world_size as i32);
         let mut error = std::ptr::null_mut();
         // SAFETY: `host` outlives the call; `error` is written only on failure.
         let group = unsafe {
-            pso_c10d_gloo_new(
-                host.as_ptr(),
-                launch.master_port,
-                launch.rank as i32,
-                launch.world_size as i32,
-                timeout.as_millis().min(i64::MAX as u128) as i64,
-                &mut error,
-            )
+            match gpu {
+                None => pso_c10d_gloo_new(
+                    host.as_ptr(),
+                    launch.master_port,
+                    rank,
+                    world,
+                    timeout_ms,
+                    &mut error,
+                ),
+                Some(index) => pso_c10d_nccl_new(
+                    host.as_ptr(),
+                    launch.master_port,
+                    rank,
+                    world,
+                    timeout_ms,
+                    index as i32,
+                    &mut error,
+                ),
+            }
         };
         let fail = |message| DistError::C10d {
-            what: "joining the process group",
+            what: if gpu.is_some() {
+                "joining the NCCL process group"
+            } else {
+                "joining the Gloo process group"
+            },
             rank: launch.rank,
             world_size: launch.world_size,
             message,
         };
-        match NonNull::new(group) {
-            Some(group) => {
-                let group = Handle(group);
-                let stop = Arc::new(AtomicBool::new(false));
-                let beat = stop.clone();
-                let key = heartbeat_key(launch.rank);
-                let thread = std::thread::Builder::new()
-                    .name("c10d-heartbeat".into())
-                    .spawn(move || {
-                        // Stops quietly when the store is gone: the collectives report that.
-                        while !beat.load(Ordering::Relaxed) && store_add(group, &key, 1).is_ok() {
-                            std::thread::sleep(HEARTBEAT);
-                        }
-                    })
-                    .map_err(|e| fail(format!("cannot start the heartbeat thread: {e}")))?;
-                Ok(ProcessGroup {
-                    group,
-                    rank: launch.rank,
-                    world_size: launch.world_size,
-                    heartbeat: Some((stop, thread)),
-                })
-            }
-            None => Err(fail(format!(
-                "{}; every rank must start within the timeout and reach rank 0 at {}:{} \
-                 (MASTER_ADDR, MASTER_PORT)",
-                take_error(error),
-                launch.master_addr,
-                launch.master_port
-            ))),
-        }
+        let Some(group) = NonNull::new(group) else {
+            let message = take_error(error);
+            let lower = message.to_lowercase();
+            let rendezvous = lower.contains("time") || lower.contains("connect");
+            return Err(fail(if rendezvous {
+                format!(
+                    "{message}; every rank must start within the timeout and reach rank 0 at \
+                     {}:{} (MASTER_ADDR, MASTER_PORT)",
+                    launch.master_addr, launch.master_port
+                )
+            } else {
+                message
+            }));
+        };
+        let group = Handle(group);
+        let stop = Arc::new(AtomicBool::new(false));
+        let beat = stop.clone();
+        let key = heartbeat_key(launch.rank);
+        let thread = std::thread::Builder::new()
+            .name("c10d-heartbeat".into())
+            .spawn(move || {
+                // Stops quietly when the store is gone: the collectives report that.
+                while !beat.load(Ordering::Relaxed) && store_add(group, &key, 1).is_ok() {
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+            .map_err(|e| fail(format!("cannot start the heartbeat thread: {e}")))?;
+        Ok(ProcessGroup {
+            group,
+            rank: launch.rank,
+            world_size: launch.world_size,
+            device: gpu.map(tch::Device::Cuda),
+            heartbeat: Some((stop, thread)),
+        })
     }
 
     /// This process's rank.
@@ -288,12 +342,40 @@ impl ProcessGroup {
         self.world_size
     }
 
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        if self.device.is_some() {
+            "nccl"
+        } else {
+            "gloo"
+        }
+    }
+
     /// Replaces `tensor` on every rank with the sum over the ranks.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), DistError> {
-        self.call("all_reduce", |group, error| {
-            // SAFETY: the tensor pointer is a live at::Tensor* owned by `tensor`.
-            unsafe { pso_c10d_all_reduce_sum(group, tensor.as_mut_ptr().cast(), error) }
+        self.on_device(tensor, |t| {
+            self.call("all_reduce", |group, error| {
+                // SAFETY: the tensor pointer is a live at::Tensor* owned by `t`.
+                unsafe { pso_c10d_all_reduce_sum(group, t.as_mut_ptr().cast(), error) }
+            })
         })
+    }
+
+    /// Runs a collective on `tensor`, through NCCL's GPU when the tensor lives elsewhere.
+    fn on_device(
+        &self,
+        tensor: &mut Tensor,
+        collective: impl FnOnce(&mut Tensor) -> Result<(), DistError>,
+    ) -> Result<(), DistError> {
+        match self.device {
+            Some(device) if tensor.device() != device => {
+                let mut there = tensor.to_device(device);
+                collective(&mut there)?;
+                tensor.copy_(&there);
+                Ok(())
+            }
+            _ => collective(tensor),
+        }
     }
 
     /// Replaces a floating-point `tensor` on every rank with the mean over the ranks (a sum,
@@ -317,9 +399,11 @@ impl ProcessGroup {
 
     /// Replaces `tensor` on every rank with rank `root`'s.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), DistError> {
-        self.call("broadcast", |group, error| {
-            // SAFETY: as in all_reduce_sum.
-            unsafe { pso_c10d_broadcast(group, tensor.as_mut_ptr().cast(), root as i32, error) }
+        self.on_device(tensor, |t| {
+            self.call("broadcast", |group, error| {
+                // SAFETY: as in all_reduce_sum.
+                unsafe { pso_c10d_broadcast(group, t.as_mut_ptr().cast(), root as i32, error) }
+            })
         })
     }
 

@@ -109,7 +109,7 @@ fn a_missing_peer_ends_in_a_clear_error_after_the_timeout() {
     let outputs = spawn("lonely", 2, 1);
     let error = report(&outputs[0], "ERROR ");
     assert!(
-        error.contains("joining the process group (rank 0 of 2)"),
+        error.contains("joining the Gloo process group (rank 0 of 2)"),
         "{error}"
     );
     assert!(
@@ -117,4 +117,43 @@ fn a_missing_peer_ends_in_a_clear_error_after_the_timeout() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// NCCL, as one rank: on a GPU machine it reduces CUDA tensors and CPU tensors (through the
+/// GPU); without a GPU, joining fails with libtorch's reason, never a crash. Either way the NCCL
+/// process group was compiled and linked from this libtorch.
+#[test]
+fn nccl_reduces_on_a_gpu_and_says_why_not_without_one() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let launch = Launch::local(0, 1, port);
+    match ProcessGroup::nccl(&launch, Duration::from_secs(30)) {
+        Ok(group) => {
+            assert!(tch::Cuda::is_available());
+            assert_eq!(group.backend(), "nccl");
+            let mut on_gpu = Tensor::from_slice(&[1.0f32, 2.0]).to_device(tch::Device::Cuda(0));
+            group.all_reduce_sum(&mut on_gpu).unwrap();
+            assert_eq!(values(&on_gpu.to_device(tch::Device::Cpu)), [1.0, 2.0]);
+            let mut on_cpu = Tensor::from_slice(&[3.0f32]);
+            group.broadcast(&mut on_cpu, 0).unwrap();
+            assert_eq!(on_cpu.device(), tch::Device::Cpu);
+            assert_eq!(values(&on_cpu), [3.0]);
+            group.barrier().unwrap();
+        }
+        Err(e) => {
+            assert!(!tch::Cuda::is_available(), "a GPU is there: {e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("joining the NCCL process group (rank 0 of 1)"),
+                "{e}"
+            );
+            assert!(
+                !e.contains("built without"),
+                "NCCL was not compiled in: {e}"
+            );
+        }
+    }
 }

@@ -60,6 +60,9 @@ pub struct StepReport {
     pub pairs: usize,
     /// Wall-clock seconds of the step.
     pub seconds: f64,
+    /// Of those, seconds spent averaging gradients over the data-parallel ranks (the all-reduce,
+    /// waiting for the slowest rank included; 0 alone).
+    pub sync_seconds: f64,
 }
 
 /// Mutable learner state that a checkpoint must restore, besides tensors.
@@ -297,9 +300,12 @@ impl Learner {
         }
         let mut diagnostics = mean_diagnostics(&reports);
         let mut pairs: usize = reports.iter().map(|d| d.counted).sum();
+        let mut sync_seconds = 0.0;
         if let Some(group) = self.group.clone() {
+            let sync = Instant::now();
             let (all_finite, loss, counted) =
                 self.average_gradients(&group, finite, diagnostics.loss, pairs)?;
+            sync_seconds = sync.elapsed().as_secs_f64();
             finite = all_finite;
             diagnostics.loss = loss;
             pairs = counted;
@@ -333,6 +339,7 @@ impl Learner {
             pairs,
             diagnostics,
             seconds: start.elapsed().as_secs_f64(),
+            sync_seconds,
         };
         if self.counters.nonfinite_in_row >= self.max_nonfinite {
             return Err(LearnerError::NonFinite {

@@ -626,6 +626,7 @@ pub fn run_with(
             let mut extra = vec![("reward_mean", reward_mean(&seen))];
             if world > 1 {
                 extra.push(("world_size", world.into()));
+                extra.push(("time_grad_sync_s", report.sync_seconds.into()));
             }
             metrics.write(&report, &extra)?;
         }

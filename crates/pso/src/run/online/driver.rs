@@ -281,6 +281,7 @@ impl Loop<'_> {
         ];
         if world > 1 {
             extra.push(("world_size", world.into()));
+            extra.push(("time_grad_sync_s", f(report.sync_seconds)));
         }
         metrics.write(report, &extra)?;
         Ok(())
