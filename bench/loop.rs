@@ -148,6 +148,7 @@ fn sequential(dir: &Path) -> (f64, f64) {
                 actor_seconds: 0.0,
                 reward_wait_seconds: 0.0,
                 images: 8,
+                parts: Vec::new(),
             })
             .unwrap();
         for k in 0..2 {

@@ -414,3 +414,68 @@ fn a_data_parallel_launch_with_a_wrong_backend_is_refused_before_joining() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+/// `pso score --scorer composite`: a weighted sum of a running-normalised and a fixed-normalised
+/// part equals the sum computed here from the parts scored alone, and the JSON carries each
+/// part's raw scores under its name.
+#[test]
+fn a_composite_normalises_its_parts_and_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (i, (side, red)) in [(4u32, 250u8), (10, 120), (14, 200)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut im = image::RgbImage::from_pixel(16, 16, image::Rgb([20, 20, 20]));
+        for y in 0..side {
+            for x in 0..side {
+                im.put_pixel(x, y, image::Rgb([red, 10, 10]));
+            }
+        }
+        let path = dir.path().join(format!("{i}.png"));
+        im.save(&path).unwrap();
+        paths.push(path.to_str().unwrap().to_owned());
+    }
+    let toml = dir.path().join("composite.toml");
+    std::fs::write(
+        &toml,
+        "[[parts]]\nscorer = \"pixel\"\nmodel = \"redness\"\nname = \"red\"\n\
+         normalize = \"running\"\n\n[[parts]]\nscorer = \"pixel\"\nmodel = \"size\"\n\
+         weight = 2.0\nnormalize = { mean = 0.5, std = 0.25 }\n",
+    )
+    .unwrap();
+    let score = |scorer: &str, model: &str| -> serde_json::Value {
+        let mut args = vec![
+            "score", "--scorer", scorer, "--model", model, "--prompt", "p",
+        ];
+        args.push("--json");
+        args.extend(paths.iter().map(String::as_str));
+        let out = pso(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let red = floats(&score("pixel", "redness")["scores"]);
+    let size = floats(&score("pixel", "size")["scores"]);
+    let composite = score("composite", toml.to_str().unwrap());
+    let n = red.len() as f64;
+    let mean = red.iter().sum::<f64>() / n;
+    let std = (red.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let got = floats(&composite["scores"]);
+    for i in 0..red.len() {
+        let want = (red[i] - mean) / std + 2.0 * (size[i] - 0.5) / 0.25;
+        assert!(
+            (got[i] - want).abs() < 1e-4,
+            "image {i}: {} vs {want}",
+            got[i]
+        );
+    }
+    assert_eq!(floats(&composite["parts"]["red"]), red);
+    assert_eq!(floats(&composite["parts"]["pixel"]), size);
+}

@@ -573,6 +573,7 @@ fn the_learner_loss_matches_the_samplers_recorded_kernels() {
             actor_seconds: 0.0,
             reward_wait_seconds: 0.0,
             images: 4,
+            parts: Vec::new(),
         })
         .unwrap();
     let refs: Vec<_> = prepared.iter().collect();
@@ -932,4 +933,49 @@ fn s(p: &Path) -> &str {
 
 fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
+}
+
+/// A composite training scorer (tiny PickScore + redness, both normalised by running
+/// statistics): metrics.jsonl logs each part's mean raw score per round next to the composite's.
+#[test]
+fn a_composite_scorer_logs_each_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let composite = dir.path().join("composite.toml");
+    std::fs::write(
+        &composite,
+        format!(
+            "[[parts]]\nscorer = \"pickscore\"\nmodel = \"{}\"\nnormalize = \"running\"\n\n\
+             [[parts]]\nscorer = \"pixel\"\nmodel = \"redness\"\nname = \"redness\"\n\
+             weight = 0.5\nnormalize = \"running\"\n",
+            models().join("clip/quick").display()
+        ),
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "");
+    let run = dir.path().join("run");
+    let model = format!("reward.model={}", composite.display());
+    ok(online(
+        &config,
+        &run,
+        &[
+            "--max-steps",
+            "2",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "reward.scorer=composite",
+            "--set",
+            &model,
+        ],
+    ));
+    let m = metrics(&run);
+    assert_eq!(m.len(), 2);
+    for line in &m {
+        let pick = line["reward/pickscore"].as_f64().unwrap();
+        let red = line["reward/redness"].as_f64().unwrap();
+        assert!(pick.abs() > 0.0 && (-1.0..=1.0).contains(&red), "{line}");
+        // The composite of running z-scores averages 0 over everything scored so far.
+        assert!(line["reward_mean"].as_f64().unwrap().abs() < 3.0, "{line}");
+    }
+    assert!(pairs(&run).iter().all(|p| p.scorer == "composite"));
 }

@@ -13,8 +13,9 @@ pub struct ScoreArgs {
     /// Which scorer.
     #[arg(long, value_parser = scorer_kind(ScorerKind::ALL))]
     scorer: ScorerKind,
-    /// Model folder or hub id, pixel metric (pixel: centered, redness or size), URL (http), or
-    /// the judge's TOML file (openai: url, model, template; docs/reward-protocol.md).
+    /// Model folder or hub id, pixel metric (pixel: centered, redness or size), URL (http),
+    /// the judge's TOML file (openai: url, model, template; docs/reward-protocol.md), or the
+    /// composite's TOML file ([[parts]] with scorer, model, weight, normalize; docs/configuration.md).
     /// clip, pickscore: an HF CLIPModel folder (config.json,
     /// model.safetensors, preprocessor_config.json, and tokenizer.json or vocab.json +
     /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)
@@ -27,7 +28,7 @@ pub struct ScoreArgs {
     /// Bearer token file for an http scorer (or PSO_REWARD_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Print {"scores": [...]} as JSON.
+    /// Print {"scores": [...]} as JSON (a composite adds "parts": each part's raw scores).
     #[arg(long)]
     json: bool,
     /// Images to score.
@@ -55,12 +56,28 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let mut scores = Vec::with_capacity(items.len());
+    let mut parts: Vec<(String, Vec<f32>)> = Vec::new();
     // Bounded batches keep memory flat for long image lists.
     for batch in items.chunks(16) {
-        scores.extend(runtime.block_on(reward::score_checked(scorer.as_ref(), batch))?);
+        let scored = runtime.block_on(reward::score_parts_checked(scorer.as_ref(), batch))?;
+        scores.extend(scored.scores);
+        for (i, (name, raw)) in scored.parts.into_iter().enumerate() {
+            match parts.get_mut(i) {
+                Some((_, all)) => all.extend(raw),
+                None => parts.push((name, raw)),
+            }
+        }
     }
     if args.json {
-        println!("{}", serde_json::json!({ "scores": scores }));
+        let mut out = serde_json::json!({ "scores": scores });
+        if !parts.is_empty() {
+            out["parts"] = parts
+                .into_iter()
+                .map(|(name, raw)| (name, serde_json::json!(raw)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        println!("{out}");
     } else {
         for (score, path) in scores.iter().zip(&args.images) {
             println!("{score}\t{}", path.display());

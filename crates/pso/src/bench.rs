@@ -134,6 +134,7 @@ pub fn online_step_seconds(
         actor_seconds: 0.0,
         reward_wait_seconds: 0.0,
         images: 2 * pairs,
+        parts: Vec::new(),
     };
     let prepared = trainer.prepare(round)?;
     let chosen: Vec<&Prepared> = prepared.iter().collect();

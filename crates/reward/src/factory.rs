@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::http::{load_token, HttpPool, HttpScorer, HttpScorerOptions, JudgeConfig, OpenAiJudge};
+use crate::scorers::composite::{Composite, CompositeConfig};
 use crate::scorers::pixel::PixelScorer;
 #[cfg(feature = "local")]
 use crate::scorers::{load_local, LocalScorerKind};
@@ -29,17 +30,20 @@ pub enum ScorerKind {
     Http,
     /// A VLM judge behind an OpenAI-compatible chat endpoint; the model is its TOML file.
     Openai,
+    /// A weighted sum of normalised scorers; the model is its TOML file of `[[parts]]`.
+    Composite,
 }
 
 impl ScorerKind {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [ScorerKind; 6] = [
+    pub const ALL: [ScorerKind; 7] = [
         ScorerKind::Clip,
         ScorerKind::Pickscore,
         ScorerKind::Aesthetic,
         ScorerKind::Pixel,
         ScorerKind::Http,
         ScorerKind::Openai,
+        ScorerKind::Composite,
     ];
 
     /// The name configs and the command line use.
@@ -51,6 +55,7 @@ impl ScorerKind {
             ScorerKind::Pixel => "pixel",
             ScorerKind::Http => "http",
             ScorerKind::Openai => "openai",
+            ScorerKind::Composite => "composite",
         }
     }
 
@@ -61,7 +66,9 @@ impl ScorerKind {
             ScorerKind::Clip => Some(LocalScorerKind::Clip),
             ScorerKind::Pickscore => Some(LocalScorerKind::Pickscore),
             ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
-            ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai => None,
+            ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai | ScorerKind::Composite => {
+                None
+            }
         }
     }
 
@@ -163,6 +170,13 @@ pub fn build_scorer(
             let config = JudgeConfig::load(Path::new(model))?;
             Ok(Box::new(OpenAiJudge::new(config, load_token(token_file)?)?))
         }
+        ScorerKind::Composite => {
+            let config = CompositeConfig::load(Path::new(model))?;
+            let composite =
+                Composite::from_config(&config, |kind, part| build_scorer(kind, part, token_file))
+                    .map_err(|e| RewardError::Config(format!("{model}: {e}")))?;
+            Ok(Box::new(composite))
+        }
     }
 }
 
@@ -196,7 +210,7 @@ mod tests {
         }
         let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("clip, pickscore, aesthetic, pixel, http, openai"),
+            err.contains("clip, pickscore, aesthetic, pixel, http, openai, composite"),
             "{err}"
         );
     }

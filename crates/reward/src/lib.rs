@@ -12,6 +12,9 @@ pub mod scorers;
 
 pub use error::RewardError;
 pub use factory::{build_scorer, ScorerKind, ScorerSpec};
-pub use scorer::{check_scores, open_image, score_checked, ScoreItem, Scorer, ScorerInfo};
+pub use scorer::{
+    check_scores, open_image, score_checked, score_parts_checked, ScoreItem, Scored, Scorer,
+    ScorerInfo,
+};
 #[cfg(feature = "local")]
 pub use scorers::{load_local, LocalScorerKind};

@@ -42,6 +42,24 @@ pub trait Scorer: Send + Sync {
 
     /// Scores a batch. Local models compute on the calling thread.
     async fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f32>, RewardError>;
+
+    /// Scores a batch and, for a scorer made of parts (the composite), every part's own raw
+    /// scores, so that runs can log each component; a plain scorer has no parts.
+    async fn score_parts(&self, items: &[ScoreItem<'_>]) -> Result<Scored, RewardError> {
+        Ok(Scored {
+            scores: self.score(items).await?,
+            parts: Vec::new(),
+        })
+    }
+}
+
+/// Scores of a batch, with each part's raw scores when the scorer has parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// One score per item.
+    pub scores: Vec<f32>,
+    /// (part name, its raw score per item), in the scorer's order of parts.
+    pub parts: Vec<(String, Vec<f32>)>,
 }
 
 /// Checks a scorer's reply: exactly one finite score per item.
@@ -75,6 +93,18 @@ pub async fn score_checked(
 ) -> Result<Vec<f32>, RewardError> {
     let scores = scorer.score(items).await?;
     check_scores(&scorer.info(), items, scores)
+}
+
+/// [`Scorer::score_parts`], with the scores checked as by [`score_checked`].
+pub async fn score_parts_checked(
+    scorer: &dyn Scorer,
+    items: &[ScoreItem<'_>],
+) -> Result<Scored, RewardError> {
+    let Scored { scores, parts } = scorer.score_parts(items).await?;
+    Ok(Scored {
+        scores: check_scores(&scorer.info(), items, scores)?,
+        parts,
+    })
 }
 
 /// Reads an image file (PNG or JPEG) as 8-bit RGB.

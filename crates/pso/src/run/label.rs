@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reward::{score_checked, ScoreItem, Scorer, ScorerInfo};
+use reward::{score_parts_checked, ScoreItem, Scored, Scorer, ScorerInfo};
 
 use super::RunError;
 
@@ -51,11 +51,20 @@ impl PatientScorer {
         items: &[ScoreItem<'_>],
         halt: &AtomicBool,
     ) -> Result<Option<Vec<f32>>, RunError> {
+        Ok(self.score_parts(items, halt).await?.map(|s| s.scores))
+    }
+
+    /// [`PatientScorer::score`], with each part's raw scores of a composite scorer.
+    pub async fn score_parts(
+        &self,
+        items: &[ScoreItem<'_>],
+        halt: &AtomicBool,
+    ) -> Result<Option<Scored>, RunError> {
         let started = Instant::now();
         let mut wait = self.first_retry;
         let mut attempt = 0u32;
         loop {
-            let error = match score_checked(self.scorer.as_ref(), items).await {
+            let error = match score_parts_checked(self.scorer.as_ref(), items).await {
                 Ok(scores) => {
                     if attempt > 0 {
                         tracing::info!(scorer = %self.info, "the scorer answers again; labelling resumes");

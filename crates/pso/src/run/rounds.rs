@@ -63,6 +63,8 @@ pub struct Round {
     pub reward_wait_seconds: f64,
     /// Images sampled.
     pub images: usize,
+    /// A composite scorer's parts: (name, sum of raw scores, count) over the round's images.
+    pub parts: Vec<(String, f64, u64)>,
 }
 
 /// Makes rounds: owns the prompt order, shares the scorer and the pair store.
@@ -176,12 +178,12 @@ impl RoundMaker {
                         image,
                     })
                     .collect();
-                let scores = scorer.score(&items, &halt).await?;
+                let scored = scorer.score_parts(&items, &halt).await?;
                 let pngs: Vec<Vec<u8>> = images
                     .iter()
                     .map(|i| png(i, CompressionType::Fast))
                     .collect();
-                Ok::<_, RunError>(scores.map(|s| (s, pngs)))
+                Ok::<_, RunError>(scored.map(|s| (s, pngs)))
             });
             pending.push((group, task));
         }
@@ -194,16 +196,25 @@ impl RoundMaker {
             actor_seconds,
             reward_wait_seconds: 0.0,
             images: 0,
+            parts: Vec::new(),
         };
         let mut labelled: Vec<(Group, Vec<f32>, Vec<Vec<u8>>)> = Vec::new();
         for (group, task) in pending {
             let scored = self.runtime.block_on(task).map_err(|e| {
                 RunError::Scorer(format!("the scoring task ended abnormally: {e}"))
             })??;
-            let Some((scores, pngs)) = scored else {
+            let Some((scored, pngs)) = scored else {
                 return Ok(None);
             };
-            labelled.push((group, scores, pngs));
+            for (i, (name, raw)) in scored.parts.into_iter().enumerate() {
+                if round.parts.len() <= i {
+                    round.parts.push((name, 0.0, 0));
+                }
+                let part = &mut round.parts[i];
+                part.1 += raw.iter().map(|&v| v as f64).sum::<f64>();
+                part.2 += raw.len() as u64;
+            }
+            labelled.push((group, scored.scores, pngs));
         }
         round.reward_wait_seconds = waited.elapsed().as_secs_f64();
         for (group, scores, pngs) in labelled {

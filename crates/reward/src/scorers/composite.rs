@@ -1,15 +1,18 @@
-//! A weighted sum of scorers: each part optionally standardised with a configured mean and
-//! standard deviation, and sign-flipped when lower is better for it.
+//! A weighted sum of scorers (`reward.scorer = "composite"`, `reward.model` = its TOML file):
+//! each part normalised — with a fixed mean and standard deviation, or with the running mean
+//! and standard deviation of every score it has given so far — and sign-flipped when lower is
+//! better for it. The parts' raw scores come back too ([`Scorer::score_parts`]), so runs log
+//! each component.
 
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
-use super::{load_local, LocalScorerKind};
+use crate::factory::ScorerKind;
 use crate::scorer::score_checked;
-use crate::{RewardError, ScoreItem, Scorer, ScorerInfo};
+use crate::{RewardError, ScoreItem, Scored, Scorer, ScorerInfo};
 
 /// A composite scorer's config (TOML: `[[parts]]` tables).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,34 +22,70 @@ pub struct CompositeConfig {
     pub parts: Vec<PartConfig>,
 }
 
+impl CompositeConfig {
+    /// Reads the TOML file `path`.
+    pub fn load(path: &Path) -> Result<CompositeConfig, RewardError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RewardError::Config(format!(
+                "cannot read the composite scorer's file {}: {e}",
+                path.display()
+            ))
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            RewardError::Config(format!(
+                "{}: {e}(expected [[parts]] tables with scorer, model, and optionally weight \
+                 and normalize)",
+                path.display()
+            ))
+        })
+    }
+}
+
 /// One part of a composite scorer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartConfig {
-    /// Which scorer.
-    pub scorer: LocalScorerKind,
-    /// Its model folder.
-    pub model: PathBuf,
-    /// Weight of its (standardised, sign-corrected) score.
+    /// Which scorer (any kind but `composite`).
+    pub scorer: ScorerKind,
+    /// Its model, as `reward.model` names it for that kind.
+    pub model: String,
+    /// Weight of its normalised, sign-corrected score.
     #[serde(default = "one")]
     pub weight: f32,
-    /// Standardise its raw score as `(score - mean) / std` first.
+    /// How its raw score is normalised first (default: not at all).
+    #[serde(default, alias = "standardize")]
+    pub normalize: Option<Normalize>,
+    /// Its name in metrics (`reward/NAME`; default: the scorer's name, numbered when repeated).
     #[serde(default)]
-    pub standardize: Option<Standardize>,
+    pub name: Option<String>,
 }
 
 fn one() -> f32 {
     1.0
 }
 
-/// A fixed standardisation, e.g. measured on the scorer's scores of the base model's samples.
+/// How a part's raw score is normalised before it is weighted.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Standardize {
-    /// Subtracted from the raw score.
-    pub mean: f32,
-    /// Divides the centred score; must be positive.
-    pub std: f32,
+#[serde(untagged)]
+pub enum Normalize {
+    /// `(score - mean) / std` with fixed values, e.g. measured on the base model's samples.
+    Fixed {
+        /// Subtracted from the raw score.
+        mean: f32,
+        /// Divides the centred score; must be positive.
+        std: f32,
+    },
+    /// `"running"`: the mean and standard deviation of every score of this part so far, the
+    /// batch being scored included (std 1 until two scores differ).
+    Running(Running),
+}
+
+/// The word `running` in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Running {
+    /// Running statistics.
+    Running,
 }
 
 /// A part of a built composite.
@@ -55,13 +94,47 @@ pub struct Part {
     pub scorer: Box<dyn Scorer>,
     /// Its weight.
     pub weight: f32,
-    /// Its standardisation, if any.
-    pub standardize: Option<Standardize>,
+    /// Its normalisation, if any.
+    pub normalize: Option<Normalize>,
+    /// Its name in metrics (default: the scorer's name).
+    pub name: Option<String>,
 }
 
-/// Σ weight × sign × standardise(score) over the parts; higher is better.
+/// Welford's running mean and variance.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    count: u64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    fn add(&mut self, x: f64) {
+        self.count += 1;
+        let delta = x - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// (mean, sample std), std 1 while it is not yet positive.
+    fn mean_std(&self) -> (f64, f64) {
+        let var = if self.count > 1 {
+            self.m2 / (self.count - 1) as f64
+        } else {
+            0.0
+        };
+        let std = var.sqrt();
+        (self.mean, if std > 0.0 { std } else { 1.0 })
+    }
+}
+
+/// Σ weight × sign × normalise(score) over the parts; higher is better.
 pub struct Composite {
     parts: Vec<Part>,
+    /// Unique names of the parts (their scorer's name, numbered when repeated).
+    names: Vec<String>,
+    /// Running statistics per part (used by the `running` ones).
+    moments: Mutex<Vec<Moments>>,
 }
 
 impl std::fmt::Debug for Composite {
@@ -80,6 +153,7 @@ impl Composite {
                 "a composite scorer needs at least one part ([[parts]])".into(),
             ));
         }
+        let mut names: Vec<String> = Vec::new();
         for (i, p) in parts.iter().enumerate() {
             let name = p.scorer.info().name;
             if !p.weight.is_finite() {
@@ -88,29 +162,57 @@ impl Composite {
                     p.weight
                 )));
             }
-            if let Some(s) = p.standardize {
-                if !(s.mean.is_finite() && s.std.is_finite() && s.std > 0.0) {
+            if let Some(Normalize::Fixed { mean, std }) = p.normalize {
+                if !(mean.is_finite() && std.is_finite() && std > 0.0) {
                     return Err(RewardError::Config(format!(
-                        "parts[{i}] ({name}): standardize needs a finite mean and a positive \
-                         std, got mean {} std {}",
-                        s.mean, s.std
+                        "parts[{i}] ({name}): normalize needs a finite mean and a positive \
+                         std, got mean {mean} std {std}"
                     )));
                 }
             }
+            let base = p.name.clone().unwrap_or(name);
+            let repeats = names
+                .iter()
+                .filter(|n| n.split('#').next() == Some(base.as_str()))
+                .count();
+            names.push(match repeats {
+                0 => base,
+                n => format!("{base}#{}", n + 1),
+            });
         }
-        Ok(Composite { parts })
+        let moments = Mutex::new(vec![Moments::default(); parts.len()]);
+        Ok(Composite {
+            parts,
+            names,
+            moments,
+        })
     }
 
-    /// Loads every part of `config` on `device`.
-    pub fn from_config(config: &CompositeConfig, device: Device) -> Result<Self, RewardError> {
+    /// Builds the parts of `config` with `build` (the scorer factory), refusing a composite
+    /// inside a composite.
+    pub fn from_config(
+        config: &CompositeConfig,
+        build: impl Fn(ScorerKind, &str) -> Result<Box<dyn Scorer>, RewardError>,
+    ) -> Result<Self, RewardError> {
         let parts = config
             .parts
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
+                if p.scorer == ScorerKind::Composite {
+                    return Err(RewardError::Config(format!(
+                        "parts[{i}]: a composite cannot be a part of a composite; list its \
+                         parts here instead"
+                    )));
+                }
+                let scorer = build(p.scorer, &p.model).map_err(|e| {
+                    RewardError::Config(format!("parts[{i}] ({} {}): {e}", p.scorer, p.model))
+                })?;
                 Ok(Part {
-                    scorer: load_local(p.scorer, &p.model, device)?,
+                    scorer,
                     weight: p.weight,
-                    standardize: p.standardize,
+                    normalize: p.normalize,
+                    name: p.name.clone(),
                 })
             })
             .collect::<Result<Vec<_>, RewardError>>()?;
@@ -124,7 +226,14 @@ impl Scorer for Composite {
         let version = self
             .parts
             .iter()
-            .map(|p| format!("{}*{}", p.weight, p.scorer.info()))
+            .map(|p| {
+                let norm = match p.normalize {
+                    None => String::new(),
+                    Some(Normalize::Fixed { mean, std }) => format!("[z {mean}±{std}]"),
+                    Some(Normalize::Running(_)) => "[z running]".into(),
+                };
+                format!("{}*{}{norm}", p.weight, p.scorer.info())
+            })
             .collect::<Vec<_>>()
             .join(" + ");
         ScorerInfo {
@@ -135,23 +244,41 @@ impl Scorer for Composite {
     }
 
     async fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f32>, RewardError> {
-        let mut total = vec![0f32; items.len()];
+        Ok(self.score_parts(items).await?.scores)
+    }
+
+    async fn score_parts(&self, items: &[ScoreItem<'_>]) -> Result<Scored, RewardError> {
+        let mut raw = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
-            let scores = score_checked(part.scorer.as_ref(), items).await?;
+            raw.push(score_checked(part.scorer.as_ref(), items).await?);
+        }
+        // Every part answered: only now do the running statistics see the batch.
+        let mut moments = self.moments.lock().expect("composite statistics lock");
+        let mut total = vec![0f32; items.len()];
+        for ((part, scores), stats) in self.parts.iter().zip(&raw).zip(moments.iter_mut()) {
             let sign = if part.scorer.info().higher_is_better {
                 1.0
             } else {
                 -1.0
             };
-            for (t, s) in total.iter_mut().zip(scores) {
-                let s = match part.standardize {
-                    Some(z) => (s - z.mean) / z.std,
-                    None => s,
-                };
-                *t += part.weight * sign * s;
+            let (mean, std) = match part.normalize {
+                None => (0.0, 1.0),
+                Some(Normalize::Fixed { mean, std }) => (mean as f64, std as f64),
+                Some(Normalize::Running(_)) => {
+                    for &s in scores {
+                        stats.add(s as f64);
+                    }
+                    stats.mean_std()
+                }
+            };
+            for (t, &s) in total.iter_mut().zip(scores) {
+                *t += part.weight * sign * ((s as f64 - mean) / std) as f32;
             }
         }
-        Ok(total)
+        Ok(Scored {
+            scores: total,
+            parts: self.names.iter().cloned().zip(raw).collect(),
+        })
     }
 }
 
@@ -167,7 +294,8 @@ mod tests {
                 higher_is_better,
             }),
             weight,
-            standardize: z.map(|(mean, std)| Standardize { mean, std }),
+            normalize: z.map(|(mean, std)| Normalize::Fixed { mean, std }),
+            name: None,
         }
     }
 
@@ -183,6 +311,55 @@ mod tests {
         // (22-21)/0.5 - 0.5*1 + 2*(6-5)/2 and (20-21)/0.5 - 0.5*3 + 2*(4-5)/2.
         assert_eq!(scores, vec![2.0 - 0.5 + 1.0, -2.0 - 1.5 - 1.0]);
         assert!(composite.info().higher_is_better);
+    }
+
+    /// Running normalisation divides by the standard deviation of all scores so far (the
+    /// batch included), so a part on a large scale weighs what a part on a small one does; the
+    /// parts' raw scores come back under unique names.
+    #[test]
+    fn running_normalisation_puts_parts_on_one_scale_and_reports_raw_parts() {
+        let running = |scores: &[f32]| Part {
+            scorer: Box::new(Fixed {
+                scores: scores.to_vec(),
+                higher_is_better: true,
+            }),
+            weight: 1.0,
+            normalize: Some(Normalize::Running(Running::Running)),
+            name: None,
+        };
+        let composite =
+            Composite::new(vec![running(&[100.0, 300.0]), running(&[0.1, 0.2])]).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let image = image::RgbImage::new(1, 1);
+        let items = vec![
+            ScoreItem {
+                prompt: "p",
+                image: &image,
+            };
+            2
+        ];
+        let close = |got: &[f32], want: [f64; 2]| {
+            for (a, b) in got.iter().zip(want) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+        };
+        // Scales 100 and 0.05 apart, each part is ±1/√2 of its own std: they count alike.
+        let scored = rt.block_on(composite.score_parts(&items)).unwrap();
+        let z = std::f64::consts::SQRT_2;
+        close(&scored.scores, [-z, z]);
+        assert_eq!(
+            scored.parts,
+            vec![
+                ("fixed".to_string(), vec![100.0, 300.0]),
+                ("fixed#2".to_string(), vec![0.1, 0.2]),
+            ]
+        );
+        // The second batch moves the statistics: 4 scores each, n − 1 = 3, so ±√3/2 per part.
+        let again = rt.block_on(composite.score_parts(&items)).unwrap();
+        let z = 3f64.sqrt();
+        close(&again.scores, [-z, z]);
     }
 
     #[test]
@@ -205,6 +382,17 @@ mod tests {
         assert!(err.to_string().contains("positive std"), "{err}");
         let err = Composite::new(vec![part(&[1.0], true, f32::NAN, None)]).unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
+        let nested = CompositeConfig {
+            parts: vec![PartConfig {
+                scorer: ScorerKind::Composite,
+                model: "other.toml".into(),
+                weight: 1.0,
+                normalize: None,
+                name: None,
+            }],
+        };
+        let err = Composite::from_config(&nested, |_, _| unreachable!()).unwrap_err();
+        assert!(err.to_string().contains("cannot be a part"), "{err}");
     }
 
     #[test]
@@ -213,27 +401,40 @@ mod tests {
             [[parts]]
             scorer = "pickscore"
             model = "models/PickScore_v1"
-            standardize = { mean = 21.0, std = 0.8 }
+            normalize = { mean = 21.0, std = 0.8 }
 
             [[parts]]
             scorer = "aesthetic"
             model = "models/clip-l14"
             weight = 0.25
+            normalize = "running"
+
+            [[parts]]
+            scorer = "http"
+            model = "http://127.0.0.1:8000"
+            standardize = { mean = 0.0, std = 2.0 }
         "#;
         let config: CompositeConfig = toml::from_str(text).unwrap();
-        assert_eq!(config.parts.len(), 2);
-        assert_eq!(config.parts[0].scorer, LocalScorerKind::Pickscore);
+        assert_eq!(config.parts.len(), 3);
+        assert_eq!(config.parts[0].scorer, ScorerKind::Pickscore);
         assert_eq!(config.parts[0].weight, 1.0);
         assert_eq!(
-            config.parts[0].standardize,
-            Some(Standardize {
+            config.parts[0].normalize,
+            Some(Normalize::Fixed {
                 mean: 21.0,
                 std: 0.8
             })
         );
         assert_eq!(config.parts[1].weight, 0.25);
+        assert_eq!(
+            config.parts[1].normalize,
+            Some(Normalize::Running(Running::Running))
+        );
+        assert_eq!(config.parts[2].scorer, ScorerKind::Http);
         let typo = "[[parts]]\nscorer = \"clip\"\nmodel = \"m\"\nweigth = 2.0\n";
         let err = toml::from_str::<CompositeConfig>(typo).unwrap_err();
         assert!(err.to_string().contains("weigth"), "{err}");
+        let word = "[[parts]]\nscorer = \"clip\"\nmodel = \"m\"\nnormalize = \"runing\"\n";
+        assert!(toml::from_str::<CompositeConfig>(word).is_err());
     }
 }

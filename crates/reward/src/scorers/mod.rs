@@ -5,7 +5,6 @@
 pub mod aesthetic;
 #[cfg(feature = "local")]
 pub mod clip_score;
-#[cfg(feature = "local")]
 pub mod composite;
 #[cfg(feature = "local")]
 mod local;

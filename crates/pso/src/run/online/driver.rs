@@ -283,6 +283,12 @@ impl Loop<'_> {
             extra.push(("world_size", world.into()));
             extra.push(("time_grad_sync_s", f(report.sync_seconds)));
         }
+        let parts: Vec<(String, Value)> = stats
+            .parts
+            .iter()
+            .map(|(name, sum, count)| (format!("reward/{name}"), f(sum / (*count).max(1) as f64)))
+            .collect();
+        extra.extend(parts.iter().map(|(k, v)| (k.as_str(), v.clone())));
         metrics.write(report, &extra)?;
         Ok(())
     }
@@ -345,6 +351,8 @@ struct RoundStats {
     images: u64,
     /// Pairs the loss counts (the margin is their mean).
     counted: u64,
+    /// A composite scorer's parts: (name, sum of raw scores, count).
+    parts: Vec<(String, f64, u64)>,
 }
 
 impl RoundStats {
@@ -369,6 +377,7 @@ impl RoundStats {
             pairs: round.pairs.len() as u64,
             images: round.images as u64,
             counted: counted.len() as u64,
+            parts: round.parts.clone(),
         }
     }
 
@@ -392,6 +401,10 @@ impl RoundStats {
             self.reward_wait_seconds,
             self.pairs as f64,
         ];
+        // Every rank runs the same scorer config, so the same parts in the same order.
+        for (_, sum, count) in &self.parts {
+            values.extend([*sum, *count as f64]);
+        }
         let sums = values.len();
         values.extend((0..world).map(|r| if r == rank { self.max } else { 0.0 }));
         let mut t = Tensor::from_slice(&values);
@@ -409,6 +422,12 @@ impl RoundStats {
             pairs: v[7] as u64,
             images: v[2] as u64,
             counted: v[4] as u64,
+            parts: self
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _, _))| (name.clone(), v[8 + 2 * i], v[9 + 2 * i] as u64))
+                .collect(),
         })
     }
 }
