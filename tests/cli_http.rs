@@ -217,7 +217,7 @@ fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(
-        help.contains("[possible values: clip, pickscore, aesthetic, pixel]"),
+        help.contains("[possible values: clip, pickscore, aesthetic, pixel, composite]"),
         "{help}"
     );
 }

@@ -16,7 +16,7 @@ pub enum RewardCommand {
         /// Which scorer (any that scores in this process).
         #[arg(long, value_parser = scorer_kind(ScorerKind::ALL.into_iter().filter(|k| k.is_local())))]
         scorer: ScorerKind,
-        /// Model folder or hub id (pixel: centered, redness or size).
+        /// Model folder or hub id (pixel: centered, redness or size; composite: its TOML file).
         #[arg(long)]
         model: String,
         /// Address to listen on.

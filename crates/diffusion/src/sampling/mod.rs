@@ -12,6 +12,7 @@ pub mod ddim;
 pub mod ddpm;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod flow_match;
 mod fp32;
 pub mod kernel;
 pub mod lcm;
@@ -24,6 +25,7 @@ pub use config::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
     TimestepType, VarianceType,
 };
+pub use flow_match::{FlowKernel, FlowMatchConfig, FlowMatchEuler, FlowSchedule};
 pub use kernel::Kernel;
 pub use noise::{ExplicitNoise, NoiseSource, RowSeededNoise, SeededNoise};
 pub use sampler::{sample, Denoiser, InitialLatents, SampleOutput, Trajectory};

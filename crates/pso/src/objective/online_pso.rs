@@ -63,7 +63,7 @@ impl Default for OnlinePso {
 
 /// Per-sample log N(x; μ, s²I) averaged over C·H·W, term by term as the official code writes it;
 /// `std` is [B, 1, …, 1] in fp32 and `next` is detached.
-fn mean_log_likelihood(next: &Tensor, mean: &Tensor, std: &Tensor) -> Tensor {
+pub fn mean_log_likelihood(next: &Tensor, mean: &Tensor, std: &Tensor) -> Tensor {
     let log_sqrt_2pi = Tensor::from(std::f32::consts::PI * 2.0).sqrt().log();
     let log_prob = (next - mean).square().neg() / (std.square() * 2.0) - std.log() - log_sqrt_2pi;
     per_sample_mean(&log_prob)
