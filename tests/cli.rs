@@ -479,3 +479,57 @@ fn a_composite_normalises_its_parts_and_reports_them() {
     assert_eq!(floats(&composite["parts"]["red"]), red);
     assert_eq!(floats(&composite["parts"]["pixel"]), size);
 }
+
+/// HPSv2 end to end: an OpenCLIP checkpoint laid out as HPS_v2.1_compressed.pt (tiny, random,
+/// built by the oracle), converted by scripts/convert_hpsv2.py, scores through
+/// `pso score --scorer hpsv2` as HPSv2's own img_score.py scores it with OpenCLIP. Images that
+/// need resizing differ by the two resizers' rounding (torchvision vs the CLIP processor), a few
+/// 1e-5 on a cosine.
+#[test]
+fn hpsv2_scores_a_converted_openclip_checkpoint_as_openclip_does() {
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_hpsv2.py", &[dir.path().as_os_str()]);
+    let converted = dir.path().join("hf");
+    let script = common::workspace_root().join("scripts/convert_hpsv2.py");
+    let out = Command::new(common::python())
+        .arg(&script)
+        .arg(dir.path().join("hps.pt"))
+        .arg(&converted)
+        .args(["--vision-heads", "2", "--text-heads", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: std::collections::BTreeMap<String, Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("scores.json")).unwrap())
+            .unwrap();
+    let images: Vec<String> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("images/{i}.png"));
+            p.to_str().unwrap().to_owned()
+        })
+        .collect();
+    for (prompt, want) in &expected {
+        let mut args = vec!["score", "--scorer", "hpsv2", "--model"];
+        args.push(converted.to_str().unwrap());
+        args.extend(["--prompt", prompt, "--json"]);
+        args.extend(images.iter().map(String::as_str));
+        let out = pso(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<f64> = v["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        // Image 0 needs no resize: equal to fp32 rounding.
+        assert!(
+            (got[0] - want[0]).abs() < 2e-6,
+            "{prompt}: {got:?} vs {want:?}"
+        );
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-4, "{prompt}: {got:?} vs {want:?}");
+        }
+    }
+}

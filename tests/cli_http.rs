@@ -166,6 +166,7 @@ fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
         ("clip", clip.as_os_str()),
         ("pickscore", clip.as_os_str()),
         ("aesthetic", clip.as_os_str()),
+        ("hpsv2", clip.as_os_str()),
         ("pixel", "centered".as_ref()),
     ] {
         let local = scores(
@@ -217,7 +218,7 @@ fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(
-        help.contains("[possible values: clip, pickscore, aesthetic, pixel, composite]"),
+        help.contains("[possible values: clip, pickscore, aesthetic, hpsv2, pixel, composite]"),
         "{help}"
     );
 }

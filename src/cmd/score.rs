@@ -20,6 +20,7 @@ pub struct ScoreArgs {
     /// model.safetensors, preprocessor_config.json, and tokenizer.json or vocab.json +
     /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)
     /// plus aesthetic.safetensors, made by scripts/convert_aesthetic.py from the LAION .pth.
+    /// hpsv2: the CLIPModel folder scripts/convert_hpsv2.py makes from HPS_v2.1_compressed.pt.
     #[arg(long)]
     model: String,
     /// Prompt the images are scored against.

@@ -24,6 +24,8 @@ pub enum ScorerKind {
     Pickscore,
     /// LAION's aesthetic predictor on CLIP ViT-L/14 image embeddings.
     Aesthetic,
+    /// HPSv2 / HPSv2.1 (cosine on an OpenCLIP ViT-H/14 converted by scripts/convert_hpsv2.py).
+    Hpsv2,
     /// A pixel statistic, no model: `centered`, `redness` or `size`.
     Pixel,
     /// A remote scorer speaking the HTTP reward protocol; the model is its URL.
@@ -36,10 +38,11 @@ pub enum ScorerKind {
 
 impl ScorerKind {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [ScorerKind; 7] = [
+    pub const ALL: [ScorerKind; 8] = [
         ScorerKind::Clip,
         ScorerKind::Pickscore,
         ScorerKind::Aesthetic,
+        ScorerKind::Hpsv2,
         ScorerKind::Pixel,
         ScorerKind::Http,
         ScorerKind::Openai,
@@ -52,6 +55,7 @@ impl ScorerKind {
             ScorerKind::Clip => "clip",
             ScorerKind::Pickscore => "pickscore",
             ScorerKind::Aesthetic => "aesthetic",
+            ScorerKind::Hpsv2 => "hpsv2",
             ScorerKind::Pixel => "pixel",
             ScorerKind::Http => "http",
             ScorerKind::Openai => "openai",
@@ -66,6 +70,7 @@ impl ScorerKind {
             ScorerKind::Clip => Some(LocalScorerKind::Clip),
             ScorerKind::Pickscore => Some(LocalScorerKind::Pickscore),
             ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
+            ScorerKind::Hpsv2 => Some(LocalScorerKind::Hpsv2),
             ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai | ScorerKind::Composite => {
                 None
             }
@@ -142,7 +147,7 @@ pub fn build_scorer(
     token_file: Option<&Path>,
 ) -> Result<Box<dyn Scorer>, RewardError> {
     match kind {
-        ScorerKind::Clip | ScorerKind::Pickscore | ScorerKind::Aesthetic => {
+        ScorerKind::Clip | ScorerKind::Pickscore | ScorerKind::Aesthetic | ScorerKind::Hpsv2 => {
             local_model(kind, model)
         }
         ScorerKind::Pixel => Ok(Box::new(PixelScorer::new(model)?)),
@@ -210,7 +215,7 @@ mod tests {
         }
         let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("clip, pickscore, aesthetic, pixel, http, openai, composite"),
+            err.contains("clip, pickscore, aesthetic, hpsv2, pixel, http, openai, composite"),
             "{err}"
         );
     }

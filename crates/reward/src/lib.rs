@@ -1,5 +1,5 @@
 //! Reward models for pso: the [`Scorer`] interface and its checks, the local scorers PickScore,
-//! CLIPScore and the LAION aesthetic predictor (on `hf`'s CLIP towers), pixel statistics, alone
+//! CLIPScore, HPSv2 and the LAION aesthetic predictor (on `hf`'s CLIP towers), pixel statistics, alone
 //! or combined, the HTTP reward protocol (client and server), and [`build_scorer`], the one
 //! factory every command uses. Without the default feature `local` the crate builds without
 //! libtorch: the protocol types, client and server, the pixel scorers and the factory remain.

@@ -1,5 +1,6 @@
-//! Text-image agreement with a CLIPModel: PickScore (`logit_scale.exp() * cos`) and CLIPScore
-//! (`100 * max(cos, 0)`).
+//! Text-image agreement with a CLIPModel: PickScore (`logit_scale.exp() * cos`), CLIPScore
+//! (`100 * max(cos, 0)`) and HPSv2 / HPSv2.1 (`cos`, on the OpenCLIP ViT-H/14 that
+//! scripts/convert_hpsv2.py turns into a CLIPModel folder).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +20,9 @@ pub enum ClipMetric {
     PickScore,
     /// CLIPScore (Hessel et al. 2021): `100 * max(cos, 0)`.
     ClipScore,
+    /// HPSv2's score: the cosine itself (its img_score.py takes the diagonal of
+    /// image_features @ text_features.T, both normalised, without the logit scale).
+    Hpsv2,
 }
 
 /// A CLIPModel scorer.
@@ -57,6 +61,7 @@ impl ClipScorer {
         let name = match metric {
             ClipMetric::PickScore => "pickscore",
             ClipMetric::ClipScore => "clip",
+            ClipMetric::Hpsv2 => "hpsv2",
         };
         Ok(ClipScorer {
             model: Mutex::new(model),
@@ -131,6 +136,7 @@ impl Scorer for ClipScorer {
         let scores = match self.metric {
             ClipMetric::PickScore => cos * model.logit_scale_exp(),
             ClipMetric::ClipScore => cos.clamp_min(0.0) * 100.0,
+            ClipMetric::Hpsv2 => cos,
         };
         Vec::<f32>::try_from(scores.to_kind(Kind::Float).to_device(Device::Cpu)).map_err(|source| {
             RewardError::Torch {

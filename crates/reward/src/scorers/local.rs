@@ -18,6 +18,8 @@ pub enum LocalScorerKind {
     Pickscore,
     /// LAION's aesthetic predictor on CLIP ViT-L/14 image embeddings.
     Aesthetic,
+    /// HPSv2 / HPSv2.1: `cos` on a converted OpenCLIP ViT-H/14 (scripts/convert_hpsv2.py).
+    Hpsv2,
 }
 
 /// Loads a local scorer from a model folder (layouts: see each scorer's `load`).
@@ -38,5 +40,10 @@ pub fn load_local(
             device,
         )?),
         LocalScorerKind::Aesthetic => Box::new(aesthetic::AestheticScorer::load(dir, device)?),
+        LocalScorerKind::Hpsv2 => Box::new(clip_score::ClipScorer::load(
+            dir,
+            clip_score::ClipMetric::Hpsv2,
+            device,
+        )?),
     })
 }
