@@ -296,7 +296,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
 }
 
 /// A LayerNorm without affine parameters (adaLN's modulation replaces them).
-fn plain_layer_norm(vs: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
+pub(super) fn plain_layer_norm(vs: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     let cfg = nn::LayerNormConfig {
         eps,
         elementwise_affine: false,
@@ -339,7 +339,7 @@ impl AdaLayerNormZero {
 
 /// `FeedForward` with a GELU input projection (`ff.net.0.proj`, `ff.net.2`), 4× wide.
 #[derive(Debug)]
-struct FeedForward {
+pub(super) struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
     /// tch's name of the GELU: "tanh" (`gelu-approximate`) or "none".
@@ -347,7 +347,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(vs: nn::Path, dim: i64, activation_fn: &str) -> Self {
+    pub(super) fn new(vs: nn::Path, dim: i64, activation_fn: &str) -> Self {
         FeedForward {
             proj_in: Linear::new(&vs / "net" / 0 / "proj", dim, 4 * dim, true),
             proj_out: Linear::new(&vs / "net" / 2, 4 * dim, dim, true),
@@ -359,7 +359,7 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         self.proj_out
             .forward(&self.proj_in.forward(x).gelu(self.approximate))
     }

@@ -1,5 +1,5 @@
 //! The diffusion stack in tch, laid out exactly like diffusers' modules so that diffusers'
-//! weights load by name: building blocks, the VAE, the UNet and DiT.
+//! weights load by name: building blocks, the VAE, the UNet, DiT and SD3's MMDiT.
 
 pub mod attention;
 pub mod backbone;
@@ -7,6 +7,7 @@ pub mod dit;
 pub mod embeddings;
 pub mod linear;
 pub mod resnet;
+pub mod sd3;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
