@@ -5,6 +5,7 @@ pub mod attention;
 pub mod backbone;
 pub mod dit;
 pub mod embeddings;
+pub mod flux;
 pub mod linear;
 pub mod resnet;
 pub mod sd3;

@@ -128,20 +128,20 @@ impl SD3Transformer2DConfig {
 
 /// Diffusers' `RMSNorm` with a weight: x · rsqrt(mean(x²) + ε) · w, statistics in fp32.
 #[derive(Debug)]
-struct RmsNorm {
+pub(super) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
-    fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
+    pub(super) fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
         RmsNorm {
             weight: vs.ones("weight", &[dim]),
             eps,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         let variance = x
             .to_kind(Kind::Float)
             .square()
@@ -268,14 +268,14 @@ impl JointAttention {
 /// adaLN-Zero without its own embedding: SiLU, one linear layer to `chunks` modulations of the
 /// conditioning embedding (6: `AdaLayerNormZero`; 9: SD3.5's `SD35AdaLayerNormZeroX`).
 #[derive(Debug)]
-struct AdaNormZero {
+pub(super) struct AdaNormZero {
     linear: nn::Linear,
     norm: nn::LayerNorm,
     chunks: i64,
 }
 
 impl AdaNormZero {
-    fn new(vs: nn::Path, dim: i64, chunks: i64) -> Self {
+    pub(super) fn new(vs: nn::Path, dim: i64, chunks: i64) -> Self {
         AdaNormZero {
             linear: nn::linear(&vs / "linear", dim, chunks * dim, Default::default()),
             norm: plain_layer_norm(&vs / "norm", dim, 1e-6),
@@ -284,7 +284,7 @@ impl AdaNormZero {
     }
 
     /// The normed x and the modulations (shift, scale, gate, …) each [B, dim].
-    fn forward(&self, x: &Tensor, emb: &Tensor) -> (Tensor, Vec<Tensor>) {
+    pub(super) fn forward(&self, x: &Tensor, emb: &Tensor) -> (Tensor, Vec<Tensor>) {
         let mods = self.linear.forward(&emb.silu()).chunk(self.chunks, 1);
         (self.norm.forward(x), mods)
     }
@@ -292,20 +292,20 @@ impl AdaNormZero {
 
 /// `AdaLayerNormContinuous`: LayerNorm modulated by (scale, shift) from the embedding.
 #[derive(Debug)]
-struct AdaNormContinuous {
+pub(super) struct AdaNormContinuous {
     linear: nn::Linear,
     norm: nn::LayerNorm,
 }
 
 impl AdaNormContinuous {
-    fn new(vs: nn::Path, dim: i64) -> Self {
+    pub(super) fn new(vs: nn::Path, dim: i64) -> Self {
         AdaNormContinuous {
             linear: nn::linear(&vs / "linear", dim, 2 * dim, Default::default()),
             norm: plain_layer_norm(&vs / "norm", dim, 1e-6),
         }
     }
 
-    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
         let mods = self
             .linear
             .forward(&emb.silu().to_kind(x.kind()))
@@ -315,7 +315,7 @@ impl AdaNormContinuous {
 }
 
 /// x · (1 + scale) + shift, the modulations broadcast over the tokens.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+pub(super) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
 }
 
@@ -402,17 +402,20 @@ impl JointTransformerBlock {
 }
 
 /// `CombinedTimestepTextProjEmbeddings`: the timestep's sinusoidal embedding through an MLP plus
-/// the pooled text embedding through `PixArtAlphaTextProjection` (linear, SiLU, linear).
+/// the pooled text embedding through `PixArtAlphaTextProjection` (linear, SiLU, linear); with a
+/// guidance embedder (FLUX.1-dev's `CombinedTimestepGuidanceTextProjEmbeddings`) the embedded
+/// guidance scale is added too.
 #[derive(Debug)]
-struct TimeTextEmbed {
+pub(super) struct TimeTextEmbed {
     time_proj: Timesteps,
     timestep_embedder: TimestepEmbedding,
+    guidance_embedder: Option<TimestepEmbedding>,
     text_linear_1: nn::Linear,
     text_linear_2: nn::Linear,
 }
 
 impl TimeTextEmbed {
-    fn new(vs: nn::Path, dim: i64, pooled_dim: i64) -> Self {
+    pub(super) fn new(vs: nn::Path, dim: i64, pooled_dim: i64, guidance: bool) -> Self {
         TimeTextEmbed {
             time_proj: Timesteps {
                 dim: 256,
@@ -420,6 +423,8 @@ impl TimeTextEmbed {
                 freq_shift: 0.0,
             },
             timestep_embedder: TimestepEmbedding::new(&vs / "timestep_embedder", 256, dim, None),
+            guidance_embedder: guidance
+                .then(|| TimestepEmbedding::new(&vs / "guidance_embedder", 256, dim, None)),
             text_linear_1: nn::linear(
                 &vs / "text_embedder" / "linear_1",
                 pooled_dim,
@@ -435,9 +440,20 @@ impl TimeTextEmbed {
         }
     }
 
-    fn forward(&self, timestep: &Tensor, pooled: &Tensor) -> Tensor {
-        let t = self.time_proj.forward(timestep).to_kind(pooled.kind());
-        let t = self.timestep_embedder.forward(&t, None);
+    /// The conditioning embedding [B, dim]; `guidance` only with a guidance embedder.
+    pub(super) fn forward(
+        &self,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+    ) -> Tensor {
+        let embed = |embedder: &TimestepEmbedding, t: &Tensor| {
+            embedder.forward(&self.time_proj.forward(t).to_kind(pooled.kind()), None)
+        };
+        let mut t = embed(&self.timestep_embedder, timestep);
+        if let (Some(embedder), Some(g)) = (&self.guidance_embedder, guidance) {
+            t = t + embed(embedder, g);
+        }
         let text = self
             .text_linear_2
             .forward(&self.text_linear_1.forward(pooled).silu());
@@ -472,6 +488,7 @@ impl SD3Transformer2DModel {
                 &vs / "time_text_embed",
                 dim,
                 config.pooled_projection_dim,
+                false,
             ),
             context_embedder: Linear::new(
                 &vs / "context_embedder",
@@ -552,7 +569,7 @@ impl SD3Transformer2DModel {
             .transpose(1, 2);
         let mut x = tokens + self.cropped_pos_embed(h, w).to_kind(latents.kind());
         // 2. Conditioning: timestep + pooled text; prompt tokens to the token width.
-        let temb = self.time_text_embed.forward(timestep, pooled);
+        let temb = self.time_text_embed.forward(timestep, None, pooled);
         let mut c = self.context_embedder.forward(context);
         // 3. The joint blocks.
         for block in &self.blocks {
