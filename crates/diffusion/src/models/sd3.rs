@@ -452,7 +452,7 @@ impl TimeTextEmbed {
         };
         let mut t = embed(&self.timestep_embedder, timestep);
         if let (Some(embedder), Some(g)) = (&self.guidance_embedder, guidance) {
-            t = t + embed(embedder, g);
+            t += embed(embedder, g);
         }
         let text = self
             .text_linear_2
