@@ -287,7 +287,8 @@ fn token_file_guards_the_server_and_errors_are_clear() {
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(
-        err.contains("'http'") && err.contains("clip, pickscore, aesthetic, pixel"),
+        err.contains("'http'")
+            && err.contains("clip, pickscore, aesthetic, hpsv2, pixel, composite"),
         "{err}"
     );
 }

@@ -1,10 +1,12 @@
 //! `FluxTransformer2DModel` against diffusers on tiny random FLUX.1-schnell- and dev-like models
 //! built by the oracle (scripts/oracle/make_flux.py): double- and single-stream blocks, 3-axis
-//! rotary positions from the pipeline's image ids, and dev's guidance embedding.
+//! rotary positions from the pipeline's image ids, and dev's guidance embedding; and the
+//! pipeline's latent packing and ids.
 
 mod common;
 
 use diffusion::models::flux::FluxTransformer2DModel;
+use diffusion::pipeline::flux_latents;
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -34,6 +36,13 @@ fn flux_schnell_and_dev_transformers_match_diffusers() {
         .unwrap();
         let theirs = &io["sample"];
         assert_eq!(out.size(), theirs.size(), "{variant}");
+        // The pipeline's ids and packing.
+        assert!(flux_latents::image_ids(4, 6, Device::Cpu).equal(&io["img_ids"]));
+        let packed = flux_latents::pack(&io["latent"]).unwrap();
+        assert!(packed.equal(&io["packed"]));
+        assert!(flux_latents::unpack(&packed, 8, 12)
+            .unwrap()
+            .equal(&io["latent"]));
         let diff = (&out - theirs).abs().max().double_value(&[]);
         let scale = theirs.abs().max().double_value(&[]);
         assert!(diff <= 1e-4 * scale, "{variant}: max |Δ| {diff} of {scale}");

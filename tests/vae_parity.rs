@@ -35,6 +35,8 @@ fn vae_matches_diffusers_for_several_layouts_and_weight_files() {
     for (case, variant, tol) in [
         ("two_level", None, 1e-4),
         ("sharded", None, 1e-4),
+        // SD3 / FLUX: 16 channels, no quant convs, shift_factor.
+        ("sd3_flux", None, 1e-4),
         // fp16 weights loaded into an fp32 model: equal up to the weights' rounding.
         ("two_level", Some("fp16"), 2e-2),
     ] {
@@ -44,10 +46,12 @@ fn vae_matches_diffusers_for_several_layouts_and_weight_files() {
         let _guard = tch::no_grad_guard();
         let post = vae.encode(&e["x"]);
         let decoded = vae.decode(&e["z"]);
+        let decoded_scaled = vae.decode_scaled(&e["z"]);
         for (name, ours, theirs) in [
             ("mean", &post.mean, &e["mean"]),
             ("logvar", &post.logvar, &e["logvar"]),
             ("decoded", &decoded, &e["decoded"]),
+            ("decoded_scaled", &decoded_scaled, &e["decoded_scaled"]),
         ] {
             let err = rel_err(ours, theirs);
             assert!(

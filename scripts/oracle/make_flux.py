@@ -2,6 +2,7 @@
 
 Usage: make_flux.py OUTDIR. For each variant (schnell: no guidance embedding; dev: with one) writes
 OUTDIR/<variant>/ (config.json + diffusion_pytorch_model.safetensors) and OUTDIR/<variant>/io.safetensors
+(also a latent [2, 4, 8, 12] and FluxPipeline._pack_latents of it)
 with the inputs — packed tokens [2, 24, 16] of a 4 x 6 token grid, T5 tokens [2, 5, 24], pooled [2, 12],
 timestep (sigma) [2], guidance [2] (dev), img_ids [24, 3] as FluxPipeline._prepare_latent_image_ids
 makes them, txt_ids zeros [5, 3] — and the output `sample`, fp32 on the CPU.
@@ -47,6 +48,10 @@ def main():
         }
         if guidance:
             inputs["guidance"] = torch.tensor([3.5, 3.5])
+        # The pipeline's packing of a [2, 4, 8, 12] latent (16 channels would be real; 4 keep it small).
+        latent = torch.randn(2, 4, 8, 12, generator=g)
+        inputs["latent"] = latent
+        inputs["packed"] = FluxPipeline._pack_latents(latent, 2, 4, 8, 12)
         with torch.no_grad():
             sample = model(
                 hidden_states=inputs["tokens"],

@@ -15,18 +15,29 @@ from safetensors.torch import save_file
 CASES = {
     "two_level": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
     "sharded": dict(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=8, scaling_factor=0.13025),
+    # SD3 / FLUX layout: 16 latent channels, no quant convs, latents shifted before scaling.
+    "sd3_flux": dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    ),
 }
 
 out = Path(sys.argv[1])
 for name, kwargs in CASES.items():
     torch.manual_seed(0)
     n = len(kwargs["block_out_channels"])
+    kwargs = {"latent_channels": 4, **kwargs}
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
-        latent_channels=4,
         sample_size=32,
         **kwargs,
     ).eval()
@@ -45,11 +56,21 @@ for name, kwargs in CASES.items():
         copy.deepcopy(vae).half().save_pretrained(folder, variant="fp16")
     scale = 2 ** (n - 1)
     x = torch.rand(2, 3, 8 * scale, 12 * scale) * 2 - 1
-    z = torch.randn(2, 4, 8, 12)
+    z = torch.randn(2, kwargs["latent_channels"], 8, 12)
     with torch.no_grad():
         post = vae.encode(x).latent_dist
         decoded = vae.decode(z).sample
+        # What the SD3 / FLUX pipelines decode: latents / scaling_factor + shift_factor.
+        shift = vae.config.shift_factor or 0.0
+        decoded_scaled = vae.decode(z / vae.config.scaling_factor + shift).sample
     save_file(
-        {"x": x, "z": z, "mean": post.mean.contiguous(), "logvar": post.logvar.contiguous(), "decoded": decoded.contiguous()},
+        {
+            "x": x,
+            "z": z,
+            "mean": post.mean.contiguous(),
+            "logvar": post.logvar.contiguous(),
+            "decoded": decoded.contiguous(),
+            "decoded_scaled": decoded_scaled.contiguous(),
+        },
         str(folder / "expected.safetensors"),
     )

@@ -101,22 +101,26 @@ impl T5Config {
     }
 }
 
-/// `T5LayerNorm`: x · rsqrt(mean(x²) + ε) · w (no mean subtracted, no bias), statistics in fp32.
+/// An RMS norm with a weight: x · rsqrt(mean(x²) + ε) · w (no mean subtracted, no bias),
+/// statistics in fp32; half-precision weights take the normed values in their precision first.
+/// transformers' `T5LayerNorm`, and diffusers' `RMSNorm` (SD3's and FLUX's query / key norms).
 #[derive(Debug)]
-struct T5LayerNorm {
+pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
 
-impl T5LayerNorm {
-    fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        T5LayerNorm {
+impl RmsNorm {
+    /// Lays out `weight` [dim] under `vs`.
+    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
             weight: vs.ones("weight", &[dim]),
             eps,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         let variance = x
             .to_kind(Kind::Float)
             .square()
@@ -144,12 +148,12 @@ fn linear(vs: nn::Path, i: i64, o: i64) -> nn::Linear {
 /// One encoder block: self-attention and feed-forward, each pre-normed with a residual.
 #[derive(Debug)]
 struct T5Block {
-    attn_norm: T5LayerNorm,
+    attn_norm: RmsNorm,
     q: nn::Linear,
     k: nn::Linear,
     v: nn::Linear,
     o: nn::Linear,
-    ff_norm: T5LayerNorm,
+    ff_norm: RmsNorm,
     wi: nn::Linear,
     /// The gate's second input projection (gated-GELU only).
     wi_1: Option<nn::Linear>,
@@ -164,12 +168,12 @@ impl T5Block {
         let ff = &vs / "layer" / 1;
         let dense = &ff / "DenseReluDense";
         T5Block {
-            attn_norm: T5LayerNorm::new(&attn / "layer_norm", cfg.d_model, cfg.layer_norm_epsilon),
+            attn_norm: RmsNorm::new(&attn / "layer_norm", cfg.d_model, cfg.layer_norm_epsilon),
             q: linear(&attn / "SelfAttention" / "q", cfg.d_model, inner),
             k: linear(&attn / "SelfAttention" / "k", cfg.d_model, inner),
             v: linear(&attn / "SelfAttention" / "v", cfg.d_model, inner),
             o: linear(&attn / "SelfAttention" / "o", inner, cfg.d_model),
-            ff_norm: T5LayerNorm::new(&ff / "layer_norm", cfg.d_model, cfg.layer_norm_epsilon),
+            ff_norm: RmsNorm::new(&ff / "layer_norm", cfg.d_model, cfg.layer_norm_epsilon),
             wi: linear(
                 &dense / if gated { "wi_0" } else { "wi" },
                 cfg.d_model,
@@ -244,7 +248,7 @@ pub struct T5EncoderModel {
     shared: nn::Embedding,
     relative_attention_bias: nn::Embedding,
     blocks: Vec<T5Block>,
-    final_layer_norm: T5LayerNorm,
+    final_layer_norm: RmsNorm,
 }
 
 impl T5EncoderModel {
@@ -270,7 +274,7 @@ impl T5EncoderModel {
             blocks: (0..config.num_layers)
                 .map(|i| T5Block::new(&encoder / "block" / i, config, gated))
                 .collect(),
-            final_layer_norm: T5LayerNorm::new(
+            final_layer_norm: RmsNorm::new(
                 &encoder / "final_layer_norm",
                 config.d_model,
                 config.layer_norm_epsilon,

@@ -92,16 +92,7 @@ impl Attention {
         let q = split(self.to_q.forward(&normed));
         let k = split(self.to_k.forward(context));
         let v = split(self.to_v.forward(context));
-        let attended = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let attended = sdpa(&q, &k, &v);
         let mut out = self
             .to_out
             .forward(&attended.transpose(1, 2).reshape([b, n, -1]));
@@ -116,4 +107,10 @@ impl Attention {
         }
         out
     }
+}
+
+/// Softmax attention of q, k, v [B, heads, tokens, head dim] with the 1/sqrt(head dim) scale,
+/// no mask and no dropout: `F.scaled_dot_product_attention(q, k, v)`.
+pub(crate) fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, false, None, false)
 }

@@ -12,10 +12,12 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::linear::Linear;
-use super::sd3::{modulate, AdaNormContinuous, AdaNormZero, RmsNorm, TimeTextEmbed};
+use super::sd3::{modulate, AdaNormContinuous, AdaNormZero, TimeTextEmbed};
 use hf::load::{build_and_load, read_config, weight_files, LoadError};
+use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of a FLUX pipeline.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -219,19 +221,10 @@ impl FluxAttention {
         }
         let q = apply_rotary(&q, rope);
         let k = apply_rotary(&k, rope);
-        let attended = Tensor::scaled_dot_product_attention(
-            &q.transpose(1, 2),
-            &k.transpose(1, 2),
-            &v.transpose(1, 2),
-            None::<&Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        )
-        .transpose(1, 2)
-        .flatten(2, 3)
-        .to_kind(q.kind());
+        let attended = sdpa(&q.transpose(1, 2), &k.transpose(1, 2), &v.transpose(1, 2))
+            .transpose(1, 2)
+            .flatten(2, 3)
+            .to_kind(q.kind());
         match (&self.added, &self.to_out) {
             (Some(a), Some(out)) => {
                 let total = attended.size()[1];

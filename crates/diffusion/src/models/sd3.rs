@@ -12,11 +12,13 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
 use super::resnet::conv;
 use hf::load::{build_and_load, read_config, weight_files, LoadError};
+use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of an SD3 / SD3.5 pipeline.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -126,35 +128,6 @@ impl SD3Transformer2DConfig {
     }
 }
 
-/// Diffusers' `RMSNorm` with a weight: x · rsqrt(mean(x²) + ε) · w, statistics in fp32.
-#[derive(Debug)]
-pub(super) struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    pub(super) fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm {
-            weight: vs.ones("weight", &[dim]),
-            eps,
-        }
-    }
-
-    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
-        let variance = x
-            .to_kind(Kind::Float)
-            .square()
-            .mean_dim(-1, true, Kind::Float);
-        let normed = x * (variance + self.eps).rsqrt();
-        // Half-precision weights take the normed values in their own precision first.
-        match self.weight.kind() {
-            Kind::Half | Kind::BFloat16 => normed.to_kind(self.weight.kind()) * &self.weight,
-            _ => normed * &self.weight,
-        }
-    }
-}
-
 /// `Attention` with `JointAttnProcessor2_0`: the image tokens' to_q/to_k/to_v and, when the
 /// block has a prompt stream, add_q/add_k/add_v_proj for its tokens; one softmax over both,
 /// split back, to_out.0 for the image part and to_add_out for the prompt part (not in the last
@@ -240,16 +213,7 @@ impl JointAttention {
             k = Tensor::cat(&[k, ck], 2);
             v = Tensor::cat(&[v, cv], 2);
         }
-        let attended = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let attended = sdpa(&q, &k, &v);
         let all = attended
             .transpose(1, 2)
             .reshape([b, -1, q.size()[1] * q.size()[3]]);
