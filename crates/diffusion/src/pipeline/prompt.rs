@@ -1,6 +1,6 @@
 //! Prompt encoding as diffusers' `StableDiffusionPipeline.encode_prompt` (one CLIP text encoder,
 //! last hidden state) and `StableDiffusionXLPipeline.encode_prompt` (two encoders, penultimate
-//! hidden states concatenated, pooled projection of the second).
+//! hidden states concatenated, pooled projection of the second); SD3's is in sd3_prompt.rs.
 
 use std::path::Path;
 
@@ -19,14 +19,14 @@ pub struct PromptEmbeds {
 }
 
 /// One tokenizer and its text encoder.
-struct TextEncoder {
+pub(super) struct TextEncoder {
     tokenizer: ClipTokenizer,
     model: ClipTextModel,
     _vs: nn::VarStore,
 }
 
 impl TextEncoder {
-    fn load(
+    pub(super) fn load(
         root: &Path,
         tokenizer: &str,
         encoder: &str,
@@ -43,10 +43,19 @@ impl TextEncoder {
         })
     }
 
-    fn encode(&self, prompts: &[&str], device: Device) -> Result<ClipTextOutput, PipelineError> {
+    pub(super) fn encode(
+        &self,
+        prompts: &[&str],
+        device: Device,
+    ) -> Result<ClipTextOutput, PipelineError> {
         let ids = self.tokenizer.encode_batch(prompts, device)?.input_ids;
         // The pipelines pass no attention mask: CLIP reads all 77 positions, padding included.
         Ok(self.model.forward(&ids, None))
+    }
+
+    /// Whether the encoder is a CLIPTextModelWithProjection.
+    pub(super) fn has_projection(&self) -> bool {
+        self.model.has_projection()
     }
 }
 
@@ -70,7 +79,7 @@ impl TextEncoders {
         let second = if dual {
             let second =
                 TextEncoder::load(root, "tokenizer_2", "text_encoder_2", device, kind, variant)?;
-            if !second.model.has_projection() {
+            if !second.has_projection() {
                 return Err(PipelineError::Folder {
                     path: root.join("text_encoder_2"),
                     why: "SDXL's second text encoder must be a CLIPTextModelWithProjection (its \
@@ -95,7 +104,6 @@ impl TextEncoders {
             });
         };
         let second = second.encode(prompts, device)?;
-        let penultimate = |h: &[Tensor]| h[h.len() - 2].shallow_clone();
         Ok(PromptEmbeds {
             embeds: Tensor::cat(
                 &[
@@ -107,4 +115,9 @@ impl TextEncoders {
             pooled: second.text_embeds,
         })
     }
+}
+
+/// The penultimate hidden state, which SDXL and SD3 condition on.
+pub(super) fn penultimate(hidden_states: &[Tensor]) -> Tensor {
+    hidden_states[hidden_states.len() - 2].shallow_clone()
 }
