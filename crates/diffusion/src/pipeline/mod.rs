@@ -12,6 +12,7 @@ pub mod flux_latents;
 pub mod images;
 mod load;
 pub mod prompt;
+pub mod sd3;
 pub mod sd3_prompt;
 
 pub use codec::ImageCodec;
