@@ -8,6 +8,7 @@
 mod codec;
 mod conditioning;
 pub mod dit;
+pub mod flux;
 pub mod flux_latents;
 pub mod images;
 mod load;
