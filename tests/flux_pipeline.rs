@@ -37,5 +37,19 @@ fn flux_schnell_and_dev_generations_match_diffusers() {
         assert_eq!(images.size(), theirs.size(), "{variant}");
         let diff = (&images - theirs).abs().max().double_value(&[]);
         assert!(diff <= 1e-4, "{variant} images: max |Δ| {diff}");
+        common::sample_matches(
+            &folder,
+            &prompts,
+            &io["latents"],
+            theirs,
+            &[
+                "--steps",
+                "2",
+                "--guidance",
+                "3.5",
+                "--max-sequence-length",
+                "12",
+            ],
+        );
     }
 }

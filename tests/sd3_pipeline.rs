@@ -54,5 +54,21 @@ fn sd3_prompts_and_generations_match_diffusers_with_and_without_t5() {
         assert_eq!(images.size(), theirs.size(), "{variant}");
         let diff = (&images - theirs).abs().max().double_value(&[]);
         assert!(diff <= 1e-4, "{variant} images: max |Δ| {diff}");
+        // The same through `pso sample --init-noise`.
+        let guidance = if variant == "with_t5" { "0" } else { "3" };
+        common::sample_matches(
+            &folder,
+            &prompts,
+            &io["latents"],
+            theirs,
+            &[
+                "--steps",
+                "2",
+                "--guidance",
+                guidance,
+                "--max-sequence-length",
+                "12",
+            ],
+        );
     }
 }

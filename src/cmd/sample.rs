@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use diffusion::pipeline::dit::ClassRequest;
-use diffusion::pipeline::images::rgb_images;
+use diffusion::pipeline::images::{pil_uint8, rgb_images};
 use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
-use diffusion::sampling::{SchedulerKind, SeededNoise, Timesteps};
+use diffusion::sampling::{NoiseSource, SchedulerKind, SeededNoise, Timesteps};
 use pso::config::{resolve_device, DType};
 use pso::peft::export::{apply_file, open_adapter, AdapterSource};
 use pso::run::class_samples::{write_class_samples, ClassSamples};
@@ -20,7 +20,8 @@ use super::scheduler_kind;
 #[derive(Args)]
 pub struct SampleArgs {
     /// Diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; a DiT has transformer/), or a Hub
+    /// scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/; a DiT has transformer/; SD3 /
+    /// SD3.5 and FLUX.1 folders have transformer/ and T5 in text_encoder_3/ or _2/), or a Hub
     /// id such as stabilityai/sd-turbo (owner/name@REVISION for a branch, tag or refs/pr/N),
     /// looked up in the Hugging Face cache (HF_HOME) and downloaded into it unless
     /// HF_HUB_OFFLINE=1. Weights are read from .safetensors files only.
@@ -98,6 +99,9 @@ pub struct SampleArgs {
     /// Regenerates a stored pair's image with its seed.
     #[arg(long, value_parser = scheduler_kind())]
     sampler: Option<SchedulerKind>,
+    /// T5 tokens per prompt of an SD3 (default 256) or FLUX (default 512) folder.
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// Output directory: 000000.png, 000001.png, …
     #[arg(long)]
     out: PathBuf,
@@ -176,6 +180,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .as_deref()
         .map(read_init_noise)
         .transpose()?;
+    if let Some(flow) = FlowPipelineKind::of(&root)? {
+        return sample_flow(&args, &root, flow, &opts, init_latents);
+    }
     let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
     if let Some(kind) = args.sampler {
@@ -222,6 +229,165 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
     write_images(&generated.images, &args.out)
+}
+
+/// The flow-matching pipelines `pso sample` runs through their own generators (not yet
+/// through the backbone interface that training uses).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum FlowPipelineKind {
+    /// `StableDiffusion3Pipeline` (SD3, SD3.5, SD3.5-Large-Turbo).
+    Sd3,
+    /// `FluxPipeline` (FLUX.1-schnell, FLUX.1-dev).
+    Flux,
+}
+
+impl FlowPipelineKind {
+    /// The kind `root/model_index.json` names, if it is one of these.
+    fn of(root: &Path) -> Result<Option<FlowPipelineKind>> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(rename = "_class_name")]
+            class_name: Option<String>,
+        }
+        let path = root.join("model_index.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let index: Index = hf::load::read_json(&path)?;
+        Ok(match index.class_name.as_deref() {
+            Some("StableDiffusion3Pipeline") => Some(FlowPipelineKind::Sd3),
+            Some("FluxPipeline") => Some(FlowPipelineKind::Flux),
+            _ => None,
+        })
+    }
+}
+
+/// A loaded flow pipeline's generation: prompts and initial latents to images in [-1, 1].
+type Generate = Box<dyn Fn(&[&str], &Tensor) -> Result<Tensor>>;
+
+/// `pso sample` on an SD3 or FLUX folder: one prompt, N images from seeded or given latents.
+fn sample_flow(
+    args: &SampleArgs,
+    root: &Path,
+    kind: FlowPipelineKind,
+    opts: &LoadOptions,
+    init_latents: Option<Tensor>,
+) -> Result<()> {
+    let name = match kind {
+        FlowPipelineKind::Sd3 => "StableDiffusion3Pipeline",
+        FlowPipelineKind::Flux => "FluxPipeline",
+    };
+    let unsupported = [
+        ("--adapter", args.adapter.is_some()),
+        ("--unet", args.unet.is_some()),
+        ("--sampler", args.sampler.is_some()),
+        ("--timesteps", args.timesteps.is_some()),
+        ("--class-label", !args.class_label.is_empty()),
+        ("--per-class", args.per_class.is_some()),
+        (
+            "--negative-prompt",
+            kind == FlowPipelineKind::Flux && args.negative_prompt.is_some(),
+        ),
+    ];
+    if let Some((flag, _)) = unsupported.iter().find(|(_, given)| *given) {
+        anyhow::bail!(
+            "{flag} is not available for {name} folders yet ({} is one); pso samples them with              --prompt, --steps, --guidance, --seed or --init-noise, --height/--width, --dtype",
+            root.display()
+        );
+    }
+    let Some(prompt) = args.prompt.as_deref() else {
+        anyhow::bail!(
+            "{} is a text-to-image pipeline: give --prompt",
+            root.display()
+        );
+    };
+    let max_sequence_length = args.max_sequence_length.unwrap_or(match kind {
+        FlowPipelineKind::Sd3 => 256,
+        FlowPipelineKind::Flux => 512,
+    });
+    let variant = opts.variant.as_deref();
+    let (device, dtype) = (opts.device, opts.kind);
+    let loaded = || format!("loading {}", root.display());
+    let (vae_factor, latent_channels, generate): (i64, i64, Generate) = match kind {
+        FlowPipelineKind::Sd3 => {
+            let pipe = diffusion::pipeline::sd3::Sd3Pipeline::load(
+                root,
+                max_sequence_length,
+                device,
+                dtype,
+                variant,
+            )
+            .with_context(loaded)?;
+            let f = 1 << (pipe.vae.config.block_out_channels.len() as i64 - 1);
+            let c = pipe.transformer.config().in_channels;
+            let guidance = args.guidance;
+            let steps = args.steps;
+            (
+                f,
+                c,
+                Box::new(move |prompts, latents| {
+                    let request = diffusion::pipeline::sd3::Sd3Request {
+                        steps,
+                        guidance,
+                        latents,
+                    };
+                    Ok(pipe.generate(prompts, &request)?)
+                }),
+            )
+        }
+        FlowPipelineKind::Flux => {
+            let pipe = diffusion::pipeline::flux::FluxPipeline::load(
+                root,
+                max_sequence_length,
+                device,
+                dtype,
+                variant,
+            )
+            .with_context(loaded)?;
+            let f = 1 << (pipe.vae.config.block_out_channels.len() as i64 - 1);
+            let c = pipe.transformer.config().in_channels / 4;
+            let guidance = args.guidance;
+            let steps = args.steps;
+            (
+                f,
+                c,
+                Box::new(move |prompts, latents| {
+                    let request = diffusion::pipeline::flux::FluxRequest {
+                        steps,
+                        guidance,
+                        latents,
+                    };
+                    Ok(pipe.generate(prompts, &request)?)
+                }),
+            )
+        }
+    };
+    let latents = match init_latents {
+        Some(latents) => {
+            if let Some(n) = args.num_images {
+                anyhow::ensure!(
+                    latents.size()[0] == n,
+                    "--num-images {n} disagrees with --init-noise, which holds {} latents",
+                    latents.size()[0]
+                );
+            }
+            latents
+        }
+        None => {
+            // diffusers' defaults: 1024 × 1024 for both families.
+            let (h, w) = (args.height.unwrap_or(1024), args.width.unwrap_or(1024));
+            let shape = [
+                args.num_images.unwrap_or(1),
+                latent_channels,
+                h / vae_factor,
+                w / vae_factor,
+            ];
+            SeededNoise::new(args.seed).draw(&shape, 1)?.remove(0)
+        }
+    };
+    let prompts = vec![prompt; latents.size()[0] as usize];
+    let images = generate(&prompts, &latents)?;
+    write_images(&pil_uint8(&images), &args.out)
 }
 
 /// `--init-noise`: the f32 tensor `latents` of a safetensors file.

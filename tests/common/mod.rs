@@ -34,3 +34,43 @@ pub fn assert_image_matches(ours: &image::RgbImage, theirs: &tch::Tensor, what: 
         off * 100.0
     );
 }
+
+/// `pso sample` of `folder` for each prompt from its row of `latents` (given as --init-noise),
+/// compared with the reference pipeline's images [N, 3, H, W] in [0, 1] to 1/255 per value.
+pub fn sample_matches(
+    folder: &std::path::Path,
+    prompts: &[&str],
+    latents: &tch::Tensor,
+    images: &tch::Tensor,
+    extra: &[&str],
+) {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let noise = dir.path().join(format!("noise-{i}.safetensors"));
+        let row = latents.narrow(0, i as i64, 1).contiguous();
+        tch::Tensor::write_safetensors(&[("latents", &row)], &noise).unwrap();
+        let out = dir.path().join(format!("out-{i}"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_pso"))
+            .args(["sample", "--model"])
+            .arg(folder)
+            .args(["--prompt", prompt, "--device", "cpu", "--init-noise"])
+            .arg(&noise)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "pso sample: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let png = image::open(out.join("000000.png")).unwrap().to_rgb8();
+        let theirs = (images.get(i as i64).permute([1, 2, 0]) * 255.0).round();
+        assert_image_matches(
+            &png,
+            &theirs.to_kind(tch::Kind::Uint8),
+            &format!("prompt {i}"),
+        );
+    }
+}

@@ -70,11 +70,7 @@ impl ImageCodec {
         let image = self
             .model
             .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind));
-        ((image.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([0, 2, 3, 1])
-            .to_device(Device::Cpu)
+        super::images::pil_uint8(&image)
     }
 
     fn model_device(&self) -> Device {

@@ -4,6 +4,16 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{ImageEncoder as _, RgbImage};
 use tch::{Kind, Tensor};
 
+/// Decoded images [N, 3, H, W] in [-1, 1] as diffusers' `output_type="pil"` makes them:
+/// [N, H, W, 3] uint8 on the CPU, (x / 2 + 0.5) clamped, times 255, rounded.
+pub fn pil_uint8(images: &Tensor) -> Tensor {
+    ((images.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .to_device(tch::Device::Cpu)
+}
+
 /// The images of a [K, H, W, 3] uint8 tensor.
 pub fn rgb_images(images: &Tensor) -> Vec<RgbImage> {
     let images = images.to_kind(Kind::Uint8).contiguous();
