@@ -256,6 +256,26 @@ pub fn build_and_load<T>(
     build_and_load_with_prefix(files, device, kind, None, build)
 }
 
+/// Reads `dir/config.json` as `C`, refuses what `check` says cannot be built (naming the
+/// file), and builds and loads the model from the folder's weights (`variant`, e.g. fp16).
+pub fn load_model<C: DeserializeOwned, M>(
+    dir: &Path,
+    device: tch::Device,
+    kind: Kind,
+    variant: Option<&str>,
+    check: impl FnOnce(&C) -> Result<(), String>,
+    build: impl FnOnce(nn::Path, &C) -> M,
+) -> Result<(nn::VarStore, M), LoadError> {
+    let config: C = read_config(dir)?;
+    check(&config).map_err(|why| LoadError::Unsupported {
+        path: dir.join("config.json"),
+        why,
+    })?;
+    build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
+        build(vs, &config)
+    })
+}
+
 /// [`build_and_load`] through [`load_safetensors_with_prefix`].
 pub fn build_and_load_with_prefix<T>(
     files: &[PathBuf],

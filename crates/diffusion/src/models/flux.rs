@@ -16,7 +16,7 @@ use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::linear::Linear;
 use super::sd3::{modulate, AdaNormContinuous, AdaNormZero, TimeTextEmbed};
-use hf::load::{build_and_load, read_config, weight_files, LoadError};
+use hf::load::{load_model, LoadError};
 use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of a FLUX pipeline.
@@ -386,14 +386,14 @@ impl FluxTransformer2DModel {
         kind: Kind,
         variant: Option<&str>,
     ) -> Result<(nn::VarStore, Self), LoadError> {
-        let config: FluxTransformer2DConfig = read_config(dir)?;
-        config.check().map_err(|why| LoadError::Unsupported {
-            path: dir.join("config.json"),
-            why,
-        })?;
-        build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
-            FluxTransformer2DModel::new(vs, &config)
-        })
+        load_model(
+            dir,
+            device,
+            kind,
+            variant,
+            FluxTransformer2DConfig::check,
+            FluxTransformer2DModel::new,
+        )
     }
 
     /// The config.

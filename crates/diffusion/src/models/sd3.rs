@@ -17,7 +17,7 @@ use super::dit::{plain_layer_norm, FeedForward};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
 use super::resnet::conv;
-use hf::load::{build_and_load, read_config, weight_files, LoadError};
+use hf::load::{load_model, LoadError};
 use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of an SD3 / SD3.5 pipeline.
@@ -475,14 +475,14 @@ impl SD3Transformer2DModel {
         kind: Kind,
         variant: Option<&str>,
     ) -> Result<(nn::VarStore, Self), LoadError> {
-        let config: SD3Transformer2DConfig = read_config(dir)?;
-        config.check().map_err(|why| LoadError::Unsupported {
-            path: dir.join("config.json"),
-            why,
-        })?;
-        build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
-            SD3Transformer2DModel::new(vs, &config)
-        })
+        load_model(
+            dir,
+            device,
+            kind,
+            variant,
+            SD3Transformer2DConfig::check,
+            SD3Transformer2DModel::new,
+        )
     }
 
     /// The config.

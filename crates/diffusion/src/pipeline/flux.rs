@@ -11,7 +11,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::flux_latents::{image_ids, pack, text_ids, unpack};
 use super::prompt::TextEncoder;
-use super::PipelineError;
+use super::{check_latents, flow_match_config, PipelineError};
 use crate::models::flux::FluxTransformer2DModel;
 use crate::models::vae::AutoencoderKL;
 use crate::sampling::{FlowMatchConfig, FlowMatchEuler, FlowSchedule};
@@ -61,14 +61,7 @@ impl FluxPipeline {
         let t5_tokenizer = T5Tokenizer::from_dir(&root.join("tokenizer_2"), max_sequence_length)?;
         let (t5_vs, t5) = T5EncoderModel::load(&root.join("text_encoder_2"), device, kind)
             .map_err(hf::HfError::from)?;
-        let path = root.join("scheduler/scheduler_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| {
-            PipelineError::Load(hf::load::LoadError::Io {
-                path: path.clone(),
-                source,
-            })
-        })?;
-        let scheduler = FlowMatchConfig::from_json(&text)?;
+        let scheduler = flow_match_config(root)?;
         Ok(FluxPipeline {
             transformer,
             vae,
@@ -113,13 +106,8 @@ impl FluxPipeline {
         prompts: &[&str],
         request: &FluxRequest,
     ) -> Result<Tensor, PipelineError> {
+        check_latents(request.latents, prompts)?;
         let size = request.latents.size();
-        if size.len() != 4 || size[0] != prompts.len() as i64 {
-            return Err(PipelineError::Request(format!(
-                "latents {size:?} for {} prompts: give [B, C, H, W] with one row per prompt",
-                prompts.len()
-            )));
-        }
         let _guard = tch::no_grad_guard();
         let (b, height, width) = (size[0], size[2], size[3]);
         // 1. Prompts: CLIP-L's pooled output and T5's tokens.

@@ -419,3 +419,48 @@ impl Pipeline {
         })
     }
 }
+
+/// The `FlowMatchEulerDiscreteScheduler` config of an SD3 / FLUX folder
+/// (`scheduler/scheduler_config.json`), refusing another scheduler class.
+pub(crate) fn flow_match_config(
+    root: &std::path::Path,
+) -> Result<crate::sampling::FlowMatchConfig, PipelineError> {
+    #[derive(serde::Deserialize)]
+    struct ClassName {
+        #[serde(rename = "_class_name")]
+        class_name: Option<String>,
+    }
+    let path = root.join("scheduler/scheduler_config.json");
+    let class: ClassName = hf::load::read_json(&path)?;
+    if let Some(name) = class
+        .class_name
+        .filter(|n| n != "FlowMatchEulerDiscreteScheduler")
+    {
+        return Err(PipelineError::Folder {
+            path,
+            why: format!(
+                "_class_name is {name}; flow-matching models sample with \
+                 FlowMatchEulerDiscreteScheduler"
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| {
+        PipelineError::Load(LoadError::Io {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    Ok(crate::sampling::FlowMatchConfig::from_json(&text)?)
+}
+
+/// Refuses initial latents that are not [B, C, H, W] with one row per prompt.
+pub(crate) fn check_latents(latents: &Tensor, prompts: &[&str]) -> Result<(), PipelineError> {
+    let size = latents.size();
+    if size.len() != 4 || size[0] != prompts.len() as i64 {
+        return Err(PipelineError::Request(format!(
+            "latents {size:?} for {} prompts: give [B, C, H, W] with one row per prompt",
+            prompts.len()
+        )));
+    }
+    Ok(())
+}

@@ -6,15 +6,13 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::sd3_prompt::Sd3TextEncoders;
-use super::PipelineError;
+use super::{check_latents, flow_match_config, PipelineError};
 use crate::models::sd3::SD3Transformer2DModel;
 use crate::models::vae::AutoencoderKL;
 use crate::sampling::{FlowMatchConfig, FlowMatchEuler, FlowSchedule};
-use hf::load::read_json;
 
 /// What a generation needs besides the prompts.
 #[derive(Debug)]
@@ -25,13 +23,6 @@ pub struct Sd3Request<'a> {
     pub guidance: f64,
     /// Initial latents [B, 16, H/8, W/8], standard normal (diffusers' `latents=`).
     pub latents: &'a Tensor,
-}
-
-/// The `_class_name` of a scheduler config.
-#[derive(Deserialize)]
-struct ClassName {
-    #[serde(rename = "_class_name")]
-    class_name: Option<String>,
 }
 
 /// An SD3 / SD3.5 folder loaded for generation.
@@ -69,26 +60,7 @@ impl Sd3Pipeline {
             kind,
             variant,
         )?;
-        let path = root.join("scheduler/scheduler_config.json");
-        let class: ClassName = read_json(&path)?;
-        if let Some(name) = class
-            .class_name
-            .filter(|n| n != "FlowMatchEulerDiscreteScheduler")
-        {
-            return Err(PipelineError::Folder {
-                path,
-                why: format!(
-                    "_class_name is {name}; SD3 samples with FlowMatchEulerDiscreteScheduler"
-                ),
-            });
-        }
-        let text_json = std::fs::read_to_string(&path).map_err(|source| {
-            PipelineError::Load(hf::load::LoadError::Io {
-                path: path.clone(),
-                source,
-            })
-        })?;
-        let scheduler = FlowMatchConfig::from_json(&text_json)?;
+        let scheduler = flow_match_config(root)?;
         Ok(Sd3Pipeline {
             transformer,
             vae,
@@ -127,13 +99,8 @@ impl Sd3Pipeline {
         prompts: &[&str],
         request: &Sd3Request,
     ) -> Result<Tensor, PipelineError> {
+        check_latents(request.latents, prompts)?;
         let size = request.latents.size();
-        if size.len() != 4 || size[0] != prompts.len() as i64 {
-            return Err(PipelineError::Request(format!(
-                "latents {size:?} for {} prompts: give [B, C, H, W] with one row per prompt",
-                prompts.len()
-            )));
-        }
         let _guard = tch::no_grad_guard();
         let kind = self.kind;
         let guided = request.guidance > 1.0;
