@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use diffusion::pipeline::dit::ClassRequest;
+use diffusion::pipeline::flux::{FluxPipeline, FluxRequest};
 use diffusion::pipeline::images::{pil_uint8, rgb_images};
+use diffusion::pipeline::sd3::{Sd3Pipeline, Sd3Request};
 use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 use diffusion::sampling::{NoiseSource, SchedulerKind, SeededNoise, Timesteps};
 use pso::config::{resolve_device, DType};
@@ -262,8 +264,11 @@ impl FlowPipelineKind {
     }
 }
 
-/// A loaded flow pipeline's generation: prompts and initial latents to images in [-1, 1].
-type Generate = Box<dyn Fn(&[&str], &Tensor) -> Result<Tensor>>;
+/// A loaded SD3 or FLUX pipeline.
+enum FlowPipeline {
+    Sd3(Box<Sd3Pipeline>),
+    Flux(Box<FluxPipeline>),
+}
 
 /// `pso sample` on an SD3 or FLUX folder: one prompt, N images from seeded or given latents.
 fn sample_flow(
@@ -308,59 +313,15 @@ fn sample_flow(
     let variant = opts.variant.as_deref();
     let (device, dtype) = (opts.device, opts.kind);
     let loaded = || format!("loading {}", root.display());
-    let (vae_factor, latent_channels, generate): (i64, i64, Generate) = match kind {
-        FlowPipelineKind::Sd3 => {
-            let pipe = diffusion::pipeline::sd3::Sd3Pipeline::load(
-                root,
-                max_sequence_length,
-                device,
-                dtype,
-                variant,
-            )
-            .with_context(loaded)?;
-            let f = 1 << (pipe.vae.config.block_out_channels.len() as i64 - 1);
-            let c = pipe.transformer.config().in_channels;
-            let guidance = args.guidance;
-            let steps = args.steps;
-            (
-                f,
-                c,
-                Box::new(move |prompts, latents| {
-                    let request = diffusion::pipeline::sd3::Sd3Request {
-                        steps,
-                        guidance,
-                        latents,
-                    };
-                    Ok(pipe.generate(prompts, &request)?)
-                }),
-            )
-        }
-        FlowPipelineKind::Flux => {
-            let pipe = diffusion::pipeline::flux::FluxPipeline::load(
-                root,
-                max_sequence_length,
-                device,
-                dtype,
-                variant,
-            )
-            .with_context(loaded)?;
-            let f = 1 << (pipe.vae.config.block_out_channels.len() as i64 - 1);
-            let c = pipe.transformer.config().in_channels / 4;
-            let guidance = args.guidance;
-            let steps = args.steps;
-            (
-                f,
-                c,
-                Box::new(move |prompts, latents| {
-                    let request = diffusion::pipeline::flux::FluxRequest {
-                        steps,
-                        guidance,
-                        latents,
-                    };
-                    Ok(pipe.generate(prompts, &request)?)
-                }),
-            )
-        }
+    let pipe = match kind {
+        FlowPipelineKind::Sd3 => FlowPipeline::Sd3(Box::new(
+            Sd3Pipeline::load(root, max_sequence_length, device, dtype, variant)
+                .with_context(loaded)?,
+        )),
+        FlowPipelineKind::Flux => FlowPipeline::Flux(Box::new(
+            FluxPipeline::load(root, max_sequence_length, device, dtype, variant)
+                .with_context(loaded)?,
+        )),
     };
     let latents = match init_latents {
         Some(latents) => {
@@ -376,17 +337,34 @@ fn sample_flow(
         None => {
             // diffusers' defaults: 1024 × 1024 for both families.
             let (h, w) = (args.height.unwrap_or(1024), args.width.unwrap_or(1024));
-            let shape = [
-                args.num_images.unwrap_or(1),
-                latent_channels,
-                h / vae_factor,
-                w / vae_factor,
-            ];
+            let n = args.num_images.unwrap_or(1);
+            let shape = match &pipe {
+                FlowPipeline::Sd3(p) => p.latent_shape(n, h, w),
+                FlowPipeline::Flux(p) => p.latent_shape(n, h, w),
+            };
             SeededNoise::new(args.seed).draw(&shape, 1)?.remove(0)
         }
     };
     let prompts = vec![prompt; latents.size()[0] as usize];
-    let images = generate(&prompts, &latents)?;
+    let (steps, guidance) = (args.steps, args.guidance);
+    let images = match &pipe {
+        FlowPipeline::Sd3(p) => p.generate(
+            &prompts,
+            &Sd3Request {
+                steps,
+                guidance,
+                latents: &latents,
+            },
+        )?,
+        FlowPipeline::Flux(p) => p.generate(
+            &prompts,
+            &FluxRequest {
+                steps,
+                guidance,
+                latents: &latents,
+            },
+        )?,
+    };
     write_images(&pil_uint8(&images), &args.out)
 }
 

@@ -435,6 +435,11 @@ impl AutoencoderKL {
         })
     }
 
+    /// Pixels per latent pixel: 2^(resolutions − 1).
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.config.block_out_channels.len() - 1)
+    }
+
     /// Encodes images in [-1, 1] ([B, 3, H, W]) to the latent posterior (unscaled).
     pub fn encode(&self, images: &Tensor) -> DiagonalGaussian {
         let mut moments = self.encoder.forward(images);

@@ -43,7 +43,7 @@ impl ImageCodec {
 
     /// Pixels per latent pixel: 2^(VAE resolutions − 1).
     pub fn scale_factor(&self) -> i64 {
-        1 << (self.model.config.block_out_channels.len() - 1)
+        self.model.scale_factor()
     }
 
     /// Encodes [N, H, W, 3] uint8 images to the posterior mean, scaled as the pipelines scale

@@ -92,6 +92,17 @@ impl Sd3Pipeline {
         )?)
     }
 
+    /// The shape of `n` initial latents for a `height` × `width` image.
+    pub fn latent_shape(&self, n: i64, height: i64, width: i64) -> [i64; 4] {
+        let f = self.vae.scale_factor();
+        [
+            n,
+            self.transformer.config().in_channels,
+            height / f,
+            width / f,
+        ]
+    }
+
     /// Generates one image per prompt: [B, 3, H, W] in [-1, 1] (before diffusers'
     /// post-processing), fp32.
     pub fn generate(
