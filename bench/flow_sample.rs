@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use diffusion::pipeline::flux::{FluxPipeline, FluxRequest};
-use diffusion::pipeline::images::pil_uint8;
-use diffusion::pipeline::sd3::{Sd3Pipeline, Sd3Request};
+use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use diffusion::sampling::{SeededNoise, Timesteps};
 use tch::{Device, Kind, Tensor};
 
 const CASES: [(usize, i64); 4] = [(1, 1), (4, 1), (1, 4), (4, 4)];
@@ -37,8 +36,15 @@ fn main() {
     );
     let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     tch::set_num_threads(2);
-    let sd3 = Sd3Pipeline::load(&out.join("sd3"), 32, Device::Cpu, Kind::Float, None).unwrap();
-    let flux = FluxPipeline::load(&out.join("flux"), 32, Device::Cpu, Kind::Float, None).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        variant: None,
+        backbone_weights: None,
+        max_sequence_length: Some(32),
+    };
+    let sd3 = Pipeline::load(&out.join("sd3"), &opts).unwrap();
+    let flux = Pipeline::load(&out.join("flux"), &opts).unwrap();
     println!("| model | steps | batch | pso images/s | diffusers images/s | pso / diffusers |");
     println!("|---|---|---|---|---|---|");
     for name in ["sd3", "flux"] {
@@ -48,27 +54,28 @@ fn main() {
                     .unwrap()
                     .remove(0)
                     .1;
-            let prompts = vec!["a photo of a cat"; batch as usize];
+            let pipe = if name == "sd3" { &sd3 } else { &flux };
+            let f = pipe.vae_scale_factor();
+            let size = latents.size();
+            // One prompt for the whole batch: encoded once, as diffusers repeats one prompt's
+            // embedding per image.
             let run = || {
-                let images = match name {
-                    "sd3" => sd3.generate(
-                        &prompts,
-                        &Sd3Request {
-                            steps,
-                            guidance: 0.0,
-                            latents: &latents,
-                        },
-                    ),
-                    _ => flux.generate(
-                        &prompts,
-                        &FluxRequest {
-                            steps,
-                            guidance: 0.0,
-                            latents: &latents,
-                        },
-                    ),
-                };
-                pil_uint8(&images.unwrap())
+                pipe.generate(
+                    GenerateRequest {
+                        prompt: "a photo of a cat",
+                        negative_prompt: None,
+                        timesteps: Timesteps::Steps(steps),
+                        guidance: 0.0,
+                        height: size[2] * f,
+                        width: size[3] * f,
+                        num_images: batch,
+                        init_latents: Some(latents.shallow_clone()),
+                        record: false,
+                    },
+                    &mut SeededNoise::new(0),
+                )
+                .unwrap()
+                .images
             };
             let _ = run();
             let best = (0..3)

@@ -64,7 +64,7 @@ def main():
 
             def run():
                 with torch.no_grad():
-                    pipe(["a photo of a cat"] * batch, num_inference_steps=steps, guidance_scale=0.0, height=SIZE,
+                    pipe("a photo of a cat", num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=0.0, height=SIZE,
                          width=SIZE, latents=given.clone(), max_sequence_length=32, output_type="pil")
 
             run()

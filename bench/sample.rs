@@ -41,6 +41,7 @@ fn main() {
         kind: Kind::Float,
         variant: None,
         backbone_weights: None,
+        max_sequence_length: None,
     };
     let pipeline = Pipeline::load(&out.join("pipeline"), &opts).unwrap();
     println!("threads: {} libtorch threads\n", tch::get_num_threads());

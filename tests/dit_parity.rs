@@ -262,6 +262,7 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
         kind: Kind::Float,
         variant: None,
         backbone_weights: None,
+        max_sequence_length: None,
     };
     let mut pipeline = Pipeline::load(&dir.path().join("pipeline"), &opts).unwrap();
     assert!(pipeline.is_class_conditional());

@@ -1,12 +1,11 @@
 //! FLUX generation against diffusers' `FluxPipeline` on tiny random folders built by the oracle
 //! (scripts/oracle/make_flux_pipeline.py): schnell (no guidance embedding, static shift) and a
 //! dev-like folder (embedded guidance, dynamic shift by the image's token count), from given
-//! latents, 2 steps.
+//! latents, 2 steps, through pso's one `Pipeline` and `pso sample`.
 
 mod common;
 
-use diffusion::pipeline::flux::{FluxPipeline, FluxRequest};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 #[test]
 fn flux_schnell_and_dev_generations_match_diffusers() {
@@ -19,20 +18,12 @@ fn flux_schnell_and_dev_generations_match_diffusers() {
     ];
     for variant in ["schnell", "dev"] {
         let folder = dir.path().join(variant);
-        let pipe = FluxPipeline::load(&folder, 12, Device::Cpu, Kind::Float, None)
-            .unwrap_or_else(|e| panic!("{variant}: {e}"));
         let io: std::collections::HashMap<String, Tensor> =
             Tensor::read_safetensors(folder.join("io.safetensors"))
                 .unwrap()
                 .into_iter()
                 .collect();
-        let request = FluxRequest {
-            steps: 2,
-            guidance: 3.5,
-            latents: &io["latents"],
-        };
-        let images = pipe.generate(&prompts, &request).unwrap();
-        let images = (images / 2.0 + 0.5).clamp(0.0, 1.0);
+        let images = common::generate_each(&folder, &prompts, &io["latents"], 2, 3.5);
         let theirs = &io["images"];
         assert_eq!(images.size(), theirs.size(), "{variant}");
         let diff = (&images - theirs).abs().max().double_value(&[]);

@@ -16,7 +16,7 @@ use diffusion::sampling::{
 use pso::objective::offline_pso::offline_pso;
 use pso::objective::{
     add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod,
-    Diagnostics, Dpo, Loss, OnlinePso, PairPredictions, PsoDb, Transitions,
+    Diagnostics, Dpo, Loss, OnlinePso, PairPredictions, PsoDb, TrainingSchedule, Transitions,
 };
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -382,8 +382,10 @@ fn dpo_and_offline_pso_match_the_official_losses() {
             get(&t, name, "x0_l"),
             get(&t, name, "noise"),
             &case.timesteps,
-            &ac,
-            pred,
+            &TrainingSchedule::Vp {
+                alphas_cumprod: ac.clone(),
+                prediction: pred,
+            },
         )
         .unwrap();
         assert_close(

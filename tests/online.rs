@@ -13,16 +13,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use diffusion::sampling::{SeededNoise, Timesteps};
 use pairs::reader::{PairReader, ReadOptions};
 use pairs::{batch_to_records, PairRecord};
 use pso::config::RunConfig;
-use pso::objective::online_pso::{OnlinePso, Transitions};
-use pso::run::online::{run, OnlineOptions, OnlineTrainer, Scorers};
-use pso::run::rounds::{Round, TrainingPair};
+use pso::run::online::{run, OnlineOptions, Scorers};
 use reward::{RewardError, ScoreItem, Scorer, ScorerInfo};
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 /// The tiny pipelines and the tiny CLIP, once per test binary.
 fn models() -> &'static Path {
@@ -519,127 +516,7 @@ fn a_concurrent_actor_gets_every_update_and_staleness_stays_bounded() {
 #[test]
 fn the_learner_loss_matches_the_samplers_recorded_kernels() {
     let config = RunConfig::from_toml(&config_text(""), Path::new("online.toml"), &[]).unwrap();
-    let trainer = OnlineTrainer::load(&config, Device::Cpu).unwrap();
-    // A policy away from the reference: random LoRA up-projections.
-    tch::manual_seed(11);
-    let values: Vec<(String, Tensor)> = trainer
-        .adapter
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.randn_like() * 0.3))
-        .collect();
-    trainer.adapter.set_values(&values).unwrap();
-    let p = &trainer.pipeline;
-    let scheduler = p.scheduler(Timesteps::Steps(4)).unwrap();
-    let prompts = ["a red fox", "a lighthouse"];
-    let mut pairs = Vec::new();
-    let mut recorded = Vec::new();
-    for (i, prompt) in prompts.iter().enumerate() {
-        let g = p
-            .generate(
-                diffusion::pipeline::GenerateRequest {
-                    prompt,
-                    negative_prompt: None,
-                    timesteps: Timesteps::Steps(4),
-                    guidance: 0.0,
-                    height: 16,
-                    width: 16,
-                    num_images: 2,
-                    init_latents: None,
-                    record: true,
-                },
-                &mut SeededNoise::new(i as u64),
-            )
-            .unwrap();
-        let tr = g.trajectory.unwrap();
-        let traj = Tensor::stack(&tr.latents, 1);
-        pairs.push(TrainingPair {
-            pair_id: i as i64,
-            prompt: prompt.to_string(),
-            winner: traj.get(0),
-            loser: traj.get(1),
-            counted: true,
-            margin: 1.0,
-        });
-        recorded.push(tr);
-    }
-    let steps = [2usize, 0];
-    let prepared = trainer
-        .prepare(Round {
-            index: 0,
-            policy_version: 0,
-            pairs,
-            scores: Vec::new(),
-            actor_seconds: 0.0,
-            reward_wait_seconds: 0.0,
-            images: 4,
-            parts: Vec::new(),
-        })
-        .unwrap();
-    let refs: Vec<_> = prepared.iter().collect();
-    let got = trainer.loss(&refs, &steps).unwrap();
-
-    // The same loss from the sampler's own kernels (policy) and the reference UNet's.
-    let side = |s: i64| {
-        let mut next = Vec::new();
-        let mut policy = Vec::new();
-        let mut reference = Vec::new();
-        let mut std = Vec::new();
-        for (i, tr) in recorded.iter().enumerate() {
-            let j = steps[i];
-            let x = tr.latents[j].get(s).unsqueeze(0);
-            next.push(tr.latents[j + 1].get(s).unsqueeze(0));
-            policy.push(tr.kernels[j].mean.get(s).unsqueeze(0));
-            let cond = p.condition(prompts[i], None, 0.0, 16, 16, 1).unwrap();
-            let input = scheduler.scale_model_input(j, &x).unwrap();
-            let t = Tensor::from(scheduler.timesteps()[j] as f32);
-            let out = trainer
-                .adapter
-                .reference(&p.backbone, |u| p.predict_batch(u, &cond, &input, &t));
-            let k = scheduler
-                .transition(j, &x, &out.to_kind(Kind::Float))
-                .unwrap();
-            reference.push(k.mean);
-            std.push(k.std);
-        }
-        (
-            Tensor::cat(&next, 0),
-            Tensor::cat(&policy, 0),
-            Tensor::cat(&reference, 0),
-            std,
-        )
-    };
-    let (wn, wp, wr, ws) = side(0);
-    let (ln, lp, lr, ls) = side(1);
-    let want = OnlinePso::default()
-        .loss(
-            &Transitions {
-                next: &wn,
-                mean_policy: &wp,
-                mean_reference: &wr,
-                std: &ws,
-            },
-            &Transitions {
-                next: &ln,
-                mean_policy: &lp,
-                mean_reference: &lr,
-                std: &ls,
-            },
-            None,
-        )
-        .unwrap();
-    let (g, w) = (got.diagnostics, want.diagnostics);
-    assert!(
-        w.log_ratio_winner.unwrap().abs() > 1e-4,
-        "policy ≠ reference"
-    );
-    for (a, b) in [
-        (g.loss, w.loss),
-        (g.log_ratio_winner.unwrap(), w.log_ratio_winner.unwrap()),
-        (g.log_ratio_loser.unwrap(), w.log_ratio_loser.unwrap()),
-    ] {
-        assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "{a} vs {b}");
-    }
+    common::learner_loss_matches_recorded_kernels(&config);
 }
 
 /// The SFT baseline runs on the same loop: the loss is the winners' denoising MSE (no

@@ -32,6 +32,7 @@ fn load(name: &str, kind: Kind) -> Pipeline {
         kind,
         variant: None,
         backbone_weights: None,
+        max_sequence_length: None,
     };
     Pipeline::load(&oracle_dir().join(name), &opts).unwrap()
 }

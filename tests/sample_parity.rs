@@ -60,6 +60,7 @@ fn final_latents_match_diffusers_pipelines() {
         kind: Kind::Float,
         variant: None,
         backbone_weights: None,
+        max_sequence_length: None,
     };
     for c in cases(dir) {
         let pipeline = Pipeline::load(&dir.join(&c.folder), &opts).unwrap();
@@ -273,6 +274,7 @@ fn half_precision_pipelines_stay_close_to_f32() {
                 kind,
                 variant: None,
                 backbone_weights: None,
+                max_sequence_length: None,
             };
             let pipeline = Pipeline::load(&dir.join(folder), &opts).unwrap();
             let request = GenerateRequest {

@@ -3,11 +3,10 @@
 //! penultimate states zero-padded to T5's width and followed by T5's tokens, both CLIPs' pooled
 //! projections side by side; and zeros in T5's place for a folder without `text_encoder_3`. Then
 //! whole generations from given latents, unguided (the Turbo way) and with guidance 3, against
-//! `StableDiffusion3Pipeline.__call__`.
+//! `StableDiffusion3Pipeline.__call__`, through pso's one `Pipeline` and `pso sample`.
 
 mod common;
 
-use diffusion::pipeline::sd3::{Sd3Pipeline, Sd3Request};
 use diffusion::pipeline::sd3_prompt::Sd3TextEncoders;
 use tch::{Device, Kind, Tensor};
 
@@ -42,14 +41,8 @@ fn sd3_prompts_and_generations_match_diffusers_with_and_without_t5() {
                 "{variant} {name}: max |Δ| {diff} of {scale}"
             );
         }
-        let pipe = Sd3Pipeline::load(&folder, 12, Device::Cpu, Kind::Float, None).unwrap();
-        let request = Sd3Request {
-            steps: 2,
-            guidance: if variant == "with_t5" { 0.0 } else { 3.0 },
-            latents: &io["latents"],
-        };
-        let images = pipe.generate(&prompts, &request).unwrap();
-        let images = (images / 2.0 + 0.5).clamp(0.0, 1.0);
+        let guidance = if variant == "with_t5" { 0.0 } else { 3.0 };
+        let images = common::generate_each(&folder, &prompts, &io["latents"], 2, guidance);
         let theirs = &io["images"];
         assert_eq!(images.size(), theirs.size(), "{variant}");
         let diff = (&images - theirs).abs().max().double_value(&[]);

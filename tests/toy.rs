@@ -134,6 +134,7 @@ fn the_committed_model_draws_its_captions() {
             kind: Kind::Float,
             variant: None,
             backbone_weights: None,
+            max_sequence_length: None,
         },
     )
     .unwrap();

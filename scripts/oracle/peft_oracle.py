@@ -9,6 +9,10 @@
       loads PIPELINE, applies LORA_FILE with `pipe.load_lora_weights`, runs the UNet on INPUTS
       (`sample`, `timestep`, `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`) and
       writes its output as `sample` to OUT.
+  peft_oracle.py flow_lora PIPELINE LORA_FILE INPUTS OUT
+      the same for an SD3 or FLUX folder: `pipe.transformer` on INPUTS (`sample` [B, C, h, w],
+      `timestep` (σ·1000), `encoder_hidden_states`, `pooled_projections`, FLUX-dev's `guidance`;
+      FLUX packed, with its position ids) and the output (FLUX unpacked) as `sample`.
   peft_oracle.py transformer FOLDER INPUTS OUT
       loads the DiTTransformer2DModel FOLDER (a merged export), runs it on INPUTS (`sample`,
       `timestep`, `class_labels`) and writes its output as `sample` to OUT.
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FluxPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 from safetensors.torch import load_file, save_file
 
@@ -67,6 +71,29 @@ def lora(pipeline: str, lora_file: str, inputs: str, out: str):
     save_file({"sample": sample.contiguous()}, out)
 
 
+def flow_lora(pipeline: str, lora_file: str, inputs: str, out: str):
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    pipe.load_lora_weights(lora_file)
+    x = load_file(inputs)
+    sample, t = x["sample"], x["timestep"]
+    with torch.no_grad():
+        if isinstance(pipe, FluxPipeline):
+            b, c, h, w = sample.shape
+            packed = FluxPipeline._pack_latents(sample, b, c, h, w)
+            img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, sample.device, sample.dtype)
+            txt_ids = torch.zeros(x["encoder_hidden_states"].shape[1], 3)
+            result = pipe.transformer(hidden_states=packed, timestep=t / 1000, guidance=x.get("guidance"),
+                                      pooled_projections=x["pooled_projections"],
+                                      encoder_hidden_states=x["encoder_hidden_states"], txt_ids=txt_ids,
+                                      img_ids=img_ids).sample
+            result = FluxPipeline._unpack_latents(result, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                                  pipe.vae_scale_factor)
+        else:
+            result = pipe.transformer(hidden_states=sample, timestep=t, pooled_projections=x["pooled_projections"],
+                                      encoder_hidden_states=x["encoder_hidden_states"]).sample
+    save_file({"sample": result.contiguous()}, out)
+
+
 def transformer(folder: str, inputs: str, out: str):
     model = DiTTransformer2DModel.from_pretrained(folder)
     x = load_file(inputs)
@@ -80,6 +107,8 @@ if __name__ == "__main__":
         make(Path(sys.argv[2]))
     elif sys.argv[1] == "lora":
         lora(*sys.argv[2:6])
+    elif sys.argv[1] == "flow_lora":
+        flow_lora(*sys.argv[2:6])
     elif sys.argv[1] == "transformer":
         transformer(*sys.argv[2:5])
     else:

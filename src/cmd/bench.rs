@@ -119,6 +119,7 @@ fn sample(args: SampleBench) -> Result<serde_json::Value> {
             kind: dtype.kind(),
             variant: None,
             backbone_weights: None,
+            max_sequence_length: None,
         },
     )
     .with_context(|| format!("loading {}", root.display()))?;

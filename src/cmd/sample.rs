@@ -7,12 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use diffusion::pipeline::dit::ClassRequest;
-use diffusion::pipeline::flux::{FluxPipeline, FluxRequest};
-use diffusion::pipeline::images::{pil_uint8, rgb_images};
-use diffusion::pipeline::sd3::{Sd3Pipeline, Sd3Request};
+use diffusion::pipeline::images::rgb_images;
 use diffusion::pipeline::{GenerateRequest, LoadOptions, Pipeline};
-use diffusion::sampling::{NoiseSource, SchedulerKind, SeededNoise, Timesteps};
-use pso::config::{resolve_device, DType};
+use diffusion::sampling::{SchedulerKind, SeededNoise, Timesteps};
+use pso::config::{resolve_device, DType, FlowKernelName};
 use pso::peft::export::{apply_file, open_adapter, AdapterSource};
 use pso::run::class_samples::{write_class_samples, ClassSamples};
 use tch::Tensor;
@@ -64,10 +62,10 @@ pub struct SampleArgs {
     /// `generator=torch.Generator("cpu").manual_seed(SEED)`).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Image height in pixels (default: the UNet's training size).
+    /// Image height in pixels (default: --init-noise's, else the model's training size).
     #[arg(long)]
     height: Option<i64>,
-    /// Image width in pixels (default: the UNet's training size).
+    /// Image width in pixels (default: --init-noise's, else the model's training size).
     #[arg(long)]
     width: Option<i64>,
     /// Initial latents (safetensors, one f32 tensor `latents` [N, C, H/f, W/f]), exactly as
@@ -101,7 +99,16 @@ pub struct SampleArgs {
     /// Regenerates a stored pair's image with its seed.
     #[arg(long, value_parser = scheduler_kind())]
     sampler: Option<SchedulerKind>,
-    /// T5 tokens per prompt of an SD3 (default 256) or FLUX (default 512) folder.
+    /// SD3 / FLUX only: how the sampler steps: ode (diffusers' deterministic Euler, the
+    /// default), or the stochastic kernels an online run samples with, renoise or sde
+    /// (regenerates a stored pair's image with its seed).
+    #[arg(long, value_enum)]
+    flow_kernel: Option<FlowKernelName>,
+    /// --flow-kernel sde: Flow-GRPO's noise level a.
+    #[arg(long, default_value_t = 0.7)]
+    noise_level: f64,
+    /// T5 tokens per prompt of an SD3 / FLUX folder (default 256; FLUX.1-dev, whose transformer
+    /// embeds guidance, 512).
     #[arg(long)]
     max_sequence_length: Option<usize>,
     /// Output directory: 000000.png, 000001.png, …
@@ -141,6 +148,11 @@ impl SampleArgs {
             );
         }
         anyhow::ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
+        anyhow::ensure!(
+            self.noise_level.is_finite() && self.noise_level > 0.0,
+            "--noise-level {} is not a finite value > 0",
+            self.noise_level
+        );
         anyhow::ensure!(self.per_class != Some(0), "--per-class must be at least 1");
         Ok(())
     }
@@ -175,6 +187,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         kind: dtype.kind(),
         variant: args.variant.clone(),
         backbone_weights,
+        max_sequence_length: args.max_sequence_length,
     };
     let root = hf::hub::resolve_model(&args.model, args.variant.as_deref())?;
     let init_latents = args
@@ -182,13 +195,18 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .as_deref()
         .map(read_init_noise)
         .transpose()?;
-    if let Some(flow) = FlowPipelineKind::of(&root)? {
-        return sample_flow(&args, &root, flow, &opts, init_latents);
-    }
     let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
     if let Some(kind) = args.sampler {
         pipeline.scheduler_config.kind = kind;
+    }
+    if let Some(kernel) = args.flow_kernel {
+        anyhow::ensure!(
+            pipeline.backbone.is_flow(),
+            "--flow-kernel is for flow-matching (SD3, FLUX) folders; {} samples with --sampler",
+            root.display()
+        );
+        pipeline.scheduler_config.flow_kernel = kernel.kernel(args.noise_level);
     }
     if let (Some(AdapterSource::File(file)), Some(path)) = (adapter, &args.adapter) {
         let what = apply_file(&pipeline.backbone, &pipeline.backbone_vs, file, path)
@@ -213,7 +231,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (Some(t), _) => t.size()[0],
         (None, n) => n.unwrap_or(1),
     };
-    let (default_h, default_w) = pipeline.default_size();
+    // Given latents fix the size; otherwise the model's training size.
+    let (default_h, default_w) = match &init_latents {
+        Some(t) if t.dim() == 4 => {
+            let f = pipeline.vae_scale_factor();
+            (t.size()[2] * f, t.size()[3] * f)
+        }
+        _ => pipeline.default_size(),
+    };
     let timesteps = match args.timesteps {
         Some(list) => Timesteps::Explicit(list),
         None => Timesteps::Steps(args.steps),
@@ -231,141 +256,6 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let generated = pipeline.generate(request, &mut SeededNoise::new(args.seed))?;
     write_images(&generated.images, &args.out)
-}
-
-/// The flow-matching pipelines `pso sample` runs through their own generators (not yet
-/// through the backbone interface that training uses).
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum FlowPipelineKind {
-    /// `StableDiffusion3Pipeline` (SD3, SD3.5, SD3.5-Large-Turbo).
-    Sd3,
-    /// `FluxPipeline` (FLUX.1-schnell, FLUX.1-dev).
-    Flux,
-}
-
-impl FlowPipelineKind {
-    /// The kind `root/model_index.json` names, if it is one of these.
-    fn of(root: &Path) -> Result<Option<FlowPipelineKind>> {
-        #[derive(serde::Deserialize)]
-        struct Index {
-            #[serde(rename = "_class_name")]
-            class_name: Option<String>,
-        }
-        let path = root.join("model_index.json");
-        if !path.is_file() {
-            return Ok(None);
-        }
-        let index: Index = hf::load::read_json(&path)?;
-        Ok(match index.class_name.as_deref() {
-            Some("StableDiffusion3Pipeline") => Some(FlowPipelineKind::Sd3),
-            Some("FluxPipeline") => Some(FlowPipelineKind::Flux),
-            _ => None,
-        })
-    }
-}
-
-/// A loaded SD3 or FLUX pipeline.
-enum FlowPipeline {
-    Sd3(Box<Sd3Pipeline>),
-    Flux(Box<FluxPipeline>),
-}
-
-/// `pso sample` on an SD3 or FLUX folder: one prompt, N images from seeded or given latents.
-fn sample_flow(
-    args: &SampleArgs,
-    root: &Path,
-    kind: FlowPipelineKind,
-    opts: &LoadOptions,
-    init_latents: Option<Tensor>,
-) -> Result<()> {
-    let name = match kind {
-        FlowPipelineKind::Sd3 => "StableDiffusion3Pipeline",
-        FlowPipelineKind::Flux => "FluxPipeline",
-    };
-    let unsupported = [
-        ("--adapter", args.adapter.is_some()),
-        ("--unet", args.unet.is_some()),
-        ("--sampler", args.sampler.is_some()),
-        ("--timesteps", args.timesteps.is_some()),
-        ("--class-label", !args.class_label.is_empty()),
-        ("--per-class", args.per_class.is_some()),
-        (
-            "--negative-prompt",
-            kind == FlowPipelineKind::Flux && args.negative_prompt.is_some(),
-        ),
-    ];
-    if let Some((flag, _)) = unsupported.iter().find(|(_, given)| *given) {
-        anyhow::bail!(
-            "{flag} is not available for {name} folders yet ({} is one); pso samples them with              --prompt, --steps, --guidance, --seed or --init-noise, --height/--width, --dtype",
-            root.display()
-        );
-    }
-    let Some(prompt) = args.prompt.as_deref() else {
-        anyhow::bail!(
-            "{} is a text-to-image pipeline: give --prompt",
-            root.display()
-        );
-    };
-    let max_sequence_length = args.max_sequence_length.unwrap_or(match kind {
-        FlowPipelineKind::Sd3 => 256,
-        FlowPipelineKind::Flux => 512,
-    });
-    let variant = opts.variant.as_deref();
-    let (device, dtype) = (opts.device, opts.kind);
-    let loaded = || format!("loading {}", root.display());
-    let pipe = match kind {
-        FlowPipelineKind::Sd3 => FlowPipeline::Sd3(Box::new(
-            Sd3Pipeline::load(root, max_sequence_length, device, dtype, variant)
-                .with_context(loaded)?,
-        )),
-        FlowPipelineKind::Flux => FlowPipeline::Flux(Box::new(
-            FluxPipeline::load(root, max_sequence_length, device, dtype, variant)
-                .with_context(loaded)?,
-        )),
-    };
-    let latents = match init_latents {
-        Some(latents) => {
-            if let Some(n) = args.num_images {
-                anyhow::ensure!(
-                    latents.size()[0] == n,
-                    "--num-images {n} disagrees with --init-noise, which holds {} latents",
-                    latents.size()[0]
-                );
-            }
-            latents
-        }
-        None => {
-            // diffusers' defaults: 1024 × 1024 for both families.
-            let (h, w) = (args.height.unwrap_or(1024), args.width.unwrap_or(1024));
-            let n = args.num_images.unwrap_or(1);
-            let shape = match &pipe {
-                FlowPipeline::Sd3(p) => p.latent_shape(n, h, w),
-                FlowPipeline::Flux(p) => p.latent_shape(n, h, w),
-            };
-            SeededNoise::new(args.seed).draw(&shape, 1)?.remove(0)
-        }
-    };
-    let prompts = vec![prompt; latents.size()[0] as usize];
-    let (steps, guidance) = (args.steps, args.guidance);
-    let images = match &pipe {
-        FlowPipeline::Sd3(p) => p.generate(
-            &prompts,
-            &Sd3Request {
-                steps,
-                guidance,
-                latents: &latents,
-            },
-        )?,
-        FlowPipeline::Flux(p) => p.generate(
-            &prompts,
-            &FluxRequest {
-                steps,
-                guidance,
-                latents: &latents,
-            },
-        )?,
-    };
-    write_images(&pil_uint8(&images), &args.out)
 }
 
 /// `--init-noise`: the f32 tensor `latents` of a safetensors file.

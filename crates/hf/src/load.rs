@@ -266,14 +266,32 @@ pub fn load_model<C: DeserializeOwned, M>(
     check: impl FnOnce(&C) -> Result<(), String>,
     build: impl FnOnce(nn::Path, &C) -> M,
 ) -> Result<(nn::VarStore, M), LoadError> {
+    load_model_with_weights(
+        dir,
+        &weight_files(dir, variant)?,
+        device,
+        kind,
+        check,
+        build,
+    )
+}
+
+/// [`load_model`] with the weights of `files` instead of the folder's own (a fine-tuned or
+/// merged export in the folder's layout).
+pub fn load_model_with_weights<C: DeserializeOwned, M>(
+    dir: &Path,
+    files: &[PathBuf],
+    device: tch::Device,
+    kind: Kind,
+    check: impl FnOnce(&C) -> Result<(), String>,
+    build: impl FnOnce(nn::Path, &C) -> M,
+) -> Result<(nn::VarStore, M), LoadError> {
     let config: C = read_config(dir)?;
     check(&config).map_err(|why| LoadError::Unsupported {
         path: dir.join("config.json"),
         why,
     })?;
-    build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
-        build(vs, &config)
-    })
+    build_and_load(files, device, kind, |vs| build(vs, &config))
 }
 
 /// [`build_and_load`] through [`load_safetensors_with_prefix`].

@@ -64,7 +64,8 @@ impl<'a> Actor<'a> {
         pipeline: &'a Pipeline,
         settings: ActorSettings,
     ) -> Result<Actor<'a>, PipelineError> {
-        let scheduler = pipeline.scheduler(settings.timesteps.clone())?;
+        let scheduler =
+            pipeline.scheduler(settings.timesteps.clone(), settings.height, settings.width)?;
         let draws = 1
             + (0..scheduler.num_steps())
                 .filter(|&i| scheduler.draws_noise(i))
@@ -131,7 +132,8 @@ impl<'a> Actor<'a> {
             self.settings.height / f,
             self.settings.width / f,
         ];
-        let scheduler = p.scheduler(self.settings.timesteps.clone())?;
+        let s = &self.settings;
+        let scheduler = p.scheduler(s.timesteps.clone(), s.height, s.width)?;
         let draws = 1
             + (0..scheduler.num_steps())
                 .filter(|&i| scheduler.draws_noise(i))

@@ -529,6 +529,7 @@ pub fn build(
                 kind: Kind::Float,
                 variant: None,
                 backbone_weights: None,
+                max_sequence_length: None,
             },
         )
     };

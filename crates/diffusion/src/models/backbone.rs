@@ -1,10 +1,16 @@
-//! The denoiser a pipeline drives, behind one interface: the text-conditioned UNet of SD / SDXL
-//! or the class-conditional DiT. Samplers, PEFT, the objectives and the loop see only this.
+//! The denoiser a pipeline drives, behind one interface: the text-conditioned UNet of SD / SDXL,
+//! the class-conditional DiT, or the flow-matching transformers of SD3 / SD3.5 (MMDiT) and FLUX.
+//! Samplers, PEFT, the objectives and the loop see only this, and always latents
+//! [B, C, h, w] (FLUX's 2 × 2 packing happens inside).
 
 use tch::{nn, Tensor};
 
+use crate::pipeline::flux_latents;
+
 use super::dit::DiTTransformer2DModel;
+use super::flux::FluxTransformer2DModel;
 use super::linear::Linear;
+use super::sd3::SD3Transformer2DModel;
 use super::transformer::ScaledBlock;
 use super::unet::{AddedCond, UNet2DConditionModel};
 
@@ -23,6 +29,16 @@ pub enum Condition {
     },
     /// DiT's class ids [B] (i64; the null class is the number of classes).
     Classes(Tensor),
+    /// A flow transformer's prompt: the token sequence both streams attend over and the pooled
+    /// embedding added to the timestep's.
+    Joint {
+        /// Prompt tokens [B, L, joint_attention_dim] (SD3: CLIP-L/G and T5; FLUX: T5).
+        context: Tensor,
+        /// Pooled text embedding [B, pooled_projection_dim].
+        pooled: Tensor,
+        /// A guidance-distilled FLUX model's embedded guidance scale [B].
+        guidance: Option<Tensor>,
+    },
 }
 
 impl Condition {
@@ -31,6 +47,7 @@ impl Condition {
         match self {
             Condition::Text { embeds, .. } => embeds.size()[0],
             Condition::Classes(labels) => labels.size()[0],
+            Condition::Joint { context, .. } => context.size()[0],
         }
     }
 }
@@ -42,6 +59,10 @@ pub enum Backbone {
     UNet(Box<UNet2DConditionModel>),
     /// diffusers' `DiTTransformer2DModel`.
     DiT(Box<DiTTransformer2DModel>),
+    /// diffusers' `SD3Transformer2DModel`.
+    SD3(Box<SD3Transformer2DModel>),
+    /// diffusers' `FluxTransformer2DModel`.
+    Flux(Box<FluxTransformer2DModel>),
 }
 
 impl Backbone {
@@ -49,7 +70,34 @@ impl Backbone {
     pub fn folder(&self) -> &'static str {
         match self {
             Backbone::UNet(_) => "unet",
-            Backbone::DiT(_) => "transformer",
+            Backbone::DiT(_) | Backbone::SD3(_) | Backbone::Flux(_) => "transformer",
+        }
+    }
+
+    /// Whether it is a rectified-flow model (predicts a velocity, samples with flow matching).
+    pub fn is_flow(&self) -> bool {
+        matches!(self, Backbone::SD3(_) | Backbone::Flux(_))
+    }
+
+    /// Refuses a latent of `height` × `width` the model cannot take, saying why.
+    pub fn check_latent_size(&self, height: i64, width: i64) -> Result<(), String> {
+        match self {
+            Backbone::SD3(m) => {
+                let c = m.config();
+                let (p, max) = (c.patch_size, c.pos_embed_max_size);
+                if height % p != 0 || width % p != 0 || height > max * p || width > max * p {
+                    return Err(format!(
+                        "a {height}x{width} latent: SD3 needs sides that are multiples of \
+                         patch_size {p} and at most pos_embed_max_size × patch_size = {}",
+                        max * p
+                    ));
+                }
+                Ok(())
+            }
+            Backbone::Flux(_) if height % 2 != 0 || width % 2 != 0 => Err(format!(
+                "a {height}x{width} latent: FLUX packs 2 × 2 patches, so both sides must be even"
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -58,6 +106,8 @@ impl Backbone {
         match self {
             Backbone::UNet(u) => u.config.in_channels,
             Backbone::DiT(d) => d.config.in_channels,
+            Backbone::SD3(m) => m.config().in_channels,
+            Backbone::Flux(m) => m.config().in_channels / 4,
         }
     }
 
@@ -65,7 +115,7 @@ impl Backbone {
     /// with learned sigma).
     pub fn learns_variance(&self) -> bool {
         match self {
-            Backbone::UNet(_) => false,
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => false,
             Backbone::DiT(d) => d.config.out_channels() == 2 * d.config.in_channels,
         }
     }
@@ -74,15 +124,25 @@ impl Backbone {
     /// never reads the other blocks' copies, so they neither train nor get gradients).
     pub fn reads(&self, name: &str) -> bool {
         match self {
-            Backbone::UNet(_) => true,
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => true,
             Backbone::DiT(d) => d.reads(name),
         }
     }
 
-    /// The whole output [B, C_out, h, w] for latents `x` at `timestep` (a scalar or [B]).
+    /// The whole output [B, C_out, h, w] for latents `x` at `timestep` (a scalar or [B]; for
+    /// the flow models the scheduler's σ·1000).
     ///
-    /// Panics when `cond` is of the other backbone's kind: pipelines build the one that fits.
+    /// Panics when `cond` is of another backbone's kind, or the latent size fails
+    /// [`Backbone::check_latent_size`]: pipelines build and check what fits.
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, cond: &Condition) -> Tensor {
+        let rows = x.size()[0];
+        let per_row = || {
+            if timestep.dim() == 0 {
+                timestep.expand([rows], false)
+            } else {
+                timestep.shallow_clone()
+            }
+        };
         match (self, cond) {
             (
                 Backbone::UNet(u),
@@ -93,7 +153,47 @@ impl Backbone {
                 },
             ) => u.forward(x, timestep, embeds, added.as_ref(), timestep_cond.as_ref()),
             (Backbone::DiT(d), Condition::Classes(labels)) => d.forward(x, timestep, labels),
-            _ => panic!("a UNet takes text conditioning and a DiT class labels"),
+            (
+                Backbone::SD3(m),
+                Condition::Joint {
+                    context, pooled, ..
+                },
+            ) => m
+                .forward(x, context, pooled, &per_row())
+                .unwrap_or_else(|e| panic!("SD3 transformer: {e}")),
+            (
+                Backbone::Flux(m),
+                Condition::Joint {
+                    context,
+                    pooled,
+                    guidance,
+                },
+            ) => {
+                let size = x.size();
+                let (height, width) = (size[2], size[3]);
+                let device = x.device();
+                let run = || -> Result<Tensor, String> {
+                    let tokens = flux_latents::pack(x)?;
+                    let img_ids = flux_latents::image_ids(height / 2, width / 2, device);
+                    let txt_ids = flux_latents::text_ids(context.size()[1], device);
+                    let sigma = per_row().to_kind(tch::Kind::Float) / 1000.0;
+                    let out = m.forward(
+                        &tokens,
+                        context,
+                        pooled,
+                        &sigma,
+                        &img_ids,
+                        &txt_ids,
+                        guidance.as_ref(),
+                    )?;
+                    flux_latents::unpack(&out, height, width)
+                };
+                run().unwrap_or_else(|e| panic!("FLUX transformer: {e}"))
+            }
+            _ => panic!(
+                "a UNet takes text conditioning, a DiT class labels, and SD3 / FLUX joint \
+                 prompt conditioning"
+            ),
         }
     }
 
@@ -102,6 +202,10 @@ impl Backbone {
         match self {
             Backbone::UNet(u) => Backbone::UNet(Box::new(UNet2DConditionModel::new(vs, &u.config))),
             Backbone::DiT(d) => Backbone::DiT(Box::new(d.clone_layout(vs))),
+            Backbone::SD3(m) => Backbone::SD3(Box::new(SD3Transformer2DModel::new(vs, m.config()))),
+            Backbone::Flux(m) => {
+                Backbone::Flux(Box::new(FluxTransformer2DModel::new(vs, m.config())))
+            }
         }
     }
 
@@ -115,6 +219,8 @@ impl Backbone {
                 .flat_map(|t| t.linears())
                 .collect(),
             Backbone::DiT(d) => d.blocks().iter().flat_map(|b| b.linears()).collect(),
+            Backbone::SD3(m) => m.lora_candidates(),
+            Backbone::Flux(m) => m.lora_candidates(),
         }
     }
 
@@ -128,6 +234,8 @@ impl Backbone {
                 .map(|b| b as &dyn ScaledBlock)
                 .collect(),
             Backbone::DiT(d) => d.blocks().iter().map(|b| b as &dyn ScaledBlock).collect(),
+            Backbone::SD3(m) => m.scaled_blocks(),
+            Backbone::Flux(m) => m.scaled_blocks(),
         }
     }
 

@@ -363,6 +363,11 @@ impl FeedForward {
         self.proj_out
             .forward(&self.proj_in.forward(x).gelu(self.approximate))
     }
+
+    /// `net.0.proj` and `net.2`.
+    pub(super) fn linears(&self) -> [&Linear; 2] {
+        [&self.proj_in, &self.proj_out]
+    }
 }
 
 /// `BasicTransformerBlock` with `norm_type = "ada_norm_zero"`: adaLN-modulated self-attention

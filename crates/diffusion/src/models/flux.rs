@@ -16,7 +16,8 @@ use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::linear::Linear;
 use super::sd3::{modulate, AdaNormContinuous, AdaNormZero, TimeTextEmbed};
-use hf::load::{load_model, LoadError};
+use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
+use hf::load::{load_model, load_model_with_weights, LoadError};
 use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of a FLUX pipeline.
@@ -196,6 +197,16 @@ impl FluxAttention {
     }
 
     /// Joint: (image, prompt) outputs; single-stream: the attended sequence and None.
+    /// The projections in module order: to_q, to_k, to_v, to_out.0, then the prompt stream's.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.to_q, &self.to_k, &self.to_v];
+        out.extend(self.to_out.as_ref());
+        if let Some(a) = &self.added {
+            out.extend([&a.add_q_proj, &a.add_k_proj, &a.add_v_proj, &a.to_add_out]);
+        }
+        out
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -249,6 +260,10 @@ fn clip_half(x: Tensor) -> Tensor {
 /// `FluxTransformerBlock`: the double-stream block (SD3's joint block, with FLUX's attention).
 #[derive(Debug)]
 struct FluxTransformerBlock {
+    name: String,
+    dim: i64,
+    /// DiffFit's γ of the image stream's attention and feed-forward branches.
+    gamma: GammaSlot,
     norm1: AdaNormZero,
     norm1_context: AdaNormZero,
     attn: FluxAttention,
@@ -262,6 +277,9 @@ impl FluxTransformerBlock {
     fn new(vs: nn::Path, cfg: &FluxTransformer2DConfig) -> Self {
         let dim = cfg.inner_dim();
         FluxTransformerBlock {
+            name: vs.components().collect::<Vec<_>>().join("."),
+            dim,
+            gamma: GammaSlot::default(),
             norm1: AdaNormZero::new(&vs / "norm1", dim, 6),
             norm1_context: AdaNormZero::new(&vs / "norm1_context", dim, 6),
             attn: FluxAttention::new(&vs / "attn", cfg, true),
@@ -272,6 +290,14 @@ impl FluxTransformerBlock {
         }
     }
 
+    /// Every linear layer LoRA may target, in module order: attn, ff, ff_context.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.attn.linears();
+        out.extend(self.ff.linears());
+        out.extend(self.ff_context.linears());
+        out
+    }
+
     /// (image tokens, prompt tokens).
     fn forward(
         &self,
@@ -280,6 +306,7 @@ impl FluxTransformerBlock {
         temb: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> (Tensor, Tensor) {
+        let gamma = self.gamma.get();
         // 1. Both streams modulated: shift, scale, gate of attention and of the MLP.
         let (normed, m) = self.norm1.forward(x, temb);
         let (c_normed, cm) = self.norm1_context.forward(context, temb);
@@ -290,10 +317,12 @@ impl FluxTransformerBlock {
             rope,
         );
         let c_attn = c_attn.expect("a joint attention returns the prompt stream");
+        let attn = BranchScales::apply(&gamma, attn, |g| Some(&g.attn1));
         let x = x + m[2].unsqueeze(1) * attn;
         // 3. Each stream's own feed-forward.
         let ff_in = modulate(&self.norm2.forward(&x), &m[3], &m[4]);
-        let x = &x + m[5].unsqueeze(1) * self.ff.forward(&ff_in);
+        let ff = BranchScales::apply(&gamma, self.ff.forward(&ff_in), |g| Some(&g.ff));
+        let x = &x + m[5].unsqueeze(1) * ff;
         let c = context + cm[2].unsqueeze(1) * c_attn;
         let c_in = modulate(&self.norm2_context.forward(&c), &cm[3], &cm[4]);
         let c = &c + cm[5].unsqueeze(1) * self.ff_context.forward(&c_in);
@@ -303,6 +332,39 @@ impl FluxTransformerBlock {
 
 /// `FluxSingleTransformerBlock`: one sequence (prompt then image), attention and a GELU MLP in
 /// parallel from one modulated norm, concatenated and projected back, gated.
+/// DiffFit scales the image stream's attention and feed-forward branches (the prompt stream
+/// keeps its own unscaled, as the single-stream blocks do).
+impl ScaledBlock for FluxTransformerBlock {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn dim(&self) -> i64 {
+        self.dim
+    }
+
+    fn has_cross_attention(&self) -> bool {
+        false
+    }
+
+    fn device(&self) -> Device {
+        self.ff.linears()[1].weight().device()
+    }
+
+    fn gamma_slot(&self) -> &GammaSlot {
+        &self.gamma
+    }
+
+    fn merge_branch_scales(&self) {
+        if let Some(g) = self.gamma.take() {
+            if let Some(out) = &self.attn.to_out {
+                out.scale_outputs(&g.attn1);
+            }
+            self.ff.linears()[1].scale_outputs(&g.ff);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct FluxSingleTransformerBlock {
     norm: AdaNormZero,
@@ -321,6 +383,13 @@ impl FluxSingleTransformerBlock {
             attn: FluxAttention::new(&vs / "attn", cfg, false),
             proj_out: Linear::new(&vs / "proj_out", dim + mlp, dim, true),
         }
+    }
+
+    /// Every linear layer LoRA may target: attn.to_q/to_k/to_v, proj_mlp, proj_out.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.attn.linears();
+        out.extend([&self.proj_mlp, &self.proj_out]);
+        out
     }
 
     fn forward(&self, sequence: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Tensor {
@@ -396,9 +465,40 @@ impl FluxTransformer2DModel {
         )
     }
 
+    /// Loads a `transformer/` folder's config with the weights of `files` instead of its own.
+    pub fn load_with_weights(
+        dir: &Path,
+        files: &[std::path::PathBuf],
+        device: Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self), LoadError> {
+        load_model_with_weights(
+            dir,
+            files,
+            device,
+            kind,
+            FluxTransformer2DConfig::check,
+            FluxTransformer2DModel::new,
+        )
+    }
+
     /// The config.
     pub fn config(&self) -> &FluxTransformer2DConfig {
         &self.config
+    }
+
+    /// Every linear layer of the double- then single-stream blocks LoRA may target.
+    pub fn lora_candidates(&self) -> Vec<&Linear> {
+        let double = self.blocks.iter().flat_map(|b| b.linears());
+        double
+            .chain(self.single_blocks.iter().flat_map(|b| b.linears()))
+            .collect()
+    }
+
+    /// The double-stream blocks, as DiffFit scales them (a single-stream block's one
+    /// projection mixes attention and MLP, so it has no separate branches to scale).
+    pub fn scaled_blocks(&self) -> Vec<&dyn ScaledBlock> {
+        self.blocks.iter().map(|b| b as &dyn ScaledBlock).collect()
     }
 
     /// The packed velocity [B, N, out] for packed latent tokens `tokens` [B, N, in] at

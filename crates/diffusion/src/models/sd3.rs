@@ -17,7 +17,8 @@ use super::dit::{plain_layer_norm, FeedForward};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
 use super::resnet::conv;
-use hf::load::{load_model, LoadError};
+use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
+use hf::load::{load_model, load_model_with_weights, LoadError};
 use hf::t5::RmsNorm;
 
 /// `transformer/config.json` of an SD3 / SD3.5 pipeline.
@@ -190,6 +191,16 @@ impl JointAttention {
         }
     }
 
+    /// The projections in module order: to_q, to_k, to_v, to_out.0, then the prompt stream's.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.to_q, &self.to_k, &self.to_v, &self.to_out];
+        if let Some(a) = &self.added {
+            out.extend([&a.add_q_proj, &a.add_k_proj, &a.add_v_proj]);
+            out.extend(a.to_add_out.as_ref());
+        }
+        out
+    }
+
     /// The attention's output for the image tokens and (joint, not pre-only) the prompt tokens.
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
         let b = x.size()[0];
@@ -287,6 +298,10 @@ pub(super) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
 /// through its own gated feed-forward (the last block: the image stream only).
 #[derive(Debug)]
 struct JointTransformerBlock {
+    name: String,
+    dim: i64,
+    /// DiffFit's γ of the image stream's attention and feed-forward branches.
+    gamma: GammaSlot,
     norm1: AdaNormZero,
     norm1_context: ContextNorm,
     attn: JointAttention,
@@ -309,6 +324,9 @@ impl JointTransformerBlock {
         let last = index == cfg.num_layers - 1;
         let dual = cfg.dual_attention_layers.contains(&index);
         JointTransformerBlock {
+            name: vs.components().collect::<Vec<_>>().join("."),
+            dim,
+            gamma: GammaSlot::default(),
             norm1: AdaNormZero::new(&vs / "norm1", dim, if dual { 9 } else { 6 }),
             norm1_context: if last {
                 ContextNorm::Continuous(AdaNormContinuous::new(&vs / "norm1_context", dim))
@@ -328,8 +346,22 @@ impl JointTransformerBlock {
         }
     }
 
+    /// Every linear layer LoRA may target, in module order: attn, attn2, ff, ff_context.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.attn.linears();
+        if let Some(a) = &self.attn2 {
+            out.extend(a.linears());
+        }
+        out.extend(self.ff.linears());
+        if let Some((_, ff)) = &self.context_ff {
+            out.extend(ff.linears());
+        }
+        out
+    }
+
     /// (image tokens, prompt tokens — None after the last block).
     fn forward(&self, x: &Tensor, context: &Tensor, temb: &Tensor) -> (Tensor, Option<Tensor>) {
+        let gamma = self.gamma.get();
         // 1. Modulations: shift, scale, gate of attention; shift, scale, gate of the MLP
         //    (dual: shift, scale, gate of the second attention).
         let (normed, m) = self.norm1.forward(x, temb);
@@ -343,15 +375,17 @@ impl JointTransformerBlock {
         };
         // 2. Joint attention, gated into the image stream.
         let (attn, context_attn) = self.attn.forward(&attn_in, Some(&context_in));
+        let attn = BranchScales::apply(&gamma, attn, |g| Some(&g.attn1));
         let mut x = x + m[2].unsqueeze(1) * attn;
         // 3. SD3.5's second, image-only attention.
         if let Some(attn2) = &self.attn2 {
             let (out, _) = attn2.forward(&modulate(&normed, &m[6], &m[7]), None);
-            x += m[8].unsqueeze(1) * out;
+            x = &x + m[8].unsqueeze(1) * out;
         }
         // 4. The image stream's feed-forward.
         let ff_in = modulate(&self.norm2.forward(&x), &m[3], &m[4]);
-        x += m[5].unsqueeze(1) * self.ff.forward(&ff_in);
+        let ff = BranchScales::apply(&gamma, self.ff.forward(&ff_in), |g| Some(&g.ff));
+        x = &x + m[5].unsqueeze(1) * ff;
         // 5. The prompt stream's residuals (not after the last block).
         let context = match (&self.context_ff, cm, context_attn) {
             (Some((norm, ff)), Some(cm), Some(attn)) => {
@@ -362,6 +396,37 @@ impl JointTransformerBlock {
             _ => None,
         };
         (x, context)
+    }
+}
+
+/// DiffFit scales the image stream's joint-attention and feed-forward branches (the prompt
+/// stream and SD3.5's second attention keep theirs unscaled).
+impl ScaledBlock for JointTransformerBlock {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn dim(&self) -> i64 {
+        self.dim
+    }
+
+    fn has_cross_attention(&self) -> bool {
+        false
+    }
+
+    fn device(&self) -> Device {
+        self.attn.to_out.weight().device()
+    }
+
+    fn gamma_slot(&self) -> &GammaSlot {
+        &self.gamma
+    }
+
+    fn merge_branch_scales(&self) {
+        if let Some(g) = self.gamma.take() {
+            self.attn.to_out.scale_outputs(&g.attn1);
+            self.ff.linears()[1].scale_outputs(&g.ff);
+        }
     }
 }
 
@@ -485,9 +550,36 @@ impl SD3Transformer2DModel {
         )
     }
 
+    /// Loads a `transformer/` folder's config with the weights of `files` instead of its own.
+    pub fn load_with_weights(
+        dir: &Path,
+        files: &[std::path::PathBuf],
+        device: Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self), LoadError> {
+        load_model_with_weights(
+            dir,
+            files,
+            device,
+            kind,
+            SD3Transformer2DConfig::check,
+            SD3Transformer2DModel::new,
+        )
+    }
+
     /// The config.
     pub fn config(&self) -> &SD3Transformer2DConfig {
         &self.config
+    }
+
+    /// Every linear layer of the joint blocks LoRA may target, in module order.
+    pub fn lora_candidates(&self) -> Vec<&Linear> {
+        self.blocks.iter().flat_map(|b| b.linears()).collect()
+    }
+
+    /// The joint blocks, in module order, as DiffFit scales them.
+    pub fn scaled_blocks(&self) -> Vec<&dyn ScaledBlock> {
+        self.blocks.iter().map(|b| b as &dyn ScaledBlock).collect()
     }
 
     /// The positional embedding of an h × w token grid: the centre crop of the stored grid

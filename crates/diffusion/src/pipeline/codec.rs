@@ -66,11 +66,15 @@ impl ImageCodec {
     /// Decodes scaled latents to [N, H, W, 3] uint8 images on the CPU, as the pipelines'
     /// `output_type="pil"` does.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
+        super::images::pil_uint8(&self.decode_raw(latents))
+    }
+
+    /// Decodes scaled latents to the VAE's output [N, 3, H, W] (about [−1, 1]) before the
+    /// pipelines' post-processing, in the VAE's dtype.
+    pub fn decode_raw(&self, latents: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();
-        let image = self
-            .model
-            .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind));
-        super::images::pil_uint8(&image)
+        self.model
+            .decode_scaled(&latents.to_device(self.model_device()).to_kind(self.kind))
     }
 
     fn model_device(&self) -> Device {

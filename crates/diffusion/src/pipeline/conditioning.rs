@@ -1,8 +1,11 @@
-//! The backbone's per-request conditioning (text embeddings or class labels) and its source.
+//! The backbone's per-request conditioning (text embeddings, class labels, or a flow
+//! transformer's joint prompt) and its source.
 
 use tch::Tensor;
 
+use super::flux_prompt::FluxTextEncoders;
 use super::prompt::TextEncoders;
+use super::sd3_prompt::Sd3TextEncoders;
 use super::{dit, PipelineError};
 use crate::models::backbone::Condition;
 use crate::models::unet::AddedCond;
@@ -16,6 +19,10 @@ pub(super) enum Conditioner {
     },
     /// Class ids and `id2label` names (DiT).
     Classes(dit::ClassNames),
+    /// CLIP-L, CLIP-G and T5 (SD3 / SD3.5).
+    Sd3(Box<Sd3TextEncoders>),
+    /// CLIP-L's pooled output and T5 (FLUX).
+    Flux(Box<FluxTextEncoders>),
 }
 
 /// Per-request conditioning, computed once and reused at every step.
@@ -40,52 +47,92 @@ impl Conditioning {
                     .into(),
             ));
         }
-        // Each field of every part, concatenated; `None` when some part lacks it.
-        let cat = |field: &dyn Fn(&Condition) -> Option<&Tensor>| {
-            let all: Option<Vec<&Tensor>> = parts.iter().map(|c| field(&c.inputs)).collect();
-            all.map(|v| Tensor::cat(&v, 0))
+        let mixed = || {
+            PipelineError::Request(
+                "batched conditioning mixes text, class and joint-prompt conditioning, or parts \
+                 with and without an optional input"
+                    .into(),
+            )
         };
-        fn labels(c: &Condition) -> Option<&Tensor> {
-            match c {
-                Condition::Classes(l) => Some(l),
-                Condition::Text { .. } => None,
+        // Every part's tensors, concatenated: all present, or (optional inputs) all absent.
+        let stack = |all: Vec<Option<&Tensor>>| -> Result<Option<Tensor>, PipelineError> {
+            match all.iter().flatten().count() {
+                0 => Ok(None),
+                n if n == all.len() => Ok(Some(Tensor::cat(
+                    &all.into_iter().flatten().collect::<Vec<_>>(),
+                    0,
+                ))),
+                _ => Err(mixed()),
             }
-        }
-        fn text(c: &Condition) -> Option<(&Tensor, Option<&AddedCond>, Option<&Tensor>)> {
-            match c {
+        };
+        let inputs = match &parts[0].inputs {
+            Condition::Classes(_) => {
+                let mut labels = Vec::new();
+                for part in parts {
+                    let Condition::Classes(l) = &part.inputs else {
+                        return Err(mixed());
+                    };
+                    labels.push(Some(l));
+                }
+                Condition::Classes(stack(labels)?.ok_or_else(mixed)?)
+            }
+            Condition::Text { .. } => {
+                let (mut embeds, mut pooled, mut time_ids, mut cond) =
+                    (vec![], vec![], vec![], vec![]);
+                for part in parts {
+                    let Condition::Text {
+                        embeds: e,
+                        added,
+                        timestep_cond,
+                    } = &part.inputs
+                    else {
+                        return Err(mixed());
+                    };
+                    embeds.push(Some(e));
+                    pooled.push(added.as_ref().map(|a| &a.text_embeds));
+                    time_ids.push(added.as_ref().map(|a| &a.time_ids));
+                    cond.push(timestep_cond.as_ref());
+                }
                 Condition::Text {
-                    embeds,
-                    added,
-                    timestep_cond,
-                } => Some((embeds, added.as_ref(), timestep_cond.as_ref())),
-                Condition::Classes(_) => None,
+                    embeds: stack(embeds)?.ok_or_else(mixed)?,
+                    added: match (stack(pooled)?, stack(time_ids)?) {
+                        (Some(text_embeds), Some(time_ids)) => Some(AddedCond {
+                            text_embeds,
+                            time_ids,
+                        }),
+                        _ => None,
+                    },
+                    timestep_cond: stack(cond)?,
+                }
             }
-        }
-        fn added(c: &Condition) -> Option<&AddedCond> {
-            text(c).and_then(|t| t.1)
-        }
-        let inputs = if let Some(labels) = cat(&labels) {
-            Condition::Classes(labels)
-        } else if let Some(embeds) = cat(&|c| text(c).map(|t| t.0)) {
-            Condition::Text {
-                embeds,
-                added: cat(&|c| added(c).map(|a| &a.text_embeds)).map(|text_embeds| AddedCond {
-                    text_embeds,
-                    time_ids: cat(&|c| added(c).map(|a| &a.time_ids))
-                        .expect("added conditioning has time ids"),
-                }),
-                timestep_cond: cat(&|c| text(c).and_then(|t| t.2)),
+            Condition::Joint { .. } => {
+                let (mut context, mut pooled, mut guidance) = (vec![], vec![], vec![]);
+                for part in parts {
+                    let Condition::Joint {
+                        context: c,
+                        pooled: p,
+                        guidance: g,
+                    } = &part.inputs
+                    else {
+                        return Err(mixed());
+                    };
+                    context.push(Some(c));
+                    pooled.push(Some(p));
+                    guidance.push(g.as_ref());
+                }
+                Condition::Joint {
+                    context: stack(context)?.ok_or_else(mixed)?,
+                    pooled: stack(pooled)?.ok_or_else(mixed)?,
+                    guidance: stack(guidance)?,
+                }
             }
-        } else {
-            return Err(PipelineError::Request(
-                "batched conditioning mixes text and class conditioning".into(),
-            ));
         };
         Ok(Conditioning { inputs, cfg: None })
     }
 
     /// The tensors as diffusers' models name their arguments: `encoder_hidden_states`, and for
-    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT.
+    /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT;
+    /// `encoder_hidden_states`, `pooled_projections` (and FLUX-dev's `guidance`) for SD3 / FLUX.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         match &self.inputs {
             Condition::Classes(labels) => vec![("class_labels".into(), labels.shallow_clone())],
@@ -101,6 +148,20 @@ impl Conditioning {
                 }
                 if let Some(c) = timestep_cond {
                     out.push(("timestep_cond".into(), c.shallow_clone()));
+                }
+                out
+            }
+            Condition::Joint {
+                context,
+                pooled,
+                guidance,
+            } => {
+                let mut out = vec![
+                    ("encoder_hidden_states".to_string(), context.shallow_clone()),
+                    ("pooled_projections".into(), pooled.shallow_clone()),
+                ];
+                if let Some(g) = guidance {
+                    out.push(("guidance".into(), g.shallow_clone()));
                 }
                 out
             }
@@ -127,6 +188,15 @@ impl Conditioning {
                     time_ids: rep(&a.time_ids),
                 }),
                 timestep_cond: timestep_cond.as_ref().map(rep),
+            },
+            Condition::Joint {
+                context,
+                pooled,
+                guidance,
+            } => Condition::Joint {
+                context: rep(context),
+                pooled: rep(pooled),
+                guidance: guidance.as_ref().map(rep),
             },
         };
         Conditioning {

@@ -158,9 +158,11 @@ impl Pipeline {
     pub fn classes(&self) -> Result<&ClassNames, PipelineError> {
         match &self.conditioner {
             Conditioner::Classes(names) => Ok(names),
-            Conditioner::Text { .. } => Err(PipelineError::Request(
-                "this is a text-to-image pipeline: give prompts, not class labels".into(),
-            )),
+            Conditioner::Text { .. } | Conditioner::Sd3(_) | Conditioner::Flux(_) => {
+                Err(PipelineError::Request(
+                    "this is a text-to-image pipeline: give prompts, not class labels".into(),
+                ))
+            }
         }
     }
 
@@ -181,9 +183,11 @@ impl Pipeline {
     fn dit(&self) -> Result<&DiTTransformer2DModel, PipelineError> {
         match &self.backbone {
             Backbone::DiT(d) => Ok(d),
-            Backbone::UNet(_) => Err(PipelineError::Request(
-                "this is a text-to-image pipeline: give prompts, not class labels".into(),
-            )),
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => {
+                Err(PipelineError::Request(
+                    "this is a text-to-image pipeline: give prompts, not class labels".into(),
+                ))
+            }
         }
     }
 
@@ -205,7 +209,8 @@ impl Pipeline {
                 "class {bad} is out of range 0..{n}"
             )));
         }
-        let scheduler = self.scheduler(req.timesteps)?;
+        let side = req.latent_size.unwrap_or(config.sample_size) * self.vae_scale_factor();
+        let scheduler = self.scheduler(req.timesteps, side, side)?;
         let learned = scheduler.learns_variance();
         if learned && !self.backbone.learns_variance() {
             return Err(PipelineError::Request(format!(

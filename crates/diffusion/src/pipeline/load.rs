@@ -7,9 +7,11 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind};
 
 use super::prompt::TextEncoders;
-use super::{dit, Conditioner, ImageCodec, Pipeline, PipelineError};
+use super::{dit, flow, Conditioner, ImageCodec, Pipeline, PipelineError};
 use crate::models::backbone::Backbone;
 use crate::models::dit::DiTTransformer2DModel;
+use crate::models::flux::FluxTransformer2DModel;
+use crate::models::sd3::SD3Transformer2DModel;
 use crate::models::unet::UNet2DConditionModel;
 use crate::sampling::SchedulerConfig;
 
@@ -25,6 +27,8 @@ pub struct LoadOptions {
     /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
     /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
     pub backbone_weights: Option<PathBuf>,
+    /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512).
+    pub max_sequence_length: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,14 +39,54 @@ struct ModelIndex {
     force_zeros_for_empty_prompt: bool,
 }
 
-/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiTPipeline, else
-/// `unet/`, with `opts.backbone_weights` in place of the folder's weights when given.
+/// The component folder that holds the denoiser of the pipeline folder `root`: `transformer`
+/// for DiT, SD3 and FLUX pipelines, else `unet` (diffusers' LoRA files name entries by it).
+pub fn backbone_folder(root: &Path) -> &'static str {
+    let class = read_json::<ModelIndex>(&root.join("model_index.json"))
+        .map(|index| index.class_name)
+        .unwrap_or_default();
+    if class == "DiTPipeline" || flow::CLASSES.contains(&class.as_str()) {
+        "transformer"
+    } else {
+        "unet"
+    }
+}
+
+/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiT, SD3 or FLUX
+/// pipeline, else `unet/`, with `opts.backbone_weights` in place of the folder's weights when
+/// given.
 pub fn load_backbone(
     root: &Path,
     opts: &LoadOptions,
 ) -> Result<(nn::VarStore, Backbone), PipelineError> {
     let variant = opts.variant.as_deref();
     let files = opts.backbone_weights.as_ref().map(std::slice::from_ref);
+    let class = read_json::<ModelIndex>(&root.join("model_index.json"))
+        .map(|index| index.class_name)
+        .unwrap_or_default();
+    if flow::CLASSES.contains(&class.as_str()) {
+        let dir = root.join("transformer");
+        let (device, kind) = (opts.device, opts.kind);
+        let sd3 = class == "StableDiffusion3Pipeline";
+        return Ok(match (sd3, files) {
+            (true, None) => {
+                let (vs, m) = SD3Transformer2DModel::load(&dir, device, kind, variant)?;
+                (vs, Backbone::SD3(Box::new(m)))
+            }
+            (true, Some(files)) => {
+                let (vs, m) = SD3Transformer2DModel::load_with_weights(&dir, files, device, kind)?;
+                (vs, Backbone::SD3(Box::new(m)))
+            }
+            (false, None) => {
+                let (vs, m) = FluxTransformer2DModel::load(&dir, device, kind, variant)?;
+                (vs, Backbone::Flux(Box::new(m)))
+            }
+            (false, Some(files)) => {
+                let (vs, m) = FluxTransformer2DModel::load_with_weights(&dir, files, device, kind)?;
+                (vs, Backbone::Flux(Box::new(m)))
+            }
+        });
+    }
     if dit::is_dit_folder(root) {
         let dir = root.join("transformer");
         let config = hf::load::read_config(&dir)?;
@@ -78,7 +122,8 @@ pub fn load_backbone(
 impl Pipeline {
     /// Loads a local diffusers folder: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline`
     /// (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, and for SDXL
-    /// text_encoder_2/, tokenizer_2/), or a `DiTPipeline` (transformer/, vae/, scheduler/).
+    /// text_encoder_2/, tokenizer_2/), a `DiTPipeline` (transformer/, vae/, scheduler/), or a
+    /// `StableDiffusion3Pipeline` / `FluxPipeline` (see [`flow`]).
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, PipelineError> {
         if !root.is_dir() {
             return Err(PipelineError::Folder {
@@ -92,12 +137,14 @@ impl Pipeline {
             "StableDiffusionPipeline" => false,
             "StableDiffusionXLPipeline" => true,
             "DiTPipeline" => return dit::load(root, opts),
+            class if flow::CLASSES.contains(&class) => return flow::load(root, opts, class),
             other => {
                 return Err(PipelineError::Folder {
                     path: root.join("model_index.json"),
                     why: format!(
                         "pipeline `{other}` is not supported; use a StableDiffusionPipeline, \
-                         StableDiffusionXLPipeline or DiTPipeline folder"
+                         StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline or \
+                         DiTPipeline folder"
                     ),
                 })
             }

@@ -3,22 +3,23 @@
 //! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
 //! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. The same
 //! [`Pipeline`] loads diffusers' class-conditional `DiTPipeline` ([`dit`]): its "prompts" are class
-//! ids or names, and everything downstream drives either through [`Backbone`].
+//! ids or names; and the flow-matching `StableDiffusion3Pipeline` and `FluxPipeline` folders
+//! ([`flow`]). Everything downstream drives any of them through [`Backbone`].
 
 mod codec;
 mod conditioning;
 pub mod dit;
-pub mod flux;
+pub mod flow;
 pub mod flux_latents;
+pub mod flux_prompt;
 pub mod images;
 mod load;
 pub mod prompt;
-pub mod sd3;
 pub mod sd3_prompt;
 
 pub use codec::ImageCodec;
 pub use conditioning::Conditioning;
-pub use load::{load_backbone, LoadOptions};
+pub use load::{backbone_folder, load_backbone, LoadOptions};
 
 use std::path::PathBuf;
 
@@ -59,7 +60,7 @@ pub enum PipelineError {
     Request(String),
 }
 
-/// A loaded pipeline: text-to-image (SD, SDXL) or class-conditional (DiT).
+/// A loaded pipeline: text-to-image (SD, SDXL, SD3, FLUX) or class-conditional (DiT).
 pub struct Pipeline {
     /// The denoiser.
     pub backbone: Backbone,
@@ -149,11 +150,42 @@ impl Pipeline {
                 Some(PerBlock::One(s)) => (s * f, s * f),
                 _ => (64 * f, 64 * f),
             },
+            Backbone::SD3(m) => {
+                let side = m.config().sample_size * f;
+                (side, side)
+            }
+            // FluxPipeline's default_sample_size.
+            Backbone::Flux(_) => (128 * f, 128 * f),
         }
     }
 
-    /// A scheduler for `timesteps` from the pipeline's scheduler config.
-    pub fn scheduler(&self, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
+    /// A scheduler for `timesteps` from the pipeline's scheduler config, for `height` ×
+    /// `width` images (the flow models' sigma shift may depend on the size).
+    pub fn scheduler(
+        &self,
+        timesteps: Timesteps,
+        height: i64,
+        width: i64,
+    ) -> Result<Scheduler, SamplingError> {
+        let kind = self.scheduler_config.kind;
+        if kind.is_flow() != self.backbone.is_flow() {
+            return Err(SamplingError::Config {
+                key: "sampler.name",
+                why: if self.backbone.is_flow() {
+                    format!(
+                        "is {kind}, but this is a flow-matching model: use flow_match_euler \
+                         (and pick its kernel with sampler.flow_kernel)"
+                    )
+                } else {
+                    "is flow_match_euler, which only flow-matching models (SD3, FLUX) sample \
+                     with; use the folder's own scheduler or euler_ancestral, lcm, ddim"
+                        .into()
+                },
+            });
+        }
+        if kind.is_flow() {
+            return self.flow_scheduler(timesteps, height, width);
+        }
         Scheduler::new(self.scheduler_config.clone(), timesteps)
     }
 
@@ -174,6 +206,9 @@ impl Pipeline {
         width: i64,
         num_images: i64,
     ) -> Result<Conditioning, PipelineError> {
+        if self.backbone.is_flow() {
+            return self.condition_joint(prompt, negative_prompt, guidance, num_images);
+        }
         let _no_grad = tch::no_grad_guard();
         let (encoders, force_zeros_for_empty_prompt, unet) =
             match (&self.conditioner, &self.backbone) {
@@ -204,9 +239,7 @@ impl Pipeline {
                         cfg,
                     });
                 }
-                (Conditioner::Text { .. }, Backbone::DiT(_)) => {
-                    unreachable!("text pipelines load a UNet")
-                }
+                _ => unreachable!("SD / SDXL text pipelines load a UNet"),
             };
         let lcm_dim = unet.config.time_cond_proj_dim;
         let cfg = (guidance > 1.0 && lcm_dim.is_none()).then_some(guidance);
@@ -284,7 +317,7 @@ impl Pipeline {
         let c = self.backbone.in_channels();
         let eps = out.narrow(1, 0, c);
         match &self.backbone {
-            Backbone::UNet(_) => {
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => {
                 let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
                 &uncond + (&text - &uncond) * g
             }
@@ -374,6 +407,9 @@ impl Pipeline {
                 noise,
             );
         }
+        self.backbone
+            .check_latent_size(req.height / f, req.width / f)
+            .map_err(PipelineError::Request)?;
         let shape = vec![
             req.num_images,
             self.backbone.in_channels(),
@@ -401,7 +437,7 @@ impl Pipeline {
                 device: self.device,
             },
         };
-        let scheduler = self.scheduler(req.timesteps)?;
+        let scheduler = self.scheduler(req.timesteps, req.height, req.width)?;
         let cond = self.condition(
             req.prompt,
             req.negative_prompt,
@@ -418,49 +454,4 @@ impl Pipeline {
             trajectory: out.trajectory,
         })
     }
-}
-
-/// The `FlowMatchEulerDiscreteScheduler` config of an SD3 / FLUX folder
-/// (`scheduler/scheduler_config.json`), refusing another scheduler class.
-pub(crate) fn flow_match_config(
-    root: &std::path::Path,
-) -> Result<crate::sampling::FlowMatchConfig, PipelineError> {
-    #[derive(serde::Deserialize)]
-    struct ClassName {
-        #[serde(rename = "_class_name")]
-        class_name: Option<String>,
-    }
-    let path = root.join("scheduler/scheduler_config.json");
-    let class: ClassName = hf::load::read_json(&path)?;
-    if let Some(name) = class
-        .class_name
-        .filter(|n| n != "FlowMatchEulerDiscreteScheduler")
-    {
-        return Err(PipelineError::Folder {
-            path,
-            why: format!(
-                "_class_name is {name}; flow-matching models sample with \
-                 FlowMatchEulerDiscreteScheduler"
-            ),
-        });
-    }
-    let text = std::fs::read_to_string(&path).map_err(|source| {
-        PipelineError::Load(LoadError::Io {
-            path: path.clone(),
-            source,
-        })
-    })?;
-    Ok(crate::sampling::FlowMatchConfig::from_json(&text)?)
-}
-
-/// Refuses initial latents that are not [B, C, H, W] with one row per prompt.
-pub(crate) fn check_latents(latents: &Tensor, prompts: &[&str]) -> Result<(), PipelineError> {
-    let size = latents.size();
-    if size.len() != 4 || size[0] != prompts.len() as i64 {
-        return Err(PipelineError::Request(format!(
-            "latents {size:?} for {} prompts: give [B, C, H, W] with one row per prompt",
-            prompts.len()
-        )));
-    }
-    Ok(())
 }

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::flow_match::{FlowKernel, FlowMatchConfig};
 use super::SamplingError;
 
 /// Which diffusers scheduler class the config describes; a run config's `sampler.name`.
@@ -23,6 +24,9 @@ pub enum SchedulerKind {
     Ddim,
     /// `DDPMScheduler`.
     Ddpm,
+    /// `FlowMatchEulerDiscreteScheduler` (SD3 / SD3.5, FLUX): its keys are in
+    /// [`SchedulerConfig::flow`], its kernel in [`SchedulerConfig::flow_kernel`].
+    FlowMatchEuler,
 }
 
 impl SchedulerKind {
@@ -34,16 +38,18 @@ impl SchedulerKind {
             SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
+            SchedulerKind::FlowMatchEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 
     /// Every kind.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Lcm,
         SchedulerKind::Ddim,
         SchedulerKind::Ddpm,
+        SchedulerKind::FlowMatchEuler,
     ];
 
     /// The name a run config's `sampler.name` and `pso sample --sampler` use.
@@ -54,10 +60,17 @@ impl SchedulerKind {
             SchedulerKind::Lcm => "lcm",
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Ddpm => "ddpm",
+            SchedulerKind::FlowMatchEuler => "flow_match_euler",
         }
     }
 
-    /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`).
+    /// Whether it is the flow-matching scheduler (rectified-flow models predict a velocity).
+    pub fn is_flow(self) -> bool {
+        self == SchedulerKind::FlowMatchEuler
+    }
+
+    /// Parses a run config's `sampler.name` (`euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`,
+    /// `flow_match_euler`).
     pub fn from_name(name: &str) -> Result<SchedulerKind, SamplingError> {
         SchedulerKind::ALL
             .into_iter()
@@ -199,6 +212,11 @@ pub struct SchedulerConfig {
     pub eta: f64,
     /// DDPM only: the variance of the ancestral step.
     pub variance_type: VarianceType,
+    /// Flow matching only: the keys of a `FlowMatchEulerDiscreteScheduler` config.
+    pub flow: FlowMatchConfig,
+    /// Flow matching only: how a step moves (like η, set by the caller: the pipelines' ODE step
+    /// by default, a stochastic kernel for PSO).
+    pub flow_kernel: FlowKernel,
 }
 
 /// The JSON as written by diffusers; `None` means "the class default".
@@ -291,6 +309,8 @@ impl SchedulerConfig {
             set_alpha_to_one: true,
             eta: 0.0,
             variance_type: VarianceType::FixedSmall,
+            flow: FlowMatchConfig::default(),
+            flow_kernel: FlowKernel::default(),
         }
     }
 
@@ -303,6 +323,11 @@ impl SchedulerConfig {
             why: "is missing; it names the scheduler class, e.g. \"EulerDiscreteScheduler\"".into(),
         })?;
         let mut c = SchedulerConfig::new(SchedulerKind::from_class_name(&class)?);
+        if c.kind.is_flow() {
+            c.flow = FlowMatchConfig::from_json(text)?;
+            c.num_train_timesteps = c.flow.num_train_timesteps as usize;
+            return Ok(c);
+        }
 
         unsupported(
             "use_karras_sigmas",
@@ -419,6 +444,17 @@ impl SchedulerConfig {
                     self.original_inference_steps, self.num_train_timesteps
                 ),
             );
+        }
+        if self.kind.is_flow() {
+            self.flow.validate()?;
+            if let FlowKernel::Sde { noise_level } = self.flow_kernel {
+                if !(noise_level.is_finite() && noise_level > 0.0) {
+                    return bad(
+                        "noise_level",
+                        format!("is {noise_level}; the SDE kernel's noise level must be positive"),
+                    );
+                }
+            }
         }
         if !(0.0..=1.0).contains(&self.eta) {
             return bad(

@@ -140,6 +140,24 @@ impl FlowMatchConfig {
     }
 
     /// The shift of one σ, in fp64 (diffusers' numpy path for `set_timesteps(n)`).
+    /// The σ of training timestep index t = 0 … N−1 (least noisy first), as the scheduler's
+    /// constructor sets them and diffusers' training scripts noise with: (t + 1) / N, shifted
+    /// by `shift` unless the model shifts dynamically, in fp32.
+    pub fn training_sigmas(&self) -> Vec<f64> {
+        let n = self.num_train_timesteps as f32;
+        (1..=self.num_train_timesteps)
+            .map(|t| {
+                let sigma = t as f32 / n;
+                let shifted = if self.use_dynamic_shifting {
+                    sigma
+                } else {
+                    self.shift32(None, sigma)
+                };
+                f64::from(shifted)
+            })
+            .collect()
+    }
+
     fn shift64(&self, mu: Option<f64>, sigma: f64) -> f64 {
         match mu {
             Some(mu) if self.use_dynamic_shifting => {
@@ -185,9 +203,13 @@ pub enum FlowSchedule {
     Sigmas(Vec<f64>),
 }
 
-/// Which stochastic kernel a transition is read as (docs/method.md §2.6).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How a step moves, read as a Gaussian transition kernel (docs/method.md §2.6).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum FlowKernel {
+    /// diffusers' own deterministic Euler step x_{σ'} = x + (σ' − σ)·v (std 0): what the
+    /// pipelines sample with, and no likelihood to train on.
+    #[default]
+    Ode,
     /// The distilled samplers' re-noising: x_{σ'} = (1 − σ')·x̂0 + σ'·ε with x̂0 = x − σ·v, a
     /// Gaussian of mean (1 − σ')·x̂0 and std σ' (deterministic at σ' = 0).
     Renoise,
@@ -330,6 +352,15 @@ impl FlowMatchEuler {
         Ok(sample.to_kind(Kind::Float) + velocity.to_kind(Kind::Float) * dt)
     }
 
+    /// Whether step `step` under `kind` adds noise (its kernel std is positive).
+    pub fn draws_noise(&self, step: usize, kind: FlowKernel) -> bool {
+        match kind {
+            FlowKernel::Ode => false,
+            FlowKernel::Renoise => self.sigmas.get(step + 1).is_some_and(|&s| s > 0.0),
+            FlowKernel::Sde { .. } => step < self.num_steps(),
+        }
+    }
+
     /// Step `step` as the Gaussian kernel `kind` (mean differentiable in `velocity`, fp32).
     pub fn transition(
         &self,
@@ -341,6 +372,7 @@ impl FlowMatchEuler {
         let (sigma, next) = self.check(step)?;
         let (x, v) = (sample.to_kind(Kind::Float), velocity.to_kind(Kind::Float));
         match kind {
+            FlowKernel::Ode => Ok(Kernel::fixed(self.step(step, &x, &v)?, 0.0)),
             FlowKernel::Renoise => {
                 let x0 = &x - &v * sigma;
                 Ok(Kernel::fixed(x0 * (1.0 - next), next))

@@ -41,7 +41,7 @@ pub enum SamplingError {
     #[error(
         "scheduler config: `_class_name` is `{0}`, which is not supported; use one of \
          EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, DDIMScheduler, \
-         DDPMScheduler (or override the kind)"
+         DDPMScheduler, FlowMatchEulerDiscreteScheduler (or override the kind)"
     )]
     UnknownScheduler(String),
     /// A config key has a value that is not implemented or out of range.

@@ -13,6 +13,7 @@ use super::ddim::Ddim;
 use super::ddpm::Ddpm;
 use super::euler::{self, EulerDiscrete};
 use super::euler_ancestral::EulerAncestralDiscrete;
+use super::flow_match::{FlowKernel, FlowMatchEuler, FlowSchedule};
 use super::kernel::Kernel;
 use super::lcm::{lcm_timesteps, Lcm};
 use super::spacing::spaced_timesteps;
@@ -35,6 +36,7 @@ enum Inner {
     Lcm(Lcm),
     Ddim(Ddim),
     Ddpm(Ddpm),
+    Flow(FlowMatchEuler, FlowKernel),
 }
 
 /// A diffusers scheduler after `set_timesteps`.
@@ -47,7 +49,21 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// diffusers' `Scheduler.from_config(config)` followed by `set_timesteps(steps | timesteps=)`.
+    ///
+    /// The flow-matching scheduler takes a step count here (σ spaced as `num_inference_steps=`
+    /// spaces them, no dynamic shift); [`Scheduler::flow`] takes a pipeline's own sigmas and `mu`.
     pub fn new(config: SchedulerConfig, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
+        if config.kind.is_flow() {
+            let Timesteps::Steps(steps) = timesteps else {
+                return Err(SamplingError::Timesteps {
+                    scheduler: config.kind.class_name(),
+                    why: "explicit timesteps are not supported for flow-matching models; give a \
+                          step count"
+                        .into(),
+                });
+            };
+            return Scheduler::flow(config, FlowSchedule::Steps(steps), None);
+        }
         config.validate()?;
         let (values, explicit) = match &timesteps {
             Timesteps::Steps(steps) => (spaced(&config, *steps)?, false),
@@ -73,10 +89,34 @@ impl Scheduler {
                     Inner::Ddim(Ddim::new(&config, &alphas_cumprod, values, explicit))
                 }
                 SchedulerKind::Ddpm => Inner::Ddpm(Ddpm::new(&config, values)),
+                SchedulerKind::FlowMatchEuler => unreachable!("flow schedulers return above"),
             };
         Ok(Scheduler {
             config,
             alphas_cumprod,
+            inner,
+        })
+    }
+
+    /// diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` with `schedule` (and the
+    /// pipeline's `mu` under dynamic shifting), stepping with `config.flow_kernel`.
+    pub fn flow(
+        config: SchedulerConfig,
+        schedule: FlowSchedule,
+        mu: Option<f64>,
+    ) -> Result<Scheduler, SamplingError> {
+        if !config.kind.is_flow() {
+            return Err(SamplingError::Step(format!(
+                "{} is not a flow-matching scheduler; set the kind to flow_match_euler",
+                config.kind.class_name()
+            )));
+        }
+        config.validate()?;
+        let euler = FlowMatchEuler::new(config.flow.clone(), schedule, mu)?;
+        let inner = Inner::Flow(euler, config.flow_kernel);
+        Ok(Scheduler {
+            config,
+            alphas_cumprod: Vec::new(),
             inner,
         })
     }
@@ -86,7 +126,7 @@ impl Scheduler {
         &self.config
     }
 
-    /// ᾱ_t of the training schedule, t = 0 … N−1.
+    /// ᾱ_t of the training schedule, t = 0 … N−1 (empty for flow matching, which has none).
     pub fn alphas_cumprod(&self) -> &[f64] {
         &self.alphas_cumprod
     }
@@ -99,6 +139,7 @@ impl Scheduler {
             Inner::Lcm(s) => &s.timesteps,
             Inner::Ddim(s) => &s.timesteps,
             Inner::Ddpm(s) => &s.timesteps,
+            Inner::Flow(s, _) => &s.timesteps,
         }
     }
 
@@ -107,12 +148,13 @@ impl Scheduler {
         self.timesteps().len()
     }
 
-    /// The Euler family's σ per step plus the final σ (diffusers' `scheduler.sigmas`); `None` for
-    /// LCM, DDIM and DDPM, which work in ᾱ.
+    /// The Euler family's and flow matching's σ per step plus the final σ (diffusers'
+    /// `scheduler.sigmas`); `None` for LCM, DDIM and DDPM, which work in ᾱ.
     pub fn sigmas(&self) -> Option<&[f64]> {
         match &self.inner {
             Inner::Euler(s) => Some(&s.sigmas),
             Inner::EulerAncestral(s) => Some(&s.sigmas),
+            Inner::Flow(s, _) => Some(&s.sigmas),
             Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => None,
         }
     }
@@ -122,7 +164,7 @@ impl Scheduler {
         match &self.inner {
             Inner::Euler(s) => euler::init_noise_sigma(&s.sigmas, s.spacing),
             Inner::EulerAncestral(s) => euler::init_noise_sigma(&s.sigmas, s.spacing),
-            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => 1.0,
+            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) | Inner::Flow(..) => 1.0,
         }
     }
 
@@ -139,13 +181,15 @@ impl Scheduler {
     }
 
     /// The model input at step `step` (diffusers' `scale_model_input`): x/sqrt(σ²+1) for the Euler
-    /// family, x itself for LCM, DDIM and DDPM.
+    /// family, x itself for LCM, DDIM, DDPM and flow matching.
     pub fn scale_model_input(&self, step: usize, sample: &Tensor) -> Result<Tensor, SamplingError> {
         self.check_step(step)?;
         Ok(match &self.inner {
             Inner::Euler(s) => euler::scale_model_input(sample, s.sigmas[step]),
             Inner::EulerAncestral(s) => euler::scale_model_input(sample, s.sigmas[step]),
-            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) => sample.shallow_clone(),
+            Inner::Lcm(_) | Inner::Ddim(_) | Inner::Ddpm(_) | Inner::Flow(..) => {
+                sample.shallow_clone()
+            }
         })
     }
 
@@ -179,6 +223,7 @@ impl Scheduler {
             Inner::Lcm(s) => s.transition(ac, step, sample, model_output),
             Inner::Ddim(s) => s.transition(ac, step, sample, model_output),
             Inner::Ddpm(s) => s.transition(ac, step, sample, model_output),
+            Inner::Flow(s, kernel) => s.transition(step, sample, model_output, *kernel)?,
         })
     }
 
@@ -198,6 +243,7 @@ impl Scheduler {
             Inner::Lcm(s) => step + 1 < s.timesteps.len(),
             Inner::Ddim(s) => s.eta > 0.0,
             Inner::Ddpm(s) => s.draws_noise(step),
+            Inner::Flow(s, kernel) => s.draws_noise(step, *kernel),
         }
     }
 }
@@ -279,6 +325,7 @@ fn check_explicit(config: &SchedulerConfig, list: &[u32]) -> Result<(), String> 
 mod tests {
     use super::*;
     use crate::sampling::config::TimestepSpacing;
+    use crate::sampling::flow_match::{FlowKernel, FlowMatchEuler, FlowSchedule};
 
     fn sched(kind: SchedulerKind, t: Timesteps) -> Result<Scheduler, SamplingError> {
         Scheduler::new(SchedulerConfig::new(kind), t)
@@ -394,5 +441,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("shape"));
+    }
+
+    #[test]
+    fn flow_kernels_step_as_the_euler_scheduler_and_draw_noise_where_stochastic() {
+        let mut config = SchedulerConfig::new(SchedulerKind::FlowMatchEuler);
+        config.flow.shift = 3.0;
+        let x = Tensor::randn([1, 4, 2, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let v = Tensor::randn([1, 4, 2, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let euler = FlowMatchEuler::new(config.flow.clone(), FlowSchedule::Steps(4), None).unwrap();
+        for (kernel, draws) in [
+            (FlowKernel::Ode, [false; 4]),
+            (FlowKernel::Renoise, [true, true, true, false]),
+            (FlowKernel::Sde { noise_level: 0.7 }, [true; 4]),
+        ] {
+            config.flow_kernel = kernel;
+            let s = Scheduler::new(config.clone(), Timesteps::Steps(4)).unwrap();
+            assert_eq!(s.timesteps(), euler.timesteps.as_slice());
+            assert_eq!(s.init_noise_sigma(), 1.0);
+            assert!(s.scale_model_input(2, &x).unwrap().equal(&x));
+            for (i, &drawn) in draws.iter().enumerate() {
+                assert_eq!(s.draws_noise(i), drawn, "{kernel:?} step {i}");
+                let k = s.transition(i, &x, &v).unwrap();
+                assert_eq!(k.std > 0.0, drawn, "{kernel:?} step {i}");
+                let direct = euler.transition(i, &x, &v, kernel).unwrap();
+                assert!(k.mean.equal(&direct.mean) && k.std == direct.std);
+            }
+        }
+        config.flow_kernel = FlowKernel::Ode;
+        let s = Scheduler::new(config.clone(), Timesteps::Steps(4)).unwrap();
+        assert!(s
+            .transition(1, &x, &v)
+            .unwrap()
+            .mean
+            .equal(&euler.step(1, &x, &v).unwrap()));
+        let e = Scheduler::new(config, Timesteps::Explicit(vec![999, 499]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give a step count"), "{e}");
     }
 }

@@ -19,8 +19,8 @@ pub use crate::problems::Problems;
 pub use crate::run::label::Pairing;
 pub use device::{resolve_device, DType};
 pub use sections::{
-    EvalSection, ModelSection, OnlineSection, PairsSection, PromptsSection, RewardSection,
-    RunSection, SamplerSection,
+    EvalSection, FlowKernelName, ModelSection, OnlineSection, PairsSection, PromptsSection,
+    RewardSection, RunSection, SamplerSection,
 };
 
 /// Errors reading or checking a config.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use diffusion::sampling::SchedulerKind;
+use diffusion::sampling::{FlowKernel, SchedulerKind};
 use reward::ScorerKind;
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +68,8 @@ pub struct ModelSection {
     pub device: String,
     /// A safetensors file replacing `unet/`'s weights (e.g. DMD2's UNet in an SDXL folder).
     pub unet: Option<PathBuf>,
+    /// T5 tokens per prompt of an SD3 / FLUX model (default 256; FLUX.1-dev 512).
+    pub max_sequence_length: Option<usize>,
 }
 
 impl Default for ModelSection {
@@ -77,6 +79,7 @@ impl Default for ModelSection {
             dtype: DType::F32,
             device: "auto".into(),
             unet: None,
+            max_sequence_length: None,
         }
     }
 }
@@ -100,7 +103,35 @@ impl ModelSection {
                 "model.device",
                 format!("`{}` is not cpu, cuda, cuda:N or auto", self.device),
             ),
+            (
+                self.max_sequence_length != Some(0),
+                "model.max_sequence_length",
+                "0 leaves T5 no tokens; give at least 1 (SD3 256, FLUX.1-dev 512)".into(),
+            ),
         ])
+    }
+}
+
+/// How a flow-matching model's sampler steps (docs/method.md §2 item 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowKernelName {
+    /// diffusers' deterministic Euler step (no likelihood: sampling only).
+    Ode,
+    /// Re-noise the x0 estimate to the next σ (the flow analogue of DMD2's kernel).
+    Renoise,
+    /// Flow-GRPO's SDE step with `sampler.noise_level`.
+    Sde,
+}
+
+impl FlowKernelName {
+    /// The kernel, with `noise_level` for the SDE.
+    pub fn kernel(self, noise_level: f64) -> FlowKernel {
+        match self {
+            FlowKernelName::Ode => FlowKernel::Ode,
+            FlowKernelName::Renoise => FlowKernel::Renoise,
+            FlowKernelName::Sde => FlowKernel::Sde { noise_level },
+        }
     }
 }
 
@@ -108,8 +139,12 @@ impl ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplerSection {
-    /// `euler`, `euler_ancestral`, `lcm`, `ddim` or `ddpm`.
+    /// `euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`, or `flow_match_euler` (SD3, FLUX).
     pub name: SchedulerKind,
+    /// `flow_match_euler` only: `renoise`, `sde` or `ode`.
+    pub flow_kernel: FlowKernelName,
+    /// `flow_kernel = "sde"` only: Flow-GRPO's noise level a.
+    pub noise_level: f64,
     /// Number of denoising steps.
     pub steps: u32,
     /// Explicit timesteps (first to last); overrides `steps` when not empty.
@@ -128,6 +163,8 @@ impl Default for SamplerSection {
     fn default() -> Self {
         SamplerSection {
             name: SchedulerKind::EulerAncestral,
+            flow_kernel: FlowKernelName::Renoise,
+            noise_level: 0.7,
             steps: 4,
             timesteps: Vec::new(),
             guidance: 0.0,
@@ -139,6 +176,11 @@ impl Default for SamplerSection {
 }
 
 impl SamplerSection {
+    /// The flow-matching kernel the keys describe.
+    pub fn flow_kernel(&self) -> FlowKernel {
+        self.flow_kernel.kernel(self.noise_level)
+    }
+
     /// `sampler.*` values serde cannot check.
     pub fn problems(&self) -> Problems {
         let size = |key, v: u32| {
@@ -162,6 +204,11 @@ impl SamplerSection {
                     "{:?} must be strictly decreasing values below 1000",
                     self.timesteps
                 ),
+            ),
+            (
+                self.noise_level.is_finite() && self.noise_level > 0.0,
+                "sampler.noise_level",
+                format!("{} is not a finite value > 0", self.noise_level),
             ),
             (
                 self.guidance.is_finite() && self.guidance >= 0.0,

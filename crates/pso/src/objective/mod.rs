@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::problems::{failing, Problems};
 
 pub use dpo::{Dpo, PairPredictions, TimestepPolicy};
-pub use noising::{add_noise, noise_pair, regression_target, training_alphas_cumprod, NoisedPair};
+pub use noising::{
+    add_noise, noise_pair, regression_target, training_alphas_cumprod, NoisedPair, TrainingSchedule,
+};
 pub use online_pso::{OnlinePso, Transitions};
 pub use pso_db::PsoDb;
 pub use sft::{hybrid_loss, sft_loss};

@@ -10,7 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::{difffit, lora, PeftError, PeftKind};
 use crate::config::RunConfig;
 use diffusion::models::backbone::Backbone;
-use diffusion::pipeline::{load_backbone, LoadOptions};
+use diffusion::pipeline::{backbone_folder, load_backbone, LoadOptions};
 use hf::tensor_file;
 
 /// Metadata key naming what a pso-written file holds.
@@ -79,12 +79,7 @@ pub fn export(
             meta.insert("pso.rank".into(), config.peft.rank.to_string());
             meta.insert("pso.scale_folded_into_lora_B".into(), scale.to_string());
             // diffusers names the denoiser's entries by its pipeline component.
-            let component = if diffusion::pipeline::dit::is_dit_folder(&root) {
-                "transformer"
-            } else {
-                "unet"
-            };
-            let entries = lora::to_diffusers(&tensors, scale, component);
+            let entries = lora::to_diffusers(&tensors, scale, backbone_folder(&root));
             tensor_file::write(out, &entries, &meta).map_err(file_err)?;
             Ok(out.to_owned())
         }
@@ -100,6 +95,7 @@ pub fn export(
                 kind: Kind::Float,
                 variant: None,
                 backbone_weights: config.model.unet.clone(),
+                max_sequence_length: None,
             };
             let (vs, backbone) = load_backbone(&root, &opts).map_err(|e| {
                 PeftError::Config(format!("loading the base model for merging: {e}"))

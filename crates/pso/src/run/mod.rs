@@ -50,9 +50,11 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             kind: config.model.dtype.kind(),
             variant: None,
             backbone_weights: config.model.unet.clone(),
+            max_sequence_length: config.model.max_sequence_length,
         },
     )?;
     pipeline.scheduler_config.kind = config.sampler.name;
+    pipeline.scheduler_config.flow_kernel = config.sampler.flow_kernel();
     Ok(pipeline)
 }
 

@@ -24,8 +24,8 @@ use crate::checkpoint;
 use crate::config::{resolve_device, RunConfig};
 use crate::learner::LearnerError;
 use crate::objective::{
-    add_noise, hybrid_loss, noise_pair, regression_target, sft_loss, training_alphas_cumprod, Loss,
-    NoisedPair, Objective, PairPredictions, SftTimesteps, TimestepPolicy,
+    hybrid_loss, noise_pair, sft_loss, Loss, NoisedPair, Objective, PairPredictions, SftTimesteps,
+    TimestepPolicy, TrainingSchedule,
 };
 use crate::peft::{Adapter, PeftKind};
 use diffusion::pipeline::{Conditioning, GenerateRequest, Pipeline};
@@ -77,8 +77,7 @@ pub struct Trainer {
     objective: Objective,
     timesteps: Timesteps,
     distilled: Vec<u32>,
-    alphas_cumprod: Vec<f64>,
-    prediction: PredictionType,
+    schedule: TrainingSchedule,
     height: u32,
     width: u32,
 }
@@ -93,8 +92,17 @@ impl Trainer {
         } else {
             Timesteps::Explicit(config.sampler.timesteps.clone())
         };
-        let scheduler = pipeline.scheduler(timesteps.clone())?;
-        let distilled: Vec<u32> = scheduler.timesteps().iter().map(|&t| t as u32).collect();
+        let scheduler = pipeline.scheduler(
+            timesteps.clone(),
+            config.sampler.height as i64,
+            config.sampler.width as i64,
+        )?;
+        let schedule = TrainingSchedule::of(scheduler.config(), config.objective.zero_terminal_snr);
+        let distilled: Vec<u32> = scheduler
+            .timesteps()
+            .iter()
+            .map(|&t| schedule.index_of(t))
+            .collect();
         let num_train = scheduler.config().num_train_timesteps;
         let objective = Objective::from_section(&config.objective, &distilled, num_train)?;
         if let Objective::OnlinePso(_) = objective {
@@ -112,11 +120,7 @@ impl Trainer {
             config.run.seed,
         )?;
         Ok(Trainer {
-            alphas_cumprod: training_alphas_cumprod(
-                scheduler.config(),
-                config.objective.zero_terminal_snr,
-            ),
-            prediction: scheduler.config().prediction_type,
+            schedule,
             pipeline,
             adapter,
             objective,
@@ -300,18 +304,20 @@ impl Trainer {
             Objective::Sft(at) => {
                 let policy = match at {
                     SftTimesteps::Uniform => TimestepPolicy::Uniform {
-                        num_train_timesteps: self.alphas_cumprod.len(),
+                        num_train_timesteps: self.schedule.len(),
                     },
                     SftTimesteps::Distilled => TimestepPolicy::Distilled(self.distilled.clone()),
                 };
                 let ts = policy.draw(&mut rng, pairs);
-                let ac = &self.alphas_cumprod;
-                let x = add_noise(x0, &noise, &ts, ac)?;
-                let target = regression_target(x0, &noise, &ts, ac, self.prediction)?;
-                let t: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
-                let t = Tensor::from_slice(&t).to_device(x0.device());
+                let x = self.schedule.add_noise(x0, &noise, &ts)?;
+                let target = self.schedule.target(x0, &noise, &ts)?;
+                let t = self.schedule.timestep_tensor(&ts, x0.device());
                 let backbone = &self.pipeline.backbone;
-                if backbone.learns_variance() && self.prediction == PredictionType::Epsilon {
+                if let (true, Some(PredictionType::Epsilon), Some(ac)) = (
+                    backbone.learns_variance(),
+                    self.schedule.prediction(),
+                    self.schedule.alphas_cumprod(),
+                ) {
                     let pred =
                         self.pipeline
                             .predict_batch_with_variance(backbone, &batch.cond, &x, &t);
@@ -374,20 +380,13 @@ struct Noised {
 
 impl Trainer {
     fn noised(&self, batch: &Batch, noise: &Tensor, ts: &[u32]) -> Result<Noised, RunError> {
-        let pair = noise_pair(
-            &batch.x0_winner,
-            &batch.x0_loser,
-            noise,
-            ts,
-            &self.alphas_cumprod,
-            self.prediction,
-        )?;
+        let pair = noise_pair(&batch.x0_winner, &batch.x0_loser, noise, ts, &self.schedule)?;
         let x = Tensor::cat(&[&pair.noisy_winner, &pair.noisy_loser], 0);
-        let both: Vec<i64> = ts.iter().chain(ts).map(|&t| t as i64).collect();
+        let both: Vec<u32> = ts.iter().chain(ts).copied().collect();
         Ok(Noised {
             pair,
             x,
-            t: Tensor::from_slice(&both).to_device(noise.device()),
+            t: self.schedule.timestep_tensor(&both, noise.device()),
             cond: batch.cond.repeat(2),
         })
     }

@@ -10,10 +10,7 @@ use super::check;
 use crate::actor::ActorSettings;
 use crate::config::RunConfig;
 use crate::objective::online_pso::{OnlinePso, Transitions};
-use crate::objective::{
-    add_noise, regression_target, sft_loss, training_alphas_cumprod, Loss, ObjectiveKind,
-    SftTimesteps,
-};
+use crate::objective::{sft_loss, Loss, ObjectiveKind, SftTimesteps, TrainingSchedule};
 use crate::peft::Adapter;
 use crate::run::rounds::{Round, TrainingPair};
 use crate::run::{load_pipeline, step_seed, RunError};
@@ -24,11 +21,10 @@ use diffusion::sampling::{NoiseSource, Scheduler, SeededNoise, Timesteps};
 enum OnlineObjective {
     /// Online PSO over the stored transitions.
     Pso(OnlinePso),
-    /// The SFT baseline: ε/v regression on the winners' final latents, at uniform timesteps or
-    /// (`distilled`) at the sampler's.
+    /// The SFT baseline: ε/v (flow: velocity) regression on the winners' final latents, at
+    /// uniform timesteps or (`distilled`) at the sampler's.
     Sft {
-        alphas_cumprod: Vec<f64>,
-        prediction: diffusion::sampling::PredictionType,
+        schedule: TrainingSchedule,
         distilled: Option<Vec<u32>>,
     },
 }
@@ -82,7 +78,8 @@ impl OnlineTrainer {
         check(config)?;
         let pipeline = load_pipeline(config, device)?;
         let settings = actor_settings(config);
-        let scheduler = pipeline.scheduler(settings.timesteps.clone())?;
+        let scheduler =
+            pipeline.scheduler(settings.timesteps.clone(), settings.height, settings.width)?;
         if scheduler.learns_variance() {
             return Err(RunError::Config(format!(
                 "the DDPM scheduler of {} has variance_type \"learned_range\": online PSO's \
@@ -102,24 +99,29 @@ impl OnlineTrainer {
         if stochastic.is_empty() {
             return Err(RunError::Config(format!(
                 "sampler.name = {} samples deterministically: online PSO needs the likelihood of \
-                 stochastic transitions; use euler_ancestral, lcm, or ddim with eta > 0",
+                 stochastic transitions; use euler_ancestral, lcm, or ddim with eta > 0 (a \
+                 flow-matching model: sampler.flow_kernel = \"renoise\" or \"sde\")",
                 config.sampler.name
             )));
         }
         let objective = if config.objective.kind == ObjectiveKind::Sft {
+            let schedule = TrainingSchedule::of(
+                &pipeline.scheduler_config,
+                config.objective.zero_terminal_snr,
+            );
             OnlineObjective::Sft {
-                alphas_cumprod: training_alphas_cumprod(
-                    &pipeline.scheduler_config,
-                    config.objective.zero_terminal_snr,
-                ),
-                prediction: pipeline.scheduler_config.prediction_type,
                 distilled: (config.objective.sft_timesteps == SftTimesteps::Distilled).then(|| {
                     scheduler
                         .timesteps()
                         .iter()
-                        .map(|&t| t.round() as u32)
+                        .map(|&t| match &schedule {
+                            // The sampler's integral timesteps, as training indices.
+                            TrainingSchedule::Vp { .. } => t.round() as u32,
+                            TrainingSchedule::Flow { .. } => schedule.index_of(t),
+                        })
                         .collect()
                 }),
+                schedule,
             }
         } else {
             let beta = config
@@ -180,18 +182,9 @@ impl OnlineTrainer {
         let objective = match &self.objective {
             OnlineObjective::Pso(objective) => objective,
             OnlineObjective::Sft {
-                alphas_cumprod,
-                prediction,
+                schedule,
                 distilled,
-            } => {
-                return self.sft_loss(
-                    pairs,
-                    steps,
-                    alphas_cumprod,
-                    *prediction,
-                    distilled.as_deref(),
-                )
-            }
+            } => return self.sft_loss(pairs, steps, schedule, distilled.as_deref()),
         };
         let b = pairs.len() as i64;
         let at = |side: fn(&TrainingPair) -> &Tensor, offset: usize| {
@@ -270,8 +263,7 @@ impl OnlineTrainer {
         &self,
         pairs: &[&Prepared],
         steps: &[usize],
-        alphas_cumprod: &[f64],
-        prediction: diffusion::sampling::PredictionType,
+        schedule: &TrainingSchedule,
         distilled: Option<&[u32]>,
     ) -> Result<Loss, RunError> {
         let device = self.pipeline.device();
@@ -286,14 +278,17 @@ impl OnlineTrainer {
         let mut timesteps = Vec::with_capacity(pairs.len());
         for (p, &i) in pairs.iter().zip(steps) {
             let seed = step_seed(p.pair.pair_id as u64, i as u64, u32::MAX - 1);
-            timesteps.push(sft_timestep(seed, alphas_cumprod.len(), distilled));
+            timesteps.push(sft_timestep(seed, schedule.len(), distilled));
             let mut draw = SeededNoise::new(seed);
             noise.extend(draw.draw(&x0.size()[1..], 1)?);
         }
         let noise = Tensor::stack(&noise, 0).to_device(device);
-        let x = add_noise(&x0, &noise, &timesteps, alphas_cumprod)?;
-        let target = regression_target(&x0, &noise, &timesteps, alphas_cumprod, prediction)?;
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let x = schedule.add_noise(&x0, &noise, &timesteps)?;
+        let target = schedule.target(&x0, &noise, &timesteps)?;
+        let t: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| schedule.model_timestep(t))
+            .collect();
         let t = Tensor::from_slice(&t).to_device(device);
         let conds: Vec<&Conditioning> = pairs.iter().map(|p| &p.cond).collect();
         let cond = Conditioning::cat(&conds)?;

@@ -1,0 +1,453 @@
+//! Training the flow-matching models (SD3 / SD3.5 and FLUX) through the same backbone interface
+//! as the UNets, on tiny random folders from the oracle (scripts/oracle/make_sd3_text.py,
+//! make_flux_pipeline.py): LoRA exports that diffusers' `load_lora_weights` loads with the same
+//! transformer output, DiffFit's tensors and γ merging exactly, and `pso online` / `pso offline`
+//! runs with the flow kernels, resumed, exported and sampled back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use diffusion::models::backbone::Backbone;
+use diffusion::pipeline::{Conditioning, LoadOptions, Pipeline};
+use hf::tensor_file;
+use pso::config::PeftSection;
+use pso::peft::export::{apply_file, merge};
+use pso::peft::{lora, Adapter, PeftKind};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// OUT/sd3/{with_t5,no_t5} and OUT/flux/{schnell,dev}.
+fn folders() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flow-training");
+        let _ = std::fs::remove_dir_all(&dir);
+        for (script, sub) in [
+            ("make_sd3_text.py", "sd3"),
+            ("make_flux_pipeline.py", "flux"),
+        ] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            common::oracle(script, &[dir.join(sub).as_os_str()]);
+        }
+        dir
+    })
+}
+
+fn load(name: &str) -> Pipeline {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        variant: None,
+        backbone_weights: None,
+        max_sequence_length: Some(12),
+    };
+    Pipeline::load(&folders().join(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Fixed inputs for a batch of 2 prompts at σ = 1 and 0.5 (model timesteps 1000, 500), on a
+/// 12 × 12 latent; FLUX-dev with its embedded guidance 3.5.
+struct Inputs {
+    x: Tensor,
+    t: Tensor,
+    cond: Conditioning,
+}
+
+fn inputs(p: &Pipeline) -> Inputs {
+    tch::manual_seed(5);
+    let cond = |prompt| p.condition(prompt, None, 3.5, 24, 24, 1).unwrap();
+    let (a, b) = if matches!(p.backbone, Backbone::Flux(_)) {
+        // FLUX embeds the guidance scale (dev) instead of guiding classifier-free.
+        (cond("a red cat"), cond("a dog on the grass"))
+    } else {
+        let unguided = |prompt| p.condition(prompt, None, 0.0, 24, 24, 1).unwrap();
+        (unguided("a red cat"), unguided("a dog on the grass"))
+    };
+    Inputs {
+        x: Tensor::randn([2, 16, 12, 12], (Kind::Float, Device::Cpu)),
+        t: Tensor::from_slice(&[1000.0f32, 500.0]),
+        cond: Conditioning::cat(&[&a, &b]).unwrap(),
+    }
+}
+
+fn output(p: &Pipeline, i: &Inputs) -> Tensor {
+    tch::no_grad(|| p.predict_batch(&p.backbone, &i.cond, &i.x, &i.t))
+}
+
+fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {
+    assert_eq!(ours.size(), theirs.size(), "{what}");
+    let diff = (ours - theirs).abs().max().double_value(&[]);
+    let scale = theirs.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "{what}: max |Δ| {diff} of {scale}"
+    );
+}
+
+/// LoRA's B starts at zero; random values make the adapter change the output.
+fn randomize_up(adapter: &Adapter) {
+    tch::manual_seed(9);
+    tch::no_grad(|| {
+        for (name, t) in adapter.params() {
+            if name.ends_with("lora_B.weight") {
+                t.shallow_clone().copy_(&(t.randn_like() * 0.2));
+            }
+        }
+    });
+}
+
+#[test]
+fn lora_exports_load_in_diffusers_with_the_same_transformer_output() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("sd3/with_t5", ["ff.net.2", "add_q_proj"]),
+        ("flux/dev", ["ff.net.2", "proj_mlp"]),
+        ("flux/schnell", ["ff_context.net.2", "proj_out"]),
+    ] {
+        let p = load(name);
+        let i = inputs(&p);
+        let base = output(&p, &i);
+        let mut s = PeftSection {
+            kind: PeftKind::Lora,
+            rank: 4,
+            alpha: 8.0,
+            ..PeftSection::default()
+        };
+        s.targets.extend(extra.map(String::from));
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 3).unwrap();
+        randomize_up(&adapter);
+        let ours = output(&p, &i);
+        assert!(
+            !ours.allclose(&base, 1e-3, 1e-4, false),
+            "{name}: the adapter matters"
+        );
+        let tag = name.replace('/', "-");
+        let lora_file = dir.path().join(format!("{tag}-lora.safetensors"));
+        tensor_file::write(
+            &lora_file,
+            &lora::to_diffusers(&adapter.tensors(), s.alpha / s.rank as f64, "transformer"),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let mut feed = vec![
+            ("sample".to_string(), i.x.shallow_clone()),
+            ("timestep".to_string(), i.t.shallow_clone()),
+        ];
+        feed.extend(i.cond.tensors());
+        let inputs_file = dir.path().join(format!("{tag}-inputs.safetensors"));
+        tensor_file::write(&inputs_file, &feed, &HashMap::new()).unwrap();
+        let out_file = dir.path().join(format!("{tag}-out.safetensors"));
+        common::oracle(
+            "peft_oracle.py",
+            &[
+                "flow_lora".as_ref(),
+                folders().join(name).as_os_str(),
+                lora_file.as_os_str(),
+                inputs_file.as_os_str(),
+                out_file.as_os_str(),
+            ],
+        );
+        let theirs = tensor_file::read(&out_file).unwrap().tensors.remove(0).1;
+        assert_close(&ours, &theirs, name);
+        // The same file through `pso sample --adapter`'s loader, then merged.
+        let fresh = load(name);
+        let file = tensor_file::read(&lora_file).unwrap();
+        apply_file(&fresh.backbone, &fresh.backbone_vs, file, &lora_file).unwrap();
+        assert_close(&output(&fresh, &i), &ours, &format!("{name} reloaded"));
+        merge(&fresh.backbone, &fresh.backbone_vs);
+        assert_close(&output(&fresh, &i), &ours, &format!("{name} merged"));
+    }
+}
+
+#[test]
+fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
+    for (name, gamma_blocks) in [("sd3/with_t5", 1), ("flux/schnell", 1)] {
+        let p = load(name);
+        let s = PeftSection {
+            kind: PeftKind::Difffit,
+            ..PeftSection::default()
+        };
+        let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0).unwrap();
+        let names: Vec<String> = adapter
+            .params()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let has = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
+        assert!(
+            has(&|n| n.starts_with("time_text_embed.")),
+            "{name}: {names:?}"
+        );
+        // The tiny SD3 has no qk-norm (SD3.0), FLUX always has one.
+        let qk_norm = name.starts_with("flux");
+        assert_eq!(
+            has(&|n| n.ends_with("norm_q.weight")),
+            qk_norm,
+            "{name}: {names:?}"
+        );
+        assert!(has(&|n| n.ends_with("attn.to_q.bias")), "{name}: {names:?}");
+        assert!(
+            !has(&|n| n.ends_with("attn.to_q.weight")),
+            "{name}: {names:?}"
+        );
+        let gammas = names.iter().filter(|n| n.contains("gamma_")).count();
+        assert_eq!(gammas, 2 * gamma_blocks, "{name}: {names:?}");
+        let i = inputs(&p);
+        let base = output(&p, &i);
+        tch::manual_seed(4);
+        tch::no_grad(|| {
+            for (_, t) in adapter.params() {
+                let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.1));
+            }
+        });
+        let tuned = output(&p, &i);
+        assert!(!tuned.allclose(&base, 1e-4, 1e-5, false), "{name}: tuned");
+        // γ = 1 and the original tensors: the reference model is the base model.
+        let reference = tch::no_grad(|| {
+            adapter.reference(&p.backbone, |b| p.predict_batch(b, &i.cond, &i.x, &i.t))
+        });
+        assert_close(&reference, &base, &format!("{name} reference"));
+        let path = std::env::temp_dir().join(format!(
+            "pso-flow-difffit-{}-{}.safetensors",
+            std::process::id(),
+            name.replace('/', "-")
+        ));
+        let meta = HashMap::from([(
+            pso::peft::export::FORMAT_KEY.to_string(),
+            "difffit".to_string(),
+        )]);
+        tensor_file::write(&path, &adapter.tensors(), &meta).unwrap();
+        let fresh = load(name);
+        apply_file(
+            &fresh.backbone,
+            &fresh.backbone_vs,
+            tensor_file::read(&path).unwrap(),
+            &path,
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_close(&output(&fresh, &i), &tuned, &format!("{name} applied"));
+        merge(&fresh.backbone, &fresh.backbone_vs);
+        assert!(fresh
+            .backbone
+            .scaled_blocks()
+            .iter()
+            .all(|b| b.branch_scales().is_none()));
+        assert_close(&output(&fresh, &i), &tuned, &format!("{name} merged"));
+    }
+}
+
+fn pso(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pso"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = pso(args);
+    assert!(
+        out.status.success(),
+        "pso {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// (step, loss) of each metrics line with a loss.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v["loss"].as_f64()?))
+        })
+        .collect()
+}
+
+fn run_config(dir: &Path, model: &str, kernel: &str, objective: &str) -> PathBuf {
+    let path = dir.join(format!(
+        "{}-{kernel}-{objective}.toml",
+        model.replace('/', "-")
+    ));
+    let text = format!(
+        r#"
+[run]
+name = "flow"
+seed = 3
+[model]
+id = "{model}"
+device = "cpu"
+max_sequence_length = 12
+[sampler]
+name = "flow_match_euler"
+flow_kernel = "{kernel}"
+noise_level = 0.7
+steps = 2
+height = 24
+width = 24
+samples_per_prompt = 2
+[reward]
+scorer = "pixel"
+model = "redness"
+[objective]
+kind = "{objective}"
+[peft]
+kind = "lora"
+rank = 4
+alpha = 4.0
+[optim]
+lr = 1e-3
+[learner]
+batch_size = 2
+refresh_every = 2
+max_steps = 4
+checkpoint_every = 2
+[online]
+prompts_per_round = 2
+[eval]
+every = 0
+[pairs]
+flush_every_pairs = 2
+"#,
+        model = folders().join(model).display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_learner_loss_matches_the_flow_samplers_recorded_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/dev", "sde")] {
+        let path = run_config(dir.path(), model, kernel, "online_pso");
+        let config = pso::config::RunConfig::load(&path, &["sampler.steps=3".into()]).unwrap();
+        common::learner_loss_matches_recorded_kernels(&config);
+    }
+}
+
+#[test]
+fn online_pso_trains_sd3_and_flux_resumes_exactly_and_exports_what_diffusers_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/schnell", "sde")] {
+        let cfg = run_config(dir.path(), model, kernel, "online_pso");
+        let tag = model.replace('/', "-");
+        let straight = dir.path().join(format!("{tag}-straight"));
+        let split = dir.path().join(format!("{tag}-split"));
+        ok(&["online", "--config", s(&cfg), "--out", s(&straight)]);
+        ok(&[
+            "online",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&split),
+            "--max-steps",
+            "2",
+        ]);
+        ok(&[
+            "online",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&split),
+            "--resume",
+        ]);
+        let a = losses(&straight);
+        assert_eq!(
+            a.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [1, 2, 3, 4],
+            "{model}: {a:?}"
+        );
+        assert!(a.iter().all(|(_, l)| l.is_finite()), "{model}: {a:?}");
+        // Step 1's policy is the reference (LoRA's B = 0): every ratio is 1 and L = log 2.
+        assert!(
+            (a[0].1 - std::f64::consts::LN_2).abs() < 1e-5,
+            "{model}: {a:?}"
+        );
+        assert_eq!(a, losses(&split), "{model}: resume is bit-exact");
+        let trained = |run: &Path| {
+            std::fs::read(run.join("checkpoints/step-00000004/trainable.safetensors")).unwrap()
+        };
+        assert_eq!(trained(&straight), trained(&split), "{model}");
+        ok(&["pairs", "validate", s(&straight.join("pairs"))]);
+        // Exported, then sampled with the online run's kernel from a stored seed.
+        let lora_file = dir.path().join(format!("{tag}.safetensors"));
+        ok(&[
+            "export",
+            "--run",
+            s(&straight),
+            "--format",
+            "diffusers-lora",
+            "--out",
+            s(&lora_file),
+        ]);
+        let images = dir.path().join(format!("{tag}-images"));
+        ok(&[
+            "sample",
+            "--model",
+            s(&folders().join(model)),
+            "--prompt",
+            "a red cat",
+            "--steps",
+            "2",
+            "--height",
+            "24",
+            "--width",
+            "24",
+            "--max-sequence-length",
+            "12",
+            "--flow-kernel",
+            kernel,
+            "--adapter",
+            s(&lora_file),
+            "--device",
+            "cpu",
+            "--out",
+            s(&images),
+        ]);
+        assert!(images.join("000000.png").exists());
+    }
+}
+
+#[test]
+fn offline_objectives_train_a_flow_model_on_stored_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = "sd3/with_t5";
+    let online = run_config(dir.path(), model, "renoise", "online_pso");
+    let pairs_run = dir.path().join("pairs-run");
+    ok(&[
+        "online",
+        "--config",
+        s(&online),
+        "--out",
+        s(&pairs_run),
+        "--max-steps",
+        "2",
+    ]);
+    for objective in ["offline_pso", "dpo", "sft"] {
+        let cfg = run_config(dir.path(), model, "renoise", objective);
+        let out = dir.path().join(objective);
+        ok(&[
+            "offline",
+            "--config",
+            s(&cfg),
+            "--pairs",
+            s(&pairs_run.join("pairs")),
+            "--out",
+            s(&out),
+            "--max-steps",
+            "2",
+        ]);
+        let l = losses(&out);
+        assert_eq!(l.len(), 2, "{objective}: {l:?}");
+        assert!(l.iter().all(|(_, l)| l.is_finite()), "{objective}: {l:?}");
+    }
+}
