@@ -42,6 +42,7 @@ fn main() {
         variant: None,
         backbone_weights: None,
         max_sequence_length: Some(32),
+        text_encoder_device: None,
     };
     let sd3 = Pipeline::load(&out.join("sd3"), &opts).unwrap();
     let flux = Pipeline::load(&out.join("flux"), &opts).unwrap();

@@ -42,6 +42,7 @@ fn main() {
         variant: None,
         backbone_weights: None,
         max_sequence_length: None,
+        text_encoder_device: None,
     };
     let pipeline = Pipeline::load(&out.join("pipeline"), &opts).unwrap();
     println!("threads: {} libtorch threads\n", tch::get_num_threads());

@@ -1,6 +1,8 @@
 //! `pso doctor`: what libtorch this binary runs on, and which devices it can use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use serde::Serialize;
 
@@ -55,6 +57,8 @@ pub struct Report {
     /// The c10d process groups this binary was built with ("gloo", and "nccl" when the CUDA
     /// and NCCL headers were there at build time).
     pub dist_backends: Vec<&'static str>,
+    /// What the `--config` run needs in GPU memory.
+    pub memory: Option<pso::memory::MemoryEstimate>,
 }
 
 /// Paths of the shared objects mapped into this process whose file name contains `needle`.
@@ -175,6 +179,7 @@ pub fn report() -> Report {
         } else {
             vec!["gloo"]
         },
+        memory: None,
         launch: match dist::Launch::from_env() {
             Ok(None) => None,
             Ok(Some(l)) => Some(format!(
@@ -255,13 +260,37 @@ impl Report {
                 self.dist_backends.join(", ")
             ),
         ]);
-        lines.join("\n") + "\n"
+        let mut text = lines.join("\n") + "\n";
+        if let Some(m) = &self.memory {
+            let devices: Vec<(String, u64)> = self
+                .cuda_devices
+                .iter()
+                .map(|d| (format!("cuda:{}", d.index), d.memory_bytes))
+                .collect();
+            text += "memory of the run (one process)\n";
+            text += &m.to_text(&devices);
+        }
+        text
     }
 }
 
-/// Prints the report, as JSON when `json`.
-pub fn run(json: bool) -> anyhow::Result<()> {
-    let report = report();
+/// Prints the report, as JSON when `json`; with a run config, its memory estimate too.
+pub fn run(json: bool, config: Option<&Path>, sets: &[String]) -> anyhow::Result<()> {
+    let mut report = report();
+    if let Some(path) = config {
+        let config = pso::config::RunConfig::load(path, sets)?;
+        let root = hf::hub::local_model(&config.model.id).with_context(|| {
+            format!(
+                "model.id {}: not a local folder nor in the Hugging Face cache; the estimate \
+                 reads its configs and weight headers (download it first, e.g. `hf download {}`)",
+                config.model.id, config.model.id
+            )
+        })?;
+        report.memory = Some(
+            pso::memory::estimate(&config, &root)
+                .with_context(|| format!("estimating the memory of {}", path.display()))?,
+        );
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

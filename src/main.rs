@@ -35,11 +35,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the libtorch this binary runs on, CUDA devices, bf16 support and threads.
+    /// Show the libtorch this binary runs on, CUDA devices, bf16 support and threads; with
+    /// --config, what the run needs in GPU memory.
     Doctor {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// A run config whose memory needs to estimate (from the model folder's configs and
+        /// safetensors headers; the model must be local or in the Hugging Face cache).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Override config keys: --set sampler.height=1024 (with --config).
+        #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+        sets: Vec<String>,
     },
     /// Generate images with a (distilled) diffusion model.
     Sample(Box<cmd::sample::SampleArgs>),
@@ -86,7 +94,7 @@ enum Command {
 
 fn try_main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Doctor { json } => doctor::run(json)?,
+        Command::Doctor { json, config, sets } => doctor::run(json, config.as_deref(), &sets)?,
         Command::Sample(args) => cmd::sample::run(*args)?,
         Command::Score(args) => cmd::score::run(args)?,
         Command::Pairs(command) => return cmd::pairs::run(command),

@@ -533,3 +533,4 @@ fn hpsv2_scores_a_converted_openclip_checkpoint_as_openclip_does() {
         }
     }
 }
+

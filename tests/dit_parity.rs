@@ -263,6 +263,7 @@ fn dit_pipeline_matches_diffusers_with_ddim_ddpm_and_guidance() {
         variant: None,
         backbone_weights: None,
         max_sequence_length: None,
+        text_encoder_device: None,
     };
     let mut pipeline = Pipeline::load(&dir.path().join("pipeline"), &opts).unwrap();
     assert!(pipeline.is_class_conditional());

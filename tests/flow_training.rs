@@ -44,6 +44,7 @@ fn load(name: &str) -> Pipeline {
         variant: None,
         backbone_weights: None,
         max_sequence_length: Some(12),
+        text_encoder_device: None,
     };
     Pipeline::load(&folders().join(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -171,11 +172,7 @@ fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
             ..PeftSection::default()
         };
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0).unwrap();
-        let names: Vec<String> = adapter
-            .params()
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect();
+        let names: Vec<String> = adapter.params().iter().map(|(n, _)| n.clone()).collect();
         let has = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
         assert!(
             has(&|n| n.starts_with("time_text_embed.")),
@@ -406,6 +403,8 @@ fn online_pso_trains_sd3_and_flux_resumes_exactly_and_exports_what_diffusers_loa
             "12",
             "--flow-kernel",
             kernel,
+            "--text-encoder-device",
+            "cpu",
             "--adapter",
             s(&lora_file),
             "--device",
@@ -450,4 +449,71 @@ fn offline_objectives_train_a_flow_model_on_stored_pairs() {
         assert_eq!(l.len(), 2, "{objective}: {l:?}");
         assert!(l.iter().all(|(_, l)| l.is_finite()), "{objective}: {l:?}");
     }
+}
+
+#[test]
+fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = run_config(dir.path(), "flux/schnell", "renoise", "online_pso");
+    let report = |sets: &[&str]| -> Value {
+        let mut args = vec!["doctor", "--json", "--config", s(&cfg)];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let part = |r: &Value, what: &str| -> u64 {
+        r["memory"]["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["what"] == what)
+            .unwrap_or_else(|| panic!("no {what}: {r}"))["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let small = report(&[]);
+    // Weights: exactly the transformer's parameters in fp32.
+    let p = load("flux/schnell");
+    let params: i64 = p
+        .backbone_vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    assert_eq!(part(&small, "denoiser weights"), 4 * params as u64);
+    // LoRA r4 on to_q/to_k/to_v/to_out.0: 4·(in + out) per targeted layer, 16 bytes each.
+    let adapter = Adapter::new(
+        &p.backbone,
+        &p.backbone_vs,
+        &PeftSection {
+            kind: PeftKind::Lora,
+            rank: 4,
+            alpha: 4.0,
+            ..PeftSection::default()
+        },
+        0,
+    )
+    .unwrap();
+    let trainable: i64 = adapter.params().iter().map(|(_, t)| t.numel() as i64).sum();
+    assert_eq!(part(&small, "trainable + AdamW"), 16 * trainable as u64);
+    // Activations grow with the image: 24² → 48² is 36 → 144 image tokens (+ 12 of T5).
+    let large = report(&["sampler.height=48", "sampler.width=48"]);
+    let (a, b) = (
+        part(&small, "learner activations"),
+        part(&large, "learner activations"),
+    );
+    assert_eq!(b * 48, a * 156, "{a} → {b}");
+    let total: u64 = small["memory"]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(small["memory"]["total_bytes"].as_u64().unwrap(), total);
+    let text = ok(&["doctor", "--config", s(&cfg)]);
+    assert!(
+        text.contains("memory of the run") && text.contains("learner activations"),
+        "{text}"
+    );
 }

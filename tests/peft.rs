@@ -33,6 +33,7 @@ fn load(name: &str, kind: Kind) -> Pipeline {
         variant: None,
         backbone_weights: None,
         max_sequence_length: None,
+        text_encoder_device: None,
     };
     Pipeline::load(&oracle_dir().join(name), &opts).unwrap()
 }

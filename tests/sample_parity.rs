@@ -61,6 +61,7 @@ fn final_latents_match_diffusers_pipelines() {
         variant: None,
         backbone_weights: None,
         max_sequence_length: None,
+        text_encoder_device: None,
     };
     for c in cases(dir) {
         let pipeline = Pipeline::load(&dir.join(&c.folder), &opts).unwrap();
@@ -275,6 +276,7 @@ fn half_precision_pipelines_stay_close_to_f32() {
                 variant: None,
                 backbone_weights: None,
                 max_sequence_length: None,
+                text_encoder_device: None,
             };
             let pipeline = Pipeline::load(&dir.join(folder), &opts).unwrap();
             let request = GenerateRequest {

@@ -135,6 +135,7 @@ fn the_committed_model_draws_its_captions() {
             variant: None,
             backbone_weights: None,
             max_sequence_length: None,
+            text_encoder_device: None,
         },
     )
     .unwrap();

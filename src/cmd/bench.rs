@@ -120,6 +120,7 @@ fn sample(args: SampleBench) -> Result<serde_json::Value> {
             variant: None,
             backbone_weights: None,
             max_sequence_length: None,
+            text_encoder_device: None,
         },
     )
     .with_context(|| format!("loading {}", root.display()))?;

@@ -107,6 +107,10 @@ pub struct SampleArgs {
     /// --flow-kernel sde: Flow-GRPO's noise level a.
     #[arg(long, default_value_t = 0.7)]
     noise_level: f64,
+    /// Where the text encoders run, when not on --device (e.g. cpu: T5-XXL's 9.5 GB stay off
+    /// the GPU).
+    #[arg(long)]
+    text_encoder_device: Option<String>,
     /// T5 tokens per prompt of an SD3 / FLUX folder (default 256; FLUX.1-dev, whose transformer
     /// embeds guidance, 512).
     #[arg(long)]
@@ -188,6 +192,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
         variant: args.variant.clone(),
         backbone_weights,
         max_sequence_length: args.max_sequence_length,
+        text_encoder_device: args
+            .text_encoder_device
+            .as_deref()
+            .map(resolve_device)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--text-encoder-device")?,
     };
     let root = hf::hub::resolve_model(&args.model, args.variant.as_deref())?;
     let init_latents = args

@@ -92,6 +92,7 @@ pub fn generate_each(
         variant: None,
         backbone_weights: None,
         max_sequence_length: Some(12),
+        text_encoder_device: None,
     };
     let pipe = Pipeline::load(folder, &opts).unwrap_or_else(|e| panic!("{folder:?}: {e}"));
     let f = pipe.vae_scale_factor();

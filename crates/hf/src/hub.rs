@@ -154,6 +154,20 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf, HfErr
     resolve_repo(spec, Layout::Pipeline { variant })
 }
 
+/// A pipeline `spec` that is here already: an existing folder, or a hub id whose snapshot is
+/// in the Hugging Face cache. Never touches the network.
+pub fn local_model(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    let repo_ref = match parse_repo(spec) {
+        Some(repo) if !path.exists() => repo,
+        _ => return path.exists().then(|| path.to_owned()),
+    };
+    hf_hub::Cache::from_env()
+        .repo(repo_ref)
+        .get(Layout::Pipeline { variant: None }.marker())
+        .and_then(|p| p.parent().map(Path::to_owned))
+}
+
 /// Resolves a scorer's model (a transformers model folder such as PickScore's CLIPModel): an
 /// existing folder as is, otherwise a hub id through the HF cache, fetching its top-level
 /// configs, tokenizer files and safetensors weights.

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod fid;
 pub mod learner;
+pub mod memory;
 pub mod objective;
 pub mod optim;
 pub mod peft;

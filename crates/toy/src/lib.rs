@@ -530,6 +530,7 @@ pub fn build(
                 variant: None,
                 backbone_weights: None,
                 max_sequence_length: None,
+                text_encoder_device: None,
             },
         )
     };

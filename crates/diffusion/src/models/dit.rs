@@ -108,7 +108,7 @@ impl DiTTransformer2DConfig {
     }
 
     /// Width of the tokens.
-    fn inner_dim(&self) -> i64 {
+    pub fn inner_dim(&self) -> i64 {
         self.num_attention_heads * self.attention_head_dim
     }
 

@@ -149,6 +149,8 @@ pub(super) fn load(root: &Path, opts: &LoadOptions) -> Result<Pipeline, Pipeline
             num_classes,
         }),
         device: opts.device,
+        text_device: opts.text_device(),
+        prompt_cache: super::PromptCache::new(0),
         kind: opts.kind,
     })
 }

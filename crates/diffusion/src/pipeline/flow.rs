@@ -10,6 +10,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::flux_prompt::FluxTextEncoders;
+use super::prompt_cache::{self, PromptCache};
 use super::sd3_prompt::Sd3TextEncoders;
 use super::{
     load_backbone, Conditioner, Conditioning, ImageCodec, LoadOptions, Pipeline, PipelineError,
@@ -54,7 +55,7 @@ pub(super) fn load(
             root,
             opts.max_sequence_length.unwrap_or(SD3_MAX_SEQUENCE_LENGTH),
             m.config().joint_attention_dim,
-            opts.device,
+            opts.text_device(),
             opts.kind,
             variant,
         )?)),
@@ -67,7 +68,7 @@ pub(super) fn load(
             Conditioner::Flux(Box::new(FluxTextEncoders::load(
                 root,
                 opts.max_sequence_length.unwrap_or(default),
-                opts.device,
+                opts.text_device(),
                 opts.kind,
                 variant,
             )?))
@@ -86,6 +87,8 @@ pub(super) fn load(
         scheduler_config,
         conditioner,
         device: opts.device,
+        text_device: opts.text_device(),
+        prompt_cache: PromptCache::new(prompt_cache::DEFAULT_BUDGET_BYTES),
         kind: opts.kind,
     })
 }
@@ -114,22 +117,21 @@ impl Pipeline {
             })
         };
         let (context, pooled, cfg, embedded) = match (&self.conditioner, &self.backbone) {
-            (Conditioner::Sd3(encoders), _) => {
-                let positive = encoders.encode(&[prompt], self.device)?;
+            (Conditioner::Sd3(_), _) => {
+                let positive = self.encode_prompt(prompt)?;
                 let (mut context, mut pooled) = (
                     repeat(&positive.embeds),
                     repeat(&pooled_of(positive.pooled)?),
                 );
                 let cfg = (guidance > 1.0).then_some(guidance);
                 if cfg.is_some() {
-                    let negative =
-                        encoders.encode(&[negative_prompt.unwrap_or("")], self.device)?;
+                    let negative = self.encode_prompt(negative_prompt.unwrap_or(""))?;
                     context = Tensor::cat(&[repeat(&negative.embeds), context], 0);
                     pooled = Tensor::cat(&[repeat(&pooled_of(negative.pooled)?), pooled], 0);
                 }
                 (context, pooled, cfg, None)
             }
-            (Conditioner::Flux(encoders), Backbone::Flux(m)) => {
+            (Conditioner::Flux(_), Backbone::Flux(m)) => {
                 if negative_prompt.is_some() {
                     return Err(PipelineError::Request(
                         "FLUX runs without classifier-free guidance here, so it takes no \
@@ -137,7 +139,7 @@ impl Pipeline {
                             .into(),
                     ));
                 }
-                let text = encoders.encode(&[prompt], self.device)?;
+                let text = self.encode_prompt(prompt)?;
                 let embedded = m
                     .config()
                     .guidance_embeds

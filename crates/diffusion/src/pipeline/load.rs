@@ -7,6 +7,7 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind};
 
 use super::prompt::TextEncoders;
+use super::prompt_cache::{self, PromptCache};
 use super::{dit, flow, Conditioner, ImageCodec, Pipeline, PipelineError};
 use crate::models::backbone::Backbone;
 use crate::models::dit::DiTTransformer2DModel;
@@ -29,6 +30,16 @@ pub struct LoadOptions {
     pub backbone_weights: Option<PathBuf>,
     /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512).
     pub max_sequence_length: Option<usize>,
+    /// Where the text encoders run, when not on `device` (e.g. T5-XXL on the CPU to leave
+    /// the GPU to the denoiser); their outputs move to `device`.
+    pub text_encoder_device: Option<Device>,
+}
+
+impl LoadOptions {
+    /// The text encoders' device.
+    pub fn text_device(&self) -> Device {
+        self.text_encoder_device.unwrap_or(self.device)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,7 +169,7 @@ impl Pipeline {
             });
         };
         let vae = ImageCodec::load(&root.join("vae"), opts.device, opts.kind, variant)?;
-        let encoders = TextEncoders::load(root, dual, opts.device, opts.kind, variant)?;
+        let encoders = TextEncoders::load(root, dual, opts.text_device(), opts.kind, variant)?;
         let scheduler_config =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         if unet.needs_added_cond() != dual {
@@ -177,6 +188,8 @@ impl Pipeline {
                 force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             },
             device: opts.device,
+            text_device: opts.text_device(),
+            prompt_cache: PromptCache::new(prompt_cache::DEFAULT_BUDGET_BYTES),
             kind: opts.kind,
         })
     }

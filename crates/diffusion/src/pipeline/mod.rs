@@ -15,6 +15,7 @@ pub mod flux_prompt;
 pub mod images;
 mod load;
 pub mod prompt;
+pub mod prompt_cache;
 pub mod sd3_prompt;
 
 pub use codec::ImageCodec;
@@ -34,6 +35,8 @@ use crate::sampling::{
     Trajectory,
 };
 use conditioning::Conditioner;
+use prompt::PromptEmbeds;
+use prompt_cache::PromptCache;
 
 /// Errors of a pipeline; each names the folder, file or argument involved.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,9 @@ pub struct Pipeline {
     pub scheduler_config: SchedulerConfig,
     conditioner: Conditioner,
     device: Device,
+    /// Where the text encoders run.
+    text_device: Device,
+    prompt_cache: PromptCache,
     kind: Kind,
 }
 
@@ -210,40 +216,39 @@ impl Pipeline {
             return self.condition_joint(prompt, negative_prompt, guidance, num_images);
         }
         let _no_grad = tch::no_grad_guard();
-        let (encoders, force_zeros_for_empty_prompt, unet) =
-            match (&self.conditioner, &self.backbone) {
-                (
-                    Conditioner::Text {
-                        encoders,
-                        force_zeros_for_empty_prompt,
-                    },
-                    Backbone::UNet(unet),
-                ) => (encoders, *force_zeros_for_empty_prompt, unet),
-                (Conditioner::Classes(names), _) => {
-                    if negative_prompt.is_some() {
-                        return Err(PipelineError::Request(
-                            "a class-conditional DiT has no negative prompt; guidance is \
+        let (force_zeros_for_empty_prompt, unet) = match (&self.conditioner, &self.backbone) {
+            (
+                Conditioner::Text {
+                    force_zeros_for_empty_prompt,
+                    ..
+                },
+                Backbone::UNet(unet),
+            ) => (*force_zeros_for_empty_prompt, unet),
+            (Conditioner::Classes(names), _) => {
+                if negative_prompt.is_some() {
+                    return Err(PipelineError::Request(
+                        "a class-conditional DiT has no negative prompt; guidance is \
                              against the null class"
-                                .into(),
-                        ));
-                    }
-                    let id = names.class_id(prompt)?;
-                    let ids = vec![id; num_images as usize];
-                    let cfg = (guidance > 1.0).then_some(guidance);
-                    return Ok(Conditioning {
-                        inputs: Condition::Classes(names.model_labels(
-                            &ids,
-                            cfg.is_some(),
-                            self.device,
-                        )),
-                        cfg,
-                    });
+                            .into(),
+                    ));
                 }
-                _ => unreachable!("SD / SDXL text pipelines load a UNet"),
-            };
+                let id = names.class_id(prompt)?;
+                let ids = vec![id; num_images as usize];
+                let cfg = (guidance > 1.0).then_some(guidance);
+                return Ok(Conditioning {
+                    inputs: Condition::Classes(names.model_labels(
+                        &ids,
+                        cfg.is_some(),
+                        self.device,
+                    )),
+                    cfg,
+                });
+            }
+            _ => unreachable!("SD / SDXL text pipelines load a UNet"),
+        };
         let lcm_dim = unet.config.time_cond_proj_dim;
         let cfg = (guidance > 1.0 && lcm_dim.is_none()).then_some(guidance);
-        let positive = encoders.encode(&[prompt], self.device)?;
+        let positive = self.encode_prompt(prompt)?;
         let repeat = |t: &Tensor| {
             let mut reps = vec![1i64; t.dim()];
             reps[0] = num_images;
@@ -259,7 +264,7 @@ impl Pipeline {
                     positive.pooled.as_ref().map(Tensor::zeros_like),
                 )
             } else {
-                let n = encoders.encode(&[negative_prompt.unwrap_or("")], self.device)?;
+                let n = self.encode_prompt(negative_prompt.unwrap_or(""))?;
                 (n.embeds, n.pooled)
             };
             embeds = Tensor::cat(&[repeat(&neg_embeds), embeds], 0);
@@ -297,6 +302,22 @@ impl Pipeline {
     /// The device the models run on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// One prompt's text embeddings on the models' device, encoded on the text encoders'
+    /// device, or from the prompt cache.
+    fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeds, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let text = self.text_device;
+        self.prompt_cache
+            .get_or_encode(prompt, self.device, || match &self.conditioner {
+                Conditioner::Text { encoders, .. } => encoders.encode(&[prompt], text),
+                Conditioner::Sd3(encoders) => encoders.encode(&[prompt], text),
+                Conditioner::Flux(encoders) => encoders.encode(&[prompt], text),
+                Conditioner::Classes(_) => Err(PipelineError::Request(
+                    "a class-conditional pipeline has no text encoder; give class labels".into(),
+                )),
+            })
     }
 
     /// The (guided) model output for scaled latents `model_input` at timestep `t`: the noise

@@ -70,6 +70,10 @@ pub struct ModelSection {
     pub unet: Option<PathBuf>,
     /// T5 tokens per prompt of an SD3 / FLUX model (default 256; FLUX.1-dev 512).
     pub max_sequence_length: Option<usize>,
+    /// Where the text encoders run when not on `device` (`cpu`, `cuda:N`): T5-XXL (9.5 GB in
+    /// bf16) on the CPU leaves the GPU to the transformer; prompts are cached after the first
+    /// encoding.
+    pub text_encoder_device: Option<String>,
 }
 
 impl Default for ModelSection {
@@ -80,18 +84,24 @@ impl Default for ModelSection {
             device: "auto".into(),
             unet: None,
             max_sequence_length: None,
+            text_encoder_device: None,
         }
     }
+}
+
+/// Whether `spec` reads as a device: `cpu`, `cuda`, `cuda:N` or `auto` (whether it exists is
+/// checked when the model loads).
+fn device_spec_ok(spec: &str) -> bool {
+    matches!(spec, "cpu" | "cuda" | "auto")
+        || spec
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 impl ModelSection {
     /// `model.*` values serde cannot check.
     pub fn problems(&self) -> Problems {
-        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "auto")
-            || self
-                .device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
+        let device_ok = device_spec_ok(&self.device);
         failing([
             (
                 !self.id.is_empty(),
@@ -102,6 +112,16 @@ impl ModelSection {
                 device_ok,
                 "model.device",
                 format!("`{}` is not cpu, cuda, cuda:N or auto", self.device),
+            ),
+            (
+                self.text_encoder_device
+                    .as_deref()
+                    .is_none_or(device_spec_ok),
+                "model.text_encoder_device",
+                format!(
+                    "`{}` is not cpu, cuda, cuda:N or auto",
+                    self.text_encoder_device.as_deref().unwrap_or_default()
+                ),
             ),
             (
                 self.max_sequence_length != Some(0),

@@ -96,6 +96,7 @@ pub fn export(
                 variant: None,
                 backbone_weights: config.model.unet.clone(),
                 max_sequence_length: None,
+                text_encoder_device: None,
             };
             let (vs, backbone) = load_backbone(&root, &opts).map_err(|e| {
                 PeftError::Config(format!("loading the base model for merging: {e}"))

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use diffusion::pipeline::{LoadOptions, Pipeline};
 use diffusion::sampling::SchedulerKind;
 
-use crate::config::RunConfig;
+use crate::config::{resolve_device, RunConfig};
 pub use crate::seed::step_seed;
 pub use dir::{run_path, Metrics, RunDir};
 pub(crate) use error::io;
@@ -51,6 +51,13 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             variant: None,
             backbone_weights: config.model.unet.clone(),
             max_sequence_length: config.model.max_sequence_length,
+            text_encoder_device: config
+                .model
+                .text_encoder_device
+                .as_deref()
+                .map(resolve_device)
+                .transpose()
+                .map_err(|e| RunError::Config(format!("model.text_encoder_device: {e}")))?,
         },
     )?;
     pipeline.scheduler_config.kind = config.sampler.name;
