@@ -533,4 +533,3 @@ fn hpsv2_scores_a_converted_openclip_checkpoint_as_openclip_does() {
         }
     }
 }
-

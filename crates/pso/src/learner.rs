@@ -97,6 +97,10 @@ pub struct LearnerSection {
     /// Abort (after a checkpoint) when this many optimizer steps in a row had a non-finite loss
     /// or gradient.
     pub max_nonfinite_steps: u32,
+    /// Recompute each transformer block's activations in the backward pass instead of keeping
+    /// them (SD3 / FLUX): the learner's activation memory drops to the block boundaries, for
+    /// about a third more compute.
+    pub recompute_blocks: bool,
 }
 
 impl Default for LearnerSection {
@@ -110,6 +114,7 @@ impl Default for LearnerSection {
             keep_checkpoints: 3,
             ema_decay: 0.0,
             max_nonfinite_steps: 10,
+            recompute_blocks: false,
         }
     }
 }
@@ -277,12 +282,32 @@ impl Learner {
         self.step_over(self.accumulation, micro)
     }
 
+    /// [`Learner::step`], calling `after_backward` after each micro-batch's backward.
+    pub fn step_then(
+        &mut self,
+        micro: impl FnMut(u32) -> Result<Loss, LearnerError>,
+        after_backward: &dyn Fn(),
+    ) -> Result<StepReport, LearnerError> {
+        self.step_over_then(self.accumulation, micro, after_backward)
+    }
+
     /// One optimizer step over `count` micro-batches (online PSO: accumulation × transitions),
     /// each backpropagated scaled by 1/count.
     pub fn step_over(
         &mut self,
         count: u32,
+        micro: impl FnMut(u32) -> Result<Loss, LearnerError>,
+    ) -> Result<StepReport, LearnerError> {
+        self.step_over_then(count, micro, &|| {})
+    }
+
+    /// [`Learner::step_over`], calling `after_backward` after each micro-batch's backward (a
+    /// backbone that recomputes its blocks completes their backward there).
+    pub fn step_over_then(
+        &mut self,
+        count: u32,
         mut micro: impl FnMut(u32) -> Result<Loss, LearnerError>,
+        after_backward: &dyn Fn(),
     ) -> Result<StepReport, LearnerError> {
         let start = Instant::now();
         let lr = self.lr();
@@ -296,6 +321,7 @@ impl Learner {
             if finite {
                 (loss / count as f64).backward();
             }
+            after_backward();
             reports.push(diagnostics);
         }
         let mut diagnostics = mean_diagnostics(&reports);

@@ -2,8 +2,9 @@
 //! counts from the safetensors headers (no weights are read), the trainable tensors and their
 //! AdamW state from `peft`, and the learner's saved activations from the transformer's shape
 //! (`pso doctor --config`). The activation term is an estimate (≈ 30 saved values per token and
-//! channel per block in the run's dtype, attention through SDPA); it is the one to watch at
-//! 1024² on the 8B / 12B flow models.
+//! channel per block in the run's dtype, attention through SDPA; with `learner.recompute_blocks`
+//! one value per block plus one block's); it is the one to watch at 1024² on the 8B / 12B flow
+//! models.
 
 use std::path::Path;
 
@@ -243,14 +244,25 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
         };
     match shape {
         Some(s) => {
-            let per_sample =
-                s.blocks * s.tokens * s.width * ACTIVATION_VALUES_PER_TOKEN_CHANNEL * dtype_bytes;
+            let block = s.tokens * s.width * ACTIVATION_VALUES_PER_TOKEN_CHANNEL * dtype_bytes;
+            let (per_sample, how) = if config.learner.recompute_blocks {
+                // Each block's input kept, one block's activations alive at a time.
+                (
+                    s.blocks * s.tokens * s.width * dtype_bytes + block,
+                    "recomputed: block inputs + one block's".to_string(),
+                )
+            } else {
+                (
+                    s.blocks * block,
+                    format!("~{ACTIVATION_VALUES_PER_TOKEN_CHANNEL} saved values each"),
+                )
+            };
             parts.push(Part {
                 what: "learner activations".into(),
                 bytes: samples * per_sample,
                 detail: format!(
-                    "{samples} samples × {} blocks × {} tokens × {} channels × ~{} saved values",
-                    s.blocks, s.tokens, s.width, ACTIVATION_VALUES_PER_TOKEN_CHANNEL
+                    "{samples} samples × {} blocks × {} tokens × {} channels, {how}",
+                    s.blocks, s.tokens, s.width
                 ),
             });
         }
@@ -291,8 +303,9 @@ impl MemoryEstimate {
                 format!("  fits {name} ({})", gib(*bytes))
             } else {
                 format!(
-                    "  does not fit {name} ({}): lower learner.batch_size or sampler.height / \
-                     width, set model.text_encoder_device = \"cpu\", or use a larger GPU",
+                    "  does not fit {name} ({}): set learner.recompute_blocks = true, lower \
+                     learner.batch_size or sampler.height / width, set \
+                     model.text_encoder_device = \"cpu\", or use a larger GPU",
                     gib(*bytes)
                 )
             });

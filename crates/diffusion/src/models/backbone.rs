@@ -239,6 +239,34 @@ impl Backbone {
         }
     }
 
+    /// Turns activation recomputation per transformer block on or off (SD3 / FLUX; see
+    /// [`crate::models::recompute`]); an error naming the backbone for the others.
+    pub fn set_recompute(&self, on: bool) -> Result<(), String> {
+        match self {
+            Backbone::SD3(m) => m.set_recompute(on),
+            Backbone::Flux(m) => m.set_recompute(on),
+            Backbone::UNet(_) | Backbone::DiT(_) if on => {
+                return Err(
+                    "activation recomputation is implemented for the SD3 and FLUX transformers, \
+                     not for UNets or DiT"
+                        .into(),
+                )
+            }
+            Backbone::UNet(_) | Backbone::DiT(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Completes the backward of every forward pass that kept only block inputs: call after
+    /// each loss's backward (nothing to do without recomputation).
+    pub fn finish_recomputation(&self) {
+        match self {
+            Backbone::SD3(m) => m.finish_recomputation(),
+            Backbone::Flux(m) => m.finish_recomputation(),
+            Backbone::UNet(_) | Backbone::DiT(_) => {}
+        }
+    }
+
     /// Folds every attached LoRA adapter and γ into the base weights.
     pub fn merge_adapters(&self) {
         for layer in self.lora_candidates() {

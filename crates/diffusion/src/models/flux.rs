@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::linear::Linear;
+use super::recompute::{self, Recompute};
 use super::sd3::{modulate, AdaNormContinuous, AdaNormZero, TimeTextEmbed};
 use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
 use hf::load::{load_model, load_model_with_weights, LoadError};
@@ -413,9 +414,130 @@ pub struct FluxTransformer2DModel {
     single_blocks: Vec<FluxSingleTransformerBlock>,
     norm_out: AdaNormContinuous,
     proj_out: Linear,
+    recompute: Recompute<FluxPass>,
+}
+
+/// A forward pass kept for recomputation: the input stage's outputs (still in its graph), the
+/// rotary tables, each block's inputs, and the last block's output leaf.
+#[derive(Debug)]
+struct FluxPass {
+    x: Tensor,
+    c: Tensor,
+    temb: Tensor,
+    /// The output stage's leaf copy of `temb`.
+    temb_post: Tensor,
+    rope: (Tensor, Tensor),
+    double_inputs: Vec<(Tensor, Tensor)>,
+    single_inputs: Vec<Tensor>,
+    out: Tensor,
 }
 
 impl FluxTransformer2DModel {
+    /// Turns activation recomputation per block on or off (see
+    /// [`crate::models::recompute`]); with it on, a forward pass in grad mode must be followed,
+    /// after its loss's backward, by [`FluxTransformer2DModel::finish_recomputation`].
+    pub fn set_recompute(&self, on: bool) {
+        self.recompute.set(on);
+    }
+
+    /// The joint sequence (prompt first) after every block.
+    fn blocks_forward(
+        &self,
+        mut x: Tensor,
+        mut c: Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Tensor {
+        for block in &self.blocks {
+            (x, c) = block.forward(&x, &c, temb, rope);
+        }
+        let mut sequence = Tensor::cat(&[c, x], 1);
+        for block in &self.single_blocks {
+            sequence = block.forward(&sequence, temb, rope);
+        }
+        sequence
+    }
+
+    /// [`Self::blocks_forward`] without autograd, keeping each block's inputs; returns the
+    /// output as a leaf the loss's backward stops at, and a leaf copy of `temb` for the output
+    /// stage (so that the input stage's graph is walked once, by the recomputation).
+    fn blocks_kept_for_recompute(
+        &self,
+        x: Tensor,
+        c: Tensor,
+        temb: Tensor,
+        rope: (Tensor, Tensor),
+    ) -> (Tensor, Tensor) {
+        let mut double_inputs = Vec::with_capacity(self.blocks.len());
+        let mut single_inputs = Vec::with_capacity(self.single_blocks.len());
+        let out = tch::no_grad(|| {
+            let (mut x, mut c, t) = (x.detach(), c.detach(), temb.detach());
+            for block in &self.blocks {
+                double_inputs.push((x.shallow_clone(), c.shallow_clone()));
+                (x, c) = block.forward(&x, &c, &t, &rope);
+            }
+            let mut sequence = Tensor::cat(&[c, x], 1);
+            for block in &self.single_blocks {
+                single_inputs.push(sequence.shallow_clone());
+                sequence = block.forward(&sequence, &t, &rope);
+            }
+            sequence
+        });
+        let (out, temb_post) = (recompute::leaf(&out), recompute::leaf(&temb));
+        self.recompute.push(FluxPass {
+            x,
+            c,
+            temb,
+            temb_post: temb_post.shallow_clone(),
+            rope,
+            double_inputs,
+            single_inputs,
+            out: out.shallow_clone(),
+        });
+        (out, temb_post)
+    }
+
+    /// Runs the backward of the blocks of every pass kept since the last call, by recomputing
+    /// them, after the loss's backward has reached their outputs.
+    pub fn finish_recomputation(&self) {
+        for pass in self.recompute.take() {
+            let Some(mut g_sequence) = recompute::grad_of(&pass.out) else {
+                continue;
+            };
+            let temb = recompute::leaf(&pass.temb);
+            for (block, input) in self.single_blocks.iter().zip(&pass.single_inputs).rev() {
+                let input = recompute::leaf(input);
+                let out = block.forward(&input, &temb, &pass.rope);
+                recompute::backward(&[(&out, Some(&g_sequence))]);
+                g_sequence =
+                    recompute::grad_of(&input).expect("a block's output depends on its input");
+            }
+            let prompt_len = pass.c.size()[1];
+            let total = g_sequence.size()[1];
+            let mut gc = g_sequence.narrow(1, 0, prompt_len);
+            let mut gx = g_sequence.narrow(1, prompt_len, total - prompt_len);
+            for (block, (x, c)) in self.blocks.iter().zip(&pass.double_inputs).rev() {
+                let (x, c) = (recompute::leaf(x), recompute::leaf(c));
+                let (x_out, c_out) = block.forward(&x, &c, &temb, &pass.rope);
+                recompute::backward(&[(&x_out, Some(&gx)), (&c_out, Some(&gc))]);
+                gx = recompute::grad_of(&x).expect("a block's output depends on its input");
+                gc = recompute::grad_of(&c).expect("a block's output depends on its input");
+            }
+            let g_temb = match (
+                recompute::grad_of(&temb),
+                recompute::grad_of(&pass.temb_post),
+            ) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            recompute::backward(&[
+                (&pass.x, Some(&gx)),
+                (&pass.c, Some(&gc)),
+                (&pass.temb, g_temb.as_ref()),
+            ]);
+        }
+    }
+
     /// Lays out the parameters under `vs` with diffusers' names.
     pub fn new(vs: nn::Path, config: &FluxTransformer2DConfig) -> Self {
         let dim = config.inner_dim();
@@ -445,6 +567,7 @@ impl FluxTransformer2DModel {
                 .collect(),
             norm_out: AdaNormContinuous::new(&vs / "norm_out", dim),
             proj_out: Linear::new(&vs / "proj_out", dim, p * p * config.out_channels(), true),
+            recompute: Recompute::default(),
         }
     }
 
@@ -527,25 +650,24 @@ impl FluxTransformer2DModel {
         }
         let kind = tokens.kind();
         // 1. Tokens and prompt to the model width; timestep (and guidance) × 1000 plus pooled.
-        let mut x = self.x_embedder.forward(tokens);
+        let x = self.x_embedder.forward(tokens);
         let timestep = timestep.to_kind(kind) * 1000.0;
         let guidance = guidance.map(|g| g.to_kind(kind) * 1000.0);
         let temb = self
             .time_text_embed
             .forward(&timestep, guidance.as_ref(), pooled);
-        let mut c = self.context_embedder.forward(context);
+        let c = self.context_embedder.forward(context);
         // 2. Rotary positions of the joint sequence, prompt first.
         let ids = Tensor::cat(&[txt_ids, img_ids], 0);
         let rope = rotary(&ids, &self.config.axes_dims_rope, 10000.0);
-        // 3. Double-stream blocks, then one sequence through the single-stream blocks.
-        for block in &self.blocks {
-            (x, c) = block.forward(&x, &c, &temb, &rope);
-        }
+        // 3. Double-stream blocks, then one sequence (prompt first) through the single-stream
+        //    blocks; only the blocks' inputs kept when recomputing.
         let prompt_len = c.size()[1];
-        let mut sequence = Tensor::cat(&[c, x], 1);
-        for block in &self.single_blocks {
-            sequence = block.forward(&sequence, &temb, &rope);
-        }
+        let (sequence, temb) = if self.recompute.applies() {
+            self.blocks_kept_for_recompute(x, c, temb, rope)
+        } else {
+            (self.blocks_forward(x, c, &temb, &rope), temb)
+        };
         let total = sequence.size()[1];
         let x = sequence.narrow(1, prompt_len, total - prompt_len);
         // 4. Modulated output norm and projection, still packed.

@@ -7,6 +7,7 @@ pub mod dit;
 pub mod embeddings;
 pub mod flux;
 pub mod linear;
+pub mod recompute;
 pub mod resnet;
 pub mod sd3;
 pub mod transformer;

@@ -16,6 +16,7 @@ use super::attention::sdpa;
 use super::dit::{plain_layer_norm, FeedForward};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::linear::Linear;
+use super::recompute::{self, Recompute};
 use super::resnet::conv;
 use super::transformer::{BranchScales, GammaSlot, ScaledBlock};
 use hf::load::{load_model, load_model_with_weights, LoadError};
@@ -502,6 +503,20 @@ pub struct SD3Transformer2DModel {
     blocks: Vec<JointTransformerBlock>,
     norm_out: AdaNormContinuous,
     proj_out: Linear,
+    recompute: Recompute<Sd3Pass>,
+}
+
+/// A forward pass kept for recomputation: the input stage's outputs (still in its graph), each
+/// joint block's inputs, and the last block's output leaf.
+#[derive(Debug)]
+struct Sd3Pass {
+    x: Tensor,
+    c: Tensor,
+    temb: Tensor,
+    /// The output stage's leaf copy of `temb`.
+    temb_post: Tensor,
+    inputs: Vec<(Tensor, Tensor)>,
+    out: Tensor,
 }
 
 impl SD3Transformer2DModel {
@@ -530,6 +545,7 @@ impl SD3Transformer2DModel {
                 .collect(),
             norm_out: AdaNormContinuous::new(&vs / "norm_out", dim),
             proj_out: Linear::new(&vs / "proj_out", dim, p * p * config.out_channels(), true),
+            recompute: Recompute::default(),
         }
     }
 
@@ -582,6 +598,89 @@ impl SD3Transformer2DModel {
         self.blocks.iter().map(|b| b as &dyn ScaledBlock).collect()
     }
 
+    /// Turns activation recomputation per joint block on or off (see
+    /// [`crate::models::recompute`]); with it on, a forward pass in grad mode must be followed,
+    /// after its loss's backward, by [`SD3Transformer2DModel::finish_recomputation`].
+    pub fn set_recompute(&self, on: bool) {
+        self.recompute.set(on);
+    }
+
+    /// The image tokens after the joint blocks.
+    fn blocks_forward(&self, mut x: Tensor, mut c: Tensor, temb: &Tensor) -> Tensor {
+        for block in &self.blocks {
+            let (next, context) = block.forward(&x, &c, temb);
+            x = next;
+            if let Some(context) = context {
+                c = context;
+            }
+        }
+        x
+    }
+
+    /// [`Self::blocks_forward`] without autograd, keeping each block's inputs; returns the
+    /// output as a leaf the loss's backward stops at, and a leaf copy of `temb` for the output
+    /// stage (so that the input stage's graph is walked once, by the recomputation).
+    fn blocks_kept_for_recompute(&self, x: Tensor, c: Tensor, temb: Tensor) -> (Tensor, Tensor) {
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let out = tch::no_grad(|| {
+            let (mut x, mut c, temb) = (x.detach(), c.detach(), temb.detach());
+            for block in &self.blocks {
+                inputs.push((x.shallow_clone(), c.shallow_clone()));
+                let (next, context) = block.forward(&x, &c, &temb);
+                x = next;
+                if let Some(context) = context {
+                    c = context;
+                }
+            }
+            x
+        });
+        let (out, temb_post) = (recompute::leaf(&out), recompute::leaf(&temb));
+        self.recompute.push(Sd3Pass {
+            x,
+            c,
+            temb,
+            temb_post: temb_post.shallow_clone(),
+            inputs,
+            out: out.shallow_clone(),
+        });
+        (out, temb_post)
+    }
+
+    /// Runs the backward of the joint blocks of every pass kept since the last call, by
+    /// recomputing them, after the loss's backward has reached their outputs.
+    pub fn finish_recomputation(&self) {
+        for pass in self.recompute.take() {
+            let Some(mut gx) = recompute::grad_of(&pass.out) else {
+                continue;
+            };
+            let mut gc: Option<Tensor> = None;
+            let temb = recompute::leaf(&pass.temb);
+            for (block, (x, c)) in self.blocks.iter().zip(&pass.inputs).rev() {
+                let (x, c) = (recompute::leaf(x), recompute::leaf(c));
+                let (x_out, c_out) = block.forward(&x, &c, &temb);
+                let mut outputs = vec![(&x_out, Some(&gx))];
+                if let Some(c_out) = &c_out {
+                    outputs.push((c_out, gc.as_ref()));
+                }
+                recompute::backward(&outputs);
+                gx = recompute::grad_of(&x).expect("a block's output depends on its input");
+                gc = recompute::grad_of(&c);
+            }
+            let g_temb = match (
+                recompute::grad_of(&temb),
+                recompute::grad_of(&pass.temb_post),
+            ) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            recompute::backward(&[
+                (&pass.x, Some(&gx)),
+                (&pass.c, gc.as_ref()),
+                (&pass.temb, g_temb.as_ref()),
+            ]);
+        }
+    }
+
     /// The positional embedding of an h × w token grid: the centre crop of the stored grid
     /// (`PatchEmbed.cropped_pos_embed`).
     fn cropped_pos_embed(&self, h: i64, w: i64) -> Tensor {
@@ -626,15 +725,16 @@ impl SD3Transformer2DModel {
         let mut x = tokens + self.cropped_pos_embed(h, w).to_kind(latents.kind());
         // 2. Conditioning: timestep + pooled text; prompt tokens to the token width.
         let temb = self.time_text_embed.forward(timestep, None, pooled);
-        let mut c = self.context_embedder.forward(context);
-        // 3. The joint blocks.
-        for block in &self.blocks {
-            let (next, context) = block.forward(&x, &c, &temb);
-            x = next;
-            if let Some(context) = context {
-                c = context;
-            }
-        }
+        let c = self.context_embedder.forward(context);
+        // 3. The joint blocks (only their inputs kept when recomputing).
+        let temb = if self.recompute.applies() {
+            let (out, temb_post) = self.blocks_kept_for_recompute(x, c, temb);
+            x = out;
+            temb_post
+        } else {
+            x = self.blocks_forward(x, c, &temb);
+            temb
+        };
         // 4. Modulated output norm, per-patch projection, and back to an image.
         let out = self.proj_out.forward(&self.norm_out.forward(&x, &temb));
         let oc = self.config.out_channels();

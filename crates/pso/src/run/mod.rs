@@ -60,6 +60,10 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
                 .map_err(|e| RunError::Config(format!("model.text_encoder_device: {e}")))?,
         },
     )?;
+    pipeline
+        .backbone
+        .set_recompute(config.learner.recompute_blocks)
+        .map_err(|e| RunError::Config(format!("learner.recompute_blocks = true: {e}")))?;
     pipeline.scheduler_config.kind = config.sampler.name;
     pipeline.scheduler_config.flow_kernel = config.sampler.flow_kernel();
     Ok(pipeline)

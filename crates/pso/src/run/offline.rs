@@ -578,38 +578,42 @@ pub fn run_with(
         }
         let step = learner.counters().step;
         let mut seen = Vec::new();
-        let outcome = learner.step(|micro| {
-            let micro_seed = step_seed(seed, step, micro_offset + micro);
-            let loss = match &mut source {
-                Source::Pairs(stream) => {
-                    let records = (0..batch)
-                        .map(|_| stream.next_pair())
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| LearnerError::Batch(Box::new(e)))?;
-                    let loss = trainer.loss(&records, micro_seed);
-                    seen.extend(records);
-                    loss
-                }
-                Source::Images(images) => {
-                    let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
-                    let batch = if let Objective::Sft(_) = trainer.objective {
-                        trainer.sft_batch(
-                            images,
-                            &picked,
-                            opts.random_flip,
-                            config.objective.label_dropout,
-                            micro_seed,
-                        )
-                    } else {
-                        let chosen: Vec<&TrainingImage> =
-                            picked.iter().map(|&i| images.get(i)).collect();
-                        trainer.image_batch(&chosen, pool.as_ref(), micro_seed)
-                    };
-                    batch.and_then(|b| trainer.batch_loss(&b, micro_seed))
-                }
-            };
-            loss.map_err(|e| LearnerError::Batch(Box::new(e)))
-        });
+        let backbone = &trainer.pipeline.backbone;
+        let outcome = learner.step_then(
+            |micro| {
+                let micro_seed = step_seed(seed, step, micro_offset + micro);
+                let loss = match &mut source {
+                    Source::Pairs(stream) => {
+                        let records = (0..batch)
+                            .map(|_| stream.next_pair())
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| LearnerError::Batch(Box::new(e)))?;
+                        let loss = trainer.loss(&records, micro_seed);
+                        seen.extend(records);
+                        loss
+                    }
+                    Source::Images(images) => {
+                        let picked: Vec<usize> = (0..batch).map(|_| images.next_index()).collect();
+                        let batch = if let Objective::Sft(_) = trainer.objective {
+                            trainer.sft_batch(
+                                images,
+                                &picked,
+                                opts.random_flip,
+                                config.objective.label_dropout,
+                                micro_seed,
+                            )
+                        } else {
+                            let chosen: Vec<&TrainingImage> =
+                                picked.iter().map(|&i| images.get(i)).collect();
+                            trainer.image_batch(&chosen, pool.as_ref(), micro_seed)
+                        };
+                        batch.and_then(|b| trainer.batch_loss(&b, micro_seed))
+                    }
+                };
+                loss.map_err(|e| LearnerError::Batch(Box::new(e)))
+            },
+            &|| backbone.finish_recomputation(),
+        );
         let report = match outcome {
             Ok(r) => r,
             Err(e @ LearnerError::NonFinite { .. }) => {

@@ -217,14 +217,19 @@ impl Loop<'_> {
                 })
                 .collect();
             let trainer = self.trainer;
-            let outcome = self.learner.step_over(accumulation * t, |micro| {
-                let (a, j) = ((micro / t) as usize, (micro % t) as usize);
-                let rows = a * batch..(a + 1) * batch;
-                let steps: Vec<usize> = perms[rows.clone()].iter().map(|p| p[j]).collect();
-                trainer
-                    .loss(&chosen[rows], &steps)
-                    .map_err(|e| LearnerError::Batch(Box::new(e)))
-            });
+            let backbone = &trainer.pipeline.backbone;
+            let outcome = self.learner.step_over_then(
+                accumulation * t,
+                |micro| {
+                    let (a, j) = ((micro / t) as usize, (micro % t) as usize);
+                    let rows = a * batch..(a + 1) * batch;
+                    let steps: Vec<usize> = perms[rows.clone()].iter().map(|p| p[j]).collect();
+                    trainer
+                        .loss(&chosen[rows], &steps)
+                        .map_err(|e| LearnerError::Batch(Box::new(e)))
+                },
+                &|| backbone.finish_recomputation(),
+            );
             let report = outcome?;
             self.totals.learner_seconds += report.seconds;
             if let Rounds::Thread {

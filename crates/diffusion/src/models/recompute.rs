@@ -1,0 +1,119 @@
+//! Activation recomputation per transformer block (what PyTorch calls gradient checkpointing;
+//! tch has none). A forward pass in grad mode keeps only each block's inputs: the blocks run
+//! without autograd, the last block's output re-enters the graph as a leaf, and the loss's
+//! backward stops there. [`Recompute::take`] then hands the kept passes to the model, which runs
+//! each block again with autograd, last to first, and backpropagates the gradient of its output
+//! into its parameters and inputs; the model's own input stage gets the gradient last. The
+//! gradients equal those of the plain pass; the memory is the block boundaries plus one block.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use tch::{Kind, Tensor};
+
+/// The recomputation switch and the passes waiting for their backward.
+#[derive(Debug)]
+pub struct Recompute<P> {
+    on: AtomicBool,
+    pending: Mutex<Vec<P>>,
+}
+
+impl<P> Default for Recompute<P> {
+    fn default() -> Self {
+        Recompute {
+            on: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<P> Recompute<P> {
+    /// Turns recomputation on or off for later forward passes.
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether this forward pass should keep only block inputs: recomputation is on and
+    /// autograd records (a reference model's `no_grad` pass runs plainly).
+    pub fn applies(&self) -> bool {
+        self.on.load(Ordering::Relaxed) && grad_enabled()
+    }
+
+    /// Keeps a pass for [`Recompute::take`].
+    pub fn push(&self, pass: P) {
+        self.pending
+            .lock()
+            .expect("the recompute lock is never poisoned")
+            .push(pass);
+    }
+
+    /// The kept passes, last first, emptying the list.
+    pub fn take(&self) -> Vec<P> {
+        let mut all = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .expect("the recompute lock is never poisoned"),
+        );
+        all.reverse();
+        all
+    }
+}
+
+/// Whether autograd records operations here (tch exposes no `GradMode` query).
+fn grad_enabled() -> bool {
+    Tensor::ones([1], (Kind::Float, tch::Device::Cpu))
+        .set_requires_grad(true)
+        .g_mul_scalar(1.0)
+        .requires_grad()
+}
+
+/// A detached copy of `t` that autograd tracks from here (a block input or output boundary).
+pub fn leaf(t: &Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+/// The gradient autograd left in `t`, if any.
+pub fn grad_of(t: &Tensor) -> Option<Tensor> {
+    let g = t.grad();
+    g.defined().then_some(g)
+}
+
+/// Σ ⟨output, gradient⟩ over the pairs with a gradient: its backward sends each gradient into
+/// its output's graph. `None` when nothing carries a gradient.
+pub fn surrogate(pairs: &[(&Tensor, Option<&Tensor>)]) -> Option<Tensor> {
+    pairs
+        .iter()
+        .filter_map(|(out, grad)| {
+            let g = (*grad)?;
+            out.requires_grad()
+                .then(|| (*out * g.to_kind(out.kind())).sum(Kind::Float))
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// Backpropagates [`surrogate`] of `pairs`, when there is one.
+pub fn backward(pairs: &[(&Tensor, Option<&Tensor>)]) {
+    if let Some(s) = surrogate(pairs) {
+        s.backward();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grad_mode_is_detected() {
+        assert!(grad_enabled());
+        tch::no_grad(|| assert!(!grad_enabled()));
+        let r: Recompute<u8> = Recompute::default();
+        r.set(true);
+        assert!(r.applies());
+        tch::no_grad(|| assert!(!r.applies()));
+        r.push(1);
+        r.push(2);
+        assert_eq!(r.take(), [2, 1]);
+        assert!(r.take().is_empty());
+    }
+}
