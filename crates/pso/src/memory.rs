@@ -42,6 +42,8 @@ pub struct Part {
     pub bytes: u64,
     /// How it was counted.
     pub detail: String,
+    /// Held only during the learner's pass or the actor's decoding, which do not overlap.
+    pub transient: bool,
 }
 
 /// The estimate for a run config.
@@ -49,7 +51,7 @@ pub struct Part {
 pub struct MemoryEstimate {
     /// The parts, weights first.
     pub parts: Vec<Part>,
-    /// Their sum.
+    /// The weights and optimizer state plus the larger transient part.
     pub total_bytes: u64,
 }
 
@@ -170,6 +172,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
             "{} parameters, {dtype_bytes} bytes each",
             billions(denoiser_params)
         ),
+        transient: false,
     });
     let text_dirs: Vec<_> = ["text_encoder", "text_encoder_2", "text_encoder_3"]
         .iter()
@@ -203,6 +206,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
         } else {
             format!("{} parameters", billions(text_params))
         },
+        transient: false,
     });
     let vae_params: u64 = tensor_shapes(&vae_dir)?.iter().map(|(_, s)| numel(s)).sum();
     let vae_bytes = if vae.force_upcast { 4 } else { dtype_bytes };
@@ -210,6 +214,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
         what: "VAE weights".into(),
         bytes: vae_params * vae_bytes,
         detail: format!("{} parameters", billions(vae_params)),
+        transient: false,
     });
     let trainable: u64 = match config.peft.kind {
         PeftKind::Lora => denoiser
@@ -235,6 +240,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
             trainable as f64 / 1e6,
             config.peft.kind
         ),
+        transient: false,
     });
     let samples = u64::from(config.learner.batch_size)
         * if config.objective.kind == ObjectiveKind::Sft {
@@ -264,24 +270,35 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                     "{samples} samples × {} blocks × {} tokens × {} channels, {how}",
                     s.blocks, s.tokens, s.width
                 ),
+                transient: true,
             });
         }
         None => parts.push(Part {
             what: "learner activations".into(),
             bytes: 0,
             detail: "not estimated for UNets (a few GiB per 1024² sample in bf16)".into(),
+            transient: true,
         }),
     }
-    // The decoder's full-resolution feature maps, a dozen alive at once.
+    // The decoder's full-resolution feature maps, about 8 alive at once (diffusers' decoder
+    // of SD3's VAE peaks 3.8 GiB above its weights for one 1024² image in fp32).
     let full_res = vae.block_out_channels.first().copied().unwrap_or(0) as u64;
     let k = u64::from(config.sampler.samples_per_prompt);
     let pixels = u64::from(config.sampler.height) * u64::from(config.sampler.width);
     parts.push(Part {
         what: "VAE decoding".into(),
-        bytes: k * 12 * full_res * pixels * vae_bytes,
+        bytes: k * 8 * full_res * pixels * vae_bytes,
         detail: format!("{k} images at a time, {full_res} channels at full resolution"),
+        transient: true,
     });
-    let total_bytes = parts.iter().map(|p| p.bytes).sum();
+    let held: u64 = parts.iter().filter(|p| !p.transient).map(|p| p.bytes).sum();
+    let peak = parts
+        .iter()
+        .filter(|p| p.transient)
+        .map(|p| p.bytes)
+        .max()
+        .unwrap_or(0);
+    let total_bytes = held + peak;
     Ok(MemoryEstimate { parts, total_bytes })
 }
 
@@ -294,7 +311,7 @@ impl MemoryEstimate {
             .map(|p| format!("  {:<22}{:>10}  {}", p.what, gib(p.bytes), p.detail))
             .collect();
         lines.push(format!(
-            "  {:<22}{:>10}",
+            "  {:<22}{:>10}  weights and optimizer + the larger of activations and decoding",
             "total (≈ ±30 %)",
             gib(self.total_bytes)
         ));

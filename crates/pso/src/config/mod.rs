@@ -206,6 +206,10 @@ impl RunConfig {
         c.run.tensorboard = false;
         c.learner.checkpoint_every = 0;
         c.learner.keep_checkpoints = 0;
+        // Where prompts are encoded and whether blocks are recomputed change memory, not what
+        // trains (up to rounding).
+        c.model.text_encoder_device = None;
+        c.learner.recompute_blocks = false;
         c.reward.token_file = None;
         // Where a reward server listens is no part of what trains: a moved server resumes.
         if c.reward.scorer == reward::ScorerKind::Http {
