@@ -28,9 +28,8 @@ def vae():
                                    scaling_factor=1.5305), 0.2)
 
 
-def main():
-    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
-    torch.set_num_threads(2)
+def build(out: Path) -> dict:
+    """The two pipelines, saved under OUT/sd3 and OUT/flux (also used by bench/flow_learn)."""
     _, t5_tok, t5 = tiny_t5(d_model=128)
     torch.manual_seed(0)
     pipes = {
@@ -52,10 +51,18 @@ def main():
                                                          pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)), 0.02),
             vae=vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)),
     }
-    result = {}
     for name, pipe in pipes.items():
         pipe.save_pretrained(out / name, safe_serialization=True)
         pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def main():
+    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(2)
+    pipes = build(out)
+    result = {}
+    for name, pipe in pipes.items():
         rates = {}
         for steps, batch in cases:
             latents = torch.randn(batch, 16, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(batch))
