@@ -533,3 +533,57 @@ fn hpsv2_scores_a_converted_openclip_checkpoint_as_openclip_does() {
         }
     }
 }
+
+#[test]
+fn imagereward_scores_a_converted_checkpoint_as_imagereward_does() {
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_imagereward.py", &[dir.path().as_os_str()]);
+    let converted = dir.path().join("hf");
+    let out = Command::new(common::python())
+        .arg(common::workspace_root().join("scripts/convert_imagereward.py"))
+        .arg(dir.path().join("ImageReward.pt"))
+        .arg(dir.path().join("med_config.json"))
+        .arg(&converted)
+        .arg("--tokenizer")
+        .arg(dir.path().join("bert"))
+        .args(["--vision-heads", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: std::collections::BTreeMap<String, Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("scores.json")).unwrap())
+            .unwrap();
+    let images: Vec<String> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("images/{i}.png"));
+            p.to_str().unwrap().to_owned()
+        })
+        .collect();
+    for (prompt, want) in &expected {
+        let mut args = vec!["score", "--scorer", "imagereward", "--model"];
+        args.push(converted.to_str().unwrap());
+        args.extend(["--prompt", prompt, "--json"]);
+        args.extend(images.iter().map(String::as_str));
+        let out = pso(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<f64> = v["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        // Image 0 needs no resize: equal to fp32 rounding; the others go through PIL's bicubic
+        // resize in torchvision and in the CLIP processor alike.
+        assert!(
+            (got[0] - want[0]).abs() < 2e-5,
+            "{prompt}: {got:?} vs {want:?}"
+        );
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-4, "{prompt}: {got:?} vs {want:?}");
+        }
+        // The scores tell the images apart (a test that could not fail otherwise).
+        assert!((want[0] - want[2]).abs() > 1e-2, "{want:?}");
+    }
+}

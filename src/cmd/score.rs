@@ -21,6 +21,8 @@ pub struct ScoreArgs {
     /// merges.txt). aesthetic: a CLIP ViT-L/14 CLIPModel folder (the tokenizer is not needed)
     /// plus aesthetic.safetensors, made by scripts/convert_aesthetic.py from the LAION .pth.
     /// hpsv2: the CLIPModel folder scripts/convert_hpsv2.py makes from HPS_v2.1_compressed.pt.
+    /// imagereward: the folder scripts/convert_imagereward.py makes from ImageReward.pt and
+    /// med_config.json.
     #[arg(long)]
     model: String,
     /// Prompt the images are scored against.

@@ -4,6 +4,7 @@
 //! the diffusion models' text encoders and the reward models, and the T5 encoder of SD3 and FLUX
 //! ([`t5`]).
 
+pub mod blip;
 pub mod clip;
 mod error;
 pub mod hub;

@@ -266,14 +266,24 @@ pub fn load_model<C: DeserializeOwned, M>(
     check: impl FnOnce(&C) -> Result<(), String>,
     build: impl FnOnce(nn::Path, &C) -> M,
 ) -> Result<(nn::VarStore, M), LoadError> {
-    load_model_with_weights(
-        dir,
-        &weight_files(dir, variant)?,
-        device,
-        kind,
-        check,
-        build,
-    )
+    // The config first: an unbuildable one is named before missing weights are.
+    let config = checked_config(dir, check)?;
+    build_and_load(&weight_files(dir, variant)?, device, kind, |vs| {
+        build(vs, &config)
+    })
+}
+
+/// `dir/config.json` as `C`, refused with the file named when `check` says it cannot be built.
+fn checked_config<C: DeserializeOwned>(
+    dir: &Path,
+    check: impl FnOnce(&C) -> Result<(), String>,
+) -> Result<C, LoadError> {
+    let config: C = read_config(dir)?;
+    check(&config).map_err(|why| LoadError::Unsupported {
+        path: dir.join("config.json"),
+        why,
+    })?;
+    Ok(config)
 }
 
 /// [`load_model`] with the weights of `files` instead of the folder's own (a fine-tuned or
@@ -286,11 +296,7 @@ pub fn load_model_with_weights<C: DeserializeOwned, M>(
     check: impl FnOnce(&C) -> Result<(), String>,
     build: impl FnOnce(nn::Path, &C) -> M,
 ) -> Result<(nn::VarStore, M), LoadError> {
-    let config: C = read_config(dir)?;
-    check(&config).map_err(|why| LoadError::Unsupported {
-        path: dir.join("config.json"),
-        why,
-    })?;
+    let config = checked_config(dir, check)?;
     build_and_load(files, device, kind, |vs| build(vs, &config))
 }
 

@@ -26,6 +26,8 @@ pub enum ScorerKind {
     Aesthetic,
     /// HPSv2 / HPSv2.1 (cosine on an OpenCLIP ViT-H/14 converted by scripts/convert_hpsv2.py).
     Hpsv2,
+    /// ImageReward (BLIP and its MLP head; a folder made by scripts/convert_imagereward.py).
+    Imagereward,
     /// A pixel statistic, no model: `centered`, `redness` or `size`.
     Pixel,
     /// A remote scorer speaking the HTTP reward protocol; the model is its URL.
@@ -38,11 +40,12 @@ pub enum ScorerKind {
 
 impl ScorerKind {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [ScorerKind; 8] = [
+    pub const ALL: [ScorerKind; 9] = [
         ScorerKind::Clip,
         ScorerKind::Pickscore,
         ScorerKind::Aesthetic,
         ScorerKind::Hpsv2,
+        ScorerKind::Imagereward,
         ScorerKind::Pixel,
         ScorerKind::Http,
         ScorerKind::Openai,
@@ -56,6 +59,7 @@ impl ScorerKind {
             ScorerKind::Pickscore => "pickscore",
             ScorerKind::Aesthetic => "aesthetic",
             ScorerKind::Hpsv2 => "hpsv2",
+            ScorerKind::Imagereward => "imagereward",
             ScorerKind::Pixel => "pixel",
             ScorerKind::Http => "http",
             ScorerKind::Openai => "openai",
@@ -71,6 +75,7 @@ impl ScorerKind {
             ScorerKind::Pickscore => Some(LocalScorerKind::Pickscore),
             ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
             ScorerKind::Hpsv2 => Some(LocalScorerKind::Hpsv2),
+            ScorerKind::Imagereward => Some(LocalScorerKind::Imagereward),
             ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai | ScorerKind::Composite => {
                 None
             }
@@ -147,9 +152,11 @@ pub fn build_scorer(
     token_file: Option<&Path>,
 ) -> Result<Box<dyn Scorer>, RewardError> {
     match kind {
-        ScorerKind::Clip | ScorerKind::Pickscore | ScorerKind::Aesthetic | ScorerKind::Hpsv2 => {
-            local_model(kind, model)
-        }
+        ScorerKind::Clip
+        | ScorerKind::Pickscore
+        | ScorerKind::Aesthetic
+        | ScorerKind::Hpsv2
+        | ScorerKind::Imagereward => local_model(kind, model),
         ScorerKind::Pixel => Ok(Box::new(PixelScorer::new(model)?)),
         ScorerKind::Http => {
             let options = HttpScorerOptions {
@@ -215,7 +222,9 @@ mod tests {
         }
         let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("clip, pickscore, aesthetic, hpsv2, pixel, http, openai, composite"),
+            err.contains(
+                "clip, pickscore, aesthetic, hpsv2, imagereward, pixel, http, openai, composite"
+            ),
             "{err}"
         );
     }

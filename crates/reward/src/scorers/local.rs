@@ -1,11 +1,11 @@
-//! The CLIP-based scorers this crate runs in libtorch, by kind.
+//! The model-based scorers this crate runs in libtorch, by kind.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::{aesthetic, clip_score};
+use super::{aesthetic, clip_score, image_reward};
 use crate::{RewardError, Scorer};
 
 /// The scorers this crate runs locally.
@@ -20,6 +20,8 @@ pub enum LocalScorerKind {
     Aesthetic,
     /// HPSv2 / HPSv2.1: `cos` on a converted OpenCLIP ViT-H/14 (scripts/convert_hpsv2.py).
     Hpsv2,
+    /// ImageReward: BLIP and its reward head (scripts/convert_imagereward.py).
+    Imagereward,
 }
 
 /// Loads a local scorer from a model folder (layouts: see each scorer's `load`).
@@ -45,5 +47,8 @@ pub fn load_local(
             clip_score::ClipMetric::Hpsv2,
             device,
         )?),
+        LocalScorerKind::Imagereward => {
+            Box::new(image_reward::ImageRewardScorer::load(dir, device)?)
+        }
     })
 }

@@ -1,4 +1,4 @@
-//! The local scorers: CLIP-based ones in `tch` (feature `local`, on by default), pixel
+//! The local scorers: CLIP- and BLIP-based ones in `tch` (feature `local`, on by default), pixel
 //! statistics, and the composite of several scorers.
 
 #[cfg(feature = "local")]
@@ -6,6 +6,8 @@ pub mod aesthetic;
 #[cfg(feature = "local")]
 pub mod clip_score;
 pub mod composite;
+#[cfg(feature = "local")]
+pub mod image_reward;
 #[cfg(feature = "local")]
 mod local;
 pub mod pixel;
