@@ -499,36 +499,13 @@ fn hpsv2_scores_a_converted_openclip_checkpoint_as_openclip_does() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let expected: std::collections::BTreeMap<String, Vec<f64>> =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("scores.json")).unwrap())
-            .unwrap();
-    let images: Vec<String> = (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("images/{i}.png"));
-            p.to_str().unwrap().to_owned()
-        })
-        .collect();
-    for (prompt, want) in &expected {
-        let mut args = vec!["score", "--scorer", "hpsv2", "--model"];
-        args.push(converted.to_str().unwrap());
-        args.extend(["--prompt", prompt, "--json"]);
-        args.extend(images.iter().map(String::as_str));
-        let out = pso(&args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let got: Vec<f64> = v["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        assert_eq!(got.len(), want.len());
+    for (prompt, want, got) in scores_against_oracle(dir.path(), "hpsv2", &converted) {
         // Image 0 needs no resize: equal to fp32 rounding.
         assert!(
             (got[0] - want[0]).abs() < 2e-6,
             "{prompt}: {got:?} vs {want:?}"
         );
-        for (g, w) in got.iter().zip(want) {
+        for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "{prompt}: {got:?} vs {want:?}");
         }
     }
@@ -550,40 +527,52 @@ fn imagereward_scores_a_converted_checkpoint_as_imagereward_does() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let expected: std::collections::BTreeMap<String, Vec<f64>> =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("scores.json")).unwrap())
-            .unwrap();
-    let images: Vec<String> = (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("images/{i}.png"));
-            p.to_str().unwrap().to_owned()
-        })
-        .collect();
-    for (prompt, want) in &expected {
-        let mut args = vec!["score", "--scorer", "imagereward", "--model"];
-        args.push(converted.to_str().unwrap());
-        args.extend(["--prompt", prompt, "--json"]);
-        args.extend(images.iter().map(String::as_str));
-        let out = pso(&args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let got: Vec<f64> = v["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        assert_eq!(got.len(), want.len());
-        // Image 0 needs no resize: equal to fp32 rounding; the others go through PIL's bicubic
-        // resize in torchvision and in the CLIP processor alike.
-        assert!(
-            (got[0] - want[0]).abs() < 2e-5,
-            "{prompt}: {got:?} vs {want:?}"
-        );
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() < 1e-4, "{prompt}: {got:?} vs {want:?}");
+    for (prompt, want, got) in scores_against_oracle(dir.path(), "imagereward", &converted) {
+        // Equal to fp32 rounding, the resized images too (PIL's bicubic in torchvision and in
+        // the CLIP processor alike).
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{prompt}: {got:?} vs {want:?}");
         }
         // The scores tell the images apart (a test that could not fail otherwise).
         assert!((want[0] - want[2]).abs() > 1e-2, "{want:?}");
     }
+}
+
+/// For each prompt of an oracle's `dir/scores.json` ({prompt: [score of images/0.png, …]}): the
+/// prompt, the oracle's scores and `pso score --scorer SCORER --model MODEL --json`'s.
+fn scores_against_oracle(
+    dir: &std::path::Path,
+    scorer: &str,
+    model: &std::path::Path,
+) -> Vec<(String, Vec<f64>, Vec<f64>)> {
+    let expected: std::collections::BTreeMap<String, Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scores.json")).unwrap()).unwrap();
+    let images: Vec<String> = (0..3)
+        .map(|i| {
+            dir.join(format!("images/{i}.png"))
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    expected
+        .into_iter()
+        .map(|(prompt, want)| {
+            let mut args = vec!["score", "--scorer", scorer, "--model"];
+            args.push(model.to_str().unwrap());
+            args.extend(["--prompt", &prompt, "--json"]);
+            args.extend(images.iter().map(String::as_str));
+            let out = pso(&args);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<f64> = v["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{prompt}");
+            (prompt, want, got)
+        })
+        .collect()
 }

@@ -218,7 +218,9 @@ fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(
-        help.contains("[possible values: clip, pickscore, aesthetic, hpsv2, pixel, composite]"),
+        help.contains(
+            "[possible values: clip, pickscore, aesthetic, hpsv2, imagereward, pixel, composite]"
+        ),
         "{help}"
     );
 }
@@ -288,7 +290,7 @@ fn token_file_guards_the_server_and_errors_are_clear() {
     let err = text(&out.stderr);
     assert!(
         err.contains("'http'")
-            && err.contains("clip, pickscore, aesthetic, hpsv2, pixel, composite"),
+            && err.contains("clip, pickscore, aesthetic, hpsv2, imagereward, pixel, composite"),
         "{err}"
     );
 }

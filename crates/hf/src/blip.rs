@@ -4,13 +4,13 @@
 //! multimodal mode (post-norm BERT layers whose self-attention is followed by a cross-attention
 //! to the image tokens), and the BERT WordPiece tokenizer through its tokenizer.json.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::padded_tokenizer::PaddedTokenizer;
 use crate::HfError;
 
 fn vision_eps() -> f64 {
@@ -299,10 +299,9 @@ impl BlipTextEncoder {
             + self.position_embeddings.forward(&positions).unsqueeze(0);
         let mut x = self.norm.forward(&x);
         // BERT's extended mask: 0 where attended, −10000 on padding.
-        let mask = (attention_mask.to_kind(x.kind()).ones_like()
-            - attention_mask.to_kind(x.kind()))
-        .view([input_ids.size()[0], 1, 1, t])
-            * -10000.0;
+        let mask =
+            (attention_mask.to_kind(x.kind()) * -1.0 + 1.0).view([input_ids.size()[0], 1, 1, t])
+                * -10000.0;
         for layer in &self.layers {
             x = layer.forward(&x, &mask, image);
         }
@@ -312,85 +311,24 @@ impl BlipTextEncoder {
 
 /// The BERT WordPiece tokenizer of a tokenizer.json, padding and truncating every prompt to a
 /// fixed length as `tokenizer(…, padding="max_length", truncation=True, max_length=N)`.
-pub struct BertTokenizer {
-    tokenizer: Tokenizer,
-    max_length: usize,
-    dir: PathBuf,
-}
-
-impl std::fmt::Debug for BertTokenizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BertTokenizer")
-            .field("dir", &self.dir)
-            .field("max_length", &self.max_length)
-            .finish()
-    }
-}
+#[derive(Debug)]
+pub struct BertTokenizer(PaddedTokenizer);
 
 impl BertTokenizer {
     /// Reads `dir/tokenizer.json` (a `BertTokenizerFast`'s: [CLS] … [SEP], padded with [PAD]).
     pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self, HfError> {
-        let err = |why: String| HfError::Tokenizer {
-            dir: dir.to_owned(),
-            why,
-        };
-        let path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
-            err(format!(
-                "{}: {e} (a BERT fast tokenizer's tokenizer.json)",
-                path.display()
-            ))
-        })?;
-        let pad_id = tokenizer
-            .token_to_id("[PAD]")
-            .ok_or_else(|| err("the vocabulary has no [PAD] token".into()))?;
         if max_length < 2 {
-            return Err(err(format!(
-                "max_length {max_length}: [CLS] and [SEP] need 2"
-            )));
+            return Err(HfError::Tokenizer {
+                dir: dir.to_owned(),
+                why: format!("max_length {max_length}: [CLS] and [SEP] need 2"),
+            });
         }
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_length),
-            pad_id,
-            pad_token: "[PAD]".into(),
-            ..Default::default()
-        }));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| err(e.to_string()))?;
-        Ok(BertTokenizer {
-            tokenizer,
-            max_length,
-            dir: dir.to_owned(),
-        })
+        PaddedTokenizer::from_dir(dir, max_length, "[PAD]", "a BERT fast tokenizer")
+            .map(BertTokenizer)
     }
 
     /// (ids, attention mask), both [B, max_length] int64 on `device`.
     pub fn encode(&self, prompts: &[&str], device: Device) -> Result<(Tensor, Tensor), HfError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(prompts.to_vec(), true)
-            .map_err(|e| HfError::Tokenizer {
-                dir: self.dir.clone(),
-                why: e.to_string(),
-            })?;
-        let gather = |f: &dyn Fn(&tokenizers::Encoding) -> Vec<i64>| {
-            let flat: Vec<i64> = encodings.iter().flat_map(f).collect();
-            Tensor::from_slice(&flat)
-                .view([prompts.len() as i64, self.max_length as i64])
-                .to_device(device)
-        };
-        Ok((
-            gather(&|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()),
-            gather(&|e| {
-                e.get_attention_mask()
-                    .iter()
-                    .map(|&m| i64::from(m))
-                    .collect()
-            }),
-        ))
+        self.0.encode(prompts, device)
     }
 }

@@ -9,6 +9,7 @@ pub mod clip;
 mod error;
 pub mod hub;
 pub mod load;
+pub mod padded_tokenizer;
 pub mod t5;
 pub mod tensor_file;
 

@@ -7,14 +7,14 @@
 //! the encoder without an attention mask, so the padding tokens take part; [`T5Tokenizer::encode`]
 //! and [`T5EncoderModel::forward`] do the same.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::load::{build_and_load, read_config, weight_files, LoadError};
+use crate::padded_tokenizer::PaddedTokenizer;
 use crate::HfError;
 
 /// `text_encoder_3/config.json` (a transformers `T5Config`).
@@ -337,77 +337,19 @@ impl T5EncoderModel {
 
 /// A T5 fast tokenizer (`tokenizer.json`), padding and truncating every prompt to one length
 /// and ending it with `</s>`, as the diffusers pipelines call it.
-pub struct T5Tokenizer {
-    tokenizer: Tokenizer,
-    max_length: usize,
-    dir: PathBuf,
-}
-
-impl std::fmt::Debug for T5Tokenizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("T5Tokenizer")
-            .field("dir", &self.dir)
-            .field("max_length", &self.max_length)
-            .finish()
-    }
-}
+#[derive(Debug)]
+pub struct T5Tokenizer(PaddedTokenizer);
 
 impl T5Tokenizer {
     /// Reads `dir/tokenizer.json`; every prompt becomes exactly `max_length` ids (SD3: 256,
     /// FLUX.1-schnell: 256, FLUX.1-dev: 512), padded with `<pad>`.
     pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self, HfError> {
-        let err = |why: String| HfError::Tokenizer {
-            dir: dir.to_owned(),
-            why,
-        };
-        let path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
-            err(format!(
-                "{}: {e} (a T5 fast tokenizer's tokenizer.json)",
-                path.display()
-            ))
-        })?;
-        let pad_id = tokenizer
-            .token_to_id("<pad>")
-            .ok_or_else(|| err("the vocabulary has no <pad> token".into()))?;
-        if max_length == 0 {
-            return Err(err("max_length 0".into()));
-        }
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_length),
-            pad_id,
-            pad_token: "<pad>".into(),
-            ..Default::default()
-        }));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| err(e.to_string()))?;
-        Ok(T5Tokenizer {
-            tokenizer,
-            max_length,
-            dir: dir.to_owned(),
-        })
+        PaddedTokenizer::from_dir(dir, max_length, "<pad>", "a T5 fast tokenizer").map(T5Tokenizer)
     }
 
-    /// Ids [B, max_length] (int64) of `prompts` on `device`.
+    /// Ids [B, max_length] (int64) of `prompts` on `device` (the pipelines pass no mask).
     pub fn encode(&self, prompts: &[&str], device: Device) -> Result<Tensor, HfError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(prompts.to_vec(), true)
-            .map_err(|e| HfError::Tokenizer {
-                dir: self.dir.clone(),
-                why: e.to_string(),
-            })?;
-        let ids: Vec<i64> = encodings
-            .iter()
-            .flat_map(|e| e.get_ids().iter().map(|&i| i64::from(i)))
-            .collect();
-        Ok(Tensor::from_slice(&ids)
-            .view([prompts.len() as i64, self.max_length as i64])
-            .to_device(device))
+        Ok(self.0.encode(prompts, device)?.0)
     }
 }
 

@@ -16,6 +16,7 @@ use super::{
     load_backbone, Conditioner, Conditioning, ImageCodec, LoadOptions, Pipeline, PipelineError,
 };
 use crate::models::backbone::{Backbone, Condition};
+use crate::sampling::scheduler::flow_steps;
 use crate::sampling::{FlowSchedule, SamplingError, Scheduler, SchedulerConfig, Timesteps};
 
 /// The diffusers pipeline classes of flow-matching folders.
@@ -173,20 +174,7 @@ impl Pipeline {
         width: i64,
     ) -> Result<Scheduler, SamplingError> {
         let config = self.scheduler_config.clone();
-        let Timesteps::Steps(steps) = timesteps else {
-            return Err(SamplingError::Timesteps {
-                scheduler: config.kind.class_name(),
-                why: "explicit timesteps are not supported for flow-matching models; give a \
-                      step count"
-                    .into(),
-            });
-        };
-        if steps == 0 {
-            return Err(SamplingError::Timesteps {
-                scheduler: config.kind.class_name(),
-                why: "0 steps; use at least 1".into(),
-            });
-        }
+        let steps = flow_steps(&timesteps)?;
         let f = self.vae_scale_factor();
         let (h, w) = (height / f, width / f);
         let (schedule, tokens) = match &self.backbone {

@@ -54,14 +54,7 @@ impl Scheduler {
     /// spaces them, no dynamic shift); [`Scheduler::flow`] takes a pipeline's own sigmas and `mu`.
     pub fn new(config: SchedulerConfig, timesteps: Timesteps) -> Result<Scheduler, SamplingError> {
         if config.kind.is_flow() {
-            let Timesteps::Steps(steps) = timesteps else {
-                return Err(SamplingError::Timesteps {
-                    scheduler: config.kind.class_name(),
-                    why: "explicit timesteps are not supported for flow-matching models; give a \
-                          step count"
-                        .into(),
-                });
-            };
+            let steps = flow_steps(&timesteps)?;
             return Scheduler::flow(config, FlowSchedule::Steps(steps), None);
         }
         config.validate()?;
@@ -249,6 +242,22 @@ impl Scheduler {
 }
 
 /// The timesteps of `steps` steps (diffusers' `set_timesteps(num_inference_steps)`).
+/// The step count of a flow-matching request (flow models take a count, not explicit
+/// timesteps).
+pub fn flow_steps(timesteps: &Timesteps) -> Result<usize, SamplingError> {
+    let err = |why: &str| SamplingError::Timesteps {
+        scheduler: SchedulerKind::FlowMatchEuler.class_name(),
+        why: why.into(),
+    };
+    match timesteps {
+        Timesteps::Steps(0) => Err(err("0 steps; use at least 1")),
+        Timesteps::Steps(steps) => Ok(*steps),
+        Timesteps::Explicit(_) => Err(err(
+            "explicit timesteps are not supported for flow-matching models; give a step count",
+        )),
+    }
+}
+
 fn spaced(config: &SchedulerConfig, steps: usize) -> Result<Vec<f64>, SamplingError> {
     let n = config.num_train_timesteps;
     let err = |why: String| SamplingError::Timesteps {

@@ -2,7 +2,6 @@
 //! (`100 * max(cos, 0)`) and HPSv2 / HPSv2.1 (`cos`, on the OpenCLIP ViT-H/14 that
 //! scripts/convert_hpsv2.py turns into a CLIPModel folder).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -109,18 +108,7 @@ impl Scorer for ClipScorer {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // A batch usually holds a few prompts, each with several images: encode each once.
-        let mut unique: Vec<&str> = Vec::new();
-        let mut slot: HashMap<&str, i64> = HashMap::new();
-        let rows: Vec<i64> = items
-            .iter()
-            .map(|it| {
-                *slot.entry(it.prompt).or_insert_with(|| {
-                    unique.push(it.prompt);
-                    unique.len() as i64 - 1
-                })
-            })
-            .collect();
+        let (unique, rows) = super::local::prompt_rows(items);
         let tokens = self.tokenizer.encode_batch(&unique, self.device)?;
         let pixels = self
             .processor

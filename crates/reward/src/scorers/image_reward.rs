@@ -9,7 +9,6 @@
 //! `tokenizer.json` (bert-base-uncased with BLIP's [DEC] and [ENC]) and
 //! `preprocessor_config.json`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -154,18 +153,7 @@ impl Scorer for ImageRewardScorer {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // Each prompt tokenised once, then one row per image.
-        let mut unique: Vec<&str> = Vec::new();
-        let mut slot: HashMap<&str, i64> = HashMap::new();
-        let rows: Vec<i64> = items
-            .iter()
-            .map(|it| {
-                *slot.entry(it.prompt).or_insert_with(|| {
-                    unique.push(it.prompt);
-                    unique.len() as i64 - 1
-                })
-            })
-            .collect();
+        let (unique, rows) = super::local::prompt_rows(items);
         let (ids, mask) = self.tokenizer.encode(&unique, self.device)?;
         let rows = Tensor::from_slice(&rows).to_device(self.device);
         let pixels = self

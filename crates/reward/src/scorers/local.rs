@@ -1,12 +1,13 @@
 //! The model-based scorers this crate runs in libtorch, by kind.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::{aesthetic, clip_score, image_reward};
-use crate::{RewardError, Scorer};
+use crate::{RewardError, ScoreItem, Scorer};
 
 /// The scorers this crate runs locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +23,23 @@ pub enum LocalScorerKind {
     Hpsv2,
     /// ImageReward: BLIP and its reward head (scripts/convert_imagereward.py).
     Imagereward,
+}
+
+/// The distinct prompts of `items` in first-seen order, and each item's row among them: a
+/// batch usually holds a few prompts with several images each, and each prompt is encoded once.
+pub(crate) fn prompt_rows<'a>(items: &[ScoreItem<'a>]) -> (Vec<&'a str>, Vec<i64>) {
+    let mut unique: Vec<&str> = Vec::new();
+    let mut slot: HashMap<&str, i64> = HashMap::new();
+    let rows = items
+        .iter()
+        .map(|it| {
+            *slot.entry(it.prompt).or_insert_with(|| {
+                unique.push(it.prompt);
+                unique.len() as i64 - 1
+            })
+        })
+        .collect();
+    (unique, rows)
 }
 
 /// Loads a local scorer from a model folder (layouts: see each scorer's `load`).
