@@ -324,7 +324,7 @@ flush_every_pairs = 2
 #[test]
 fn the_learner_loss_matches_the_flow_samplers_recorded_kernels() {
     let dir = tempfile::tempdir().unwrap();
-    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/dev", "sde")] {
+    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/schnell", "sde")] {
         let path = run_config(dir.path(), model, kernel, "online_pso");
         let config = pso::config::RunConfig::load(&path, &["sampler.steps=3".into()]).unwrap();
         common::learner_loss_matches_recorded_kernels(&config);
@@ -430,6 +430,25 @@ fn online_pso_trains_sd3_and_flux_resumes_exactly_and_exports_what_diffusers_loa
         ]);
         assert!(images.join("000000.png").exists());
     }
+}
+
+#[test]
+fn a_guidance_embedding_flux_is_refused_for_training_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = run_config(dir.path(), "flux/dev", "renoise", "online_pso");
+    let out = pso(&[
+        "online",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&dir.path().join("run")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("embeds a guidance scale") && err.contains("FLUX.1-schnell"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -60,6 +60,16 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
                 .map_err(|e| RunError::Config(format!("model.text_encoder_device: {e}")))?,
         },
     )?;
+    if let diffusion::models::backbone::Backbone::Flux(m) = &pipeline.backbone {
+        if m.config().guidance_embeds {
+            return Err(RunError::Config(format!(
+                "{}: this FLUX transformer embeds a guidance scale (FLUX.1-dev, a many-step \
+                 model); pso trains few-step models and runs without guidance, so use \
+                 FLUX.1-schnell (`pso sample` runs dev with --guidance)",
+                config.model.id
+            )));
+        }
+    }
     pipeline
         .backbone
         .set_recompute(config.learner.recompute_blocks)
