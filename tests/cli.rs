@@ -538,6 +538,32 @@ fn imagereward_scores_a_converted_checkpoint_as_imagereward_does() {
     }
 }
 
+#[test]
+fn mps_scores_a_converted_checkpoint_as_mps_inference_does() {
+    let dir = tempfile::tempdir().unwrap();
+    common::oracle("make_mps.py", &[dir.path().as_os_str()]);
+    let converted = dir.path().join("hf");
+    let out = Command::new(common::python())
+        .arg(common::workspace_root().join("scripts/convert_mps.py"))
+        .arg(dir.path().join("MPS_overall_checkpoint.pth"))
+        .arg(&converted)
+        .arg("--clip")
+        .arg(dir.path().join("clip"))
+        .args(["--threshold", "0.8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (prompt, want, got) in scores_against_oracle(dir.path(), "mps", &converted) {
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                "{prompt}: {got:?} vs {want:?}"
+            );
+        }
+        assert!((want[0] - want[2]).abs() > 1e-2, "{want:?}");
+    }
+}
+
 /// For each prompt of an oracle's `dir/scores.json` ({prompt: [score of images/0.png, …]}): the
 /// prompt, the oracle's scores and `pso score --scorer SCORER --model MODEL --json`'s.
 fn scores_against_oracle(

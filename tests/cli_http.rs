@@ -219,7 +219,7 @@ fn every_local_scorer_kind_scores_alike_through_score_and_reward_serve() {
         .join(" ");
     assert!(
         help.contains(
-            "[possible values: clip, pickscore, aesthetic, hpsv2, imagereward, pixel, composite]"
+            "[possible values: clip, pickscore, aesthetic, hpsv2, imagereward, mps, pixel, composite]"
         ),
         "{help}"
     );
@@ -290,7 +290,8 @@ fn token_file_guards_the_server_and_errors_are_clear() {
     let err = text(&out.stderr);
     assert!(
         err.contains("'http'")
-            && err.contains("clip, pickscore, aesthetic, hpsv2, imagereward, pixel, composite"),
+            && err
+                .contains("clip, pickscore, aesthetic, hpsv2, imagereward, mps, pixel, composite"),
         "{err}"
     );
 }

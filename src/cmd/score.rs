@@ -22,7 +22,8 @@ pub struct ScoreArgs {
     /// plus aesthetic.safetensors, made by scripts/convert_aesthetic.py from the LAION .pth.
     /// hpsv2: the CLIPModel folder scripts/convert_hpsv2.py makes from HPS_v2.1_compressed.pt.
     /// imagereward: the folder scripts/convert_imagereward.py makes from ImageReward.pt and
-    /// med_config.json.
+    /// med_config.json. mps: the folder scripts/convert_mps.py makes from
+    /// MPS_overall_checkpoint.pth.
     #[arg(long)]
     model: String,
     /// Prompt the images are scored against.

@@ -134,7 +134,7 @@ pub struct OfflineArgs {
     #[arg(long)]
     resume: bool,
     /// Label every pair again as it is read, with SCORER:MODEL (scorer clip, pickscore,
-    /// aesthetic, hpsv2, imagereward, pixel, http, openai or composite; MODEL a model folder or
+    /// aesthetic, hpsv2, imagereward, mps, pixel, http, openai or composite; MODEL a model folder or
     /// hub id, a pixel metric, a URL, or a TOML file),
     /// e.g. aesthetic:models/aesthetic.
     #[arg(long, value_name = "SCORER:MODEL")]

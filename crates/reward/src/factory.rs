@@ -28,6 +28,8 @@ pub enum ScorerKind {
     Hpsv2,
     /// ImageReward (BLIP and its MLP head; a folder made by scripts/convert_imagereward.py).
     Imagereward,
+    /// MPS's overall score (CLIP-H and its cross model; a folder made by scripts/convert_mps.py).
+    Mps,
     /// A pixel statistic, no model: `centered`, `redness` or `size`.
     Pixel,
     /// A remote scorer speaking the HTTP reward protocol; the model is its URL.
@@ -40,12 +42,13 @@ pub enum ScorerKind {
 
 impl ScorerKind {
     /// Every kind, in the order `--help` lists them.
-    pub const ALL: [ScorerKind; 9] = [
+    pub const ALL: [ScorerKind; 10] = [
         ScorerKind::Clip,
         ScorerKind::Pickscore,
         ScorerKind::Aesthetic,
         ScorerKind::Hpsv2,
         ScorerKind::Imagereward,
+        ScorerKind::Mps,
         ScorerKind::Pixel,
         ScorerKind::Http,
         ScorerKind::Openai,
@@ -60,6 +63,7 @@ impl ScorerKind {
             ScorerKind::Aesthetic => "aesthetic",
             ScorerKind::Hpsv2 => "hpsv2",
             ScorerKind::Imagereward => "imagereward",
+            ScorerKind::Mps => "mps",
             ScorerKind::Pixel => "pixel",
             ScorerKind::Http => "http",
             ScorerKind::Openai => "openai",
@@ -76,6 +80,7 @@ impl ScorerKind {
             ScorerKind::Aesthetic => Some(LocalScorerKind::Aesthetic),
             ScorerKind::Hpsv2 => Some(LocalScorerKind::Hpsv2),
             ScorerKind::Imagereward => Some(LocalScorerKind::Imagereward),
+            ScorerKind::Mps => Some(LocalScorerKind::Mps),
             ScorerKind::Pixel | ScorerKind::Http | ScorerKind::Openai | ScorerKind::Composite => {
                 None
             }
@@ -156,7 +161,8 @@ pub fn build_scorer(
         | ScorerKind::Pickscore
         | ScorerKind::Aesthetic
         | ScorerKind::Hpsv2
-        | ScorerKind::Imagereward => local_model(kind, model),
+        | ScorerKind::Imagereward
+        | ScorerKind::Mps => local_model(kind, model),
         ScorerKind::Pixel => Ok(Box::new(PixelScorer::new(model)?)),
         ScorerKind::Http => {
             let options = HttpScorerOptions {
@@ -223,7 +229,7 @@ mod tests {
         let err = "clips".parse::<ScorerKind>().unwrap_err().to_string();
         assert!(
             err.contains(
-                "clip, pickscore, aesthetic, hpsv2, imagereward, pixel, http, openai, composite"
+                "clip, pickscore, aesthetic, hpsv2, imagereward, mps, pixel, http, openai, composite"
             ),
             "{err}"
         );

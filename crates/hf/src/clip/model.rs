@@ -91,6 +91,30 @@ impl ClipModel {
         self.vision.forward(pixel_values).1
     }
 
+    /// Every token's projected text state `[B, T, projection_dim]` (`text_projection` of the
+    /// final-normed hidden states) and the projected end-of-text state `[B, projection_dim]`, as
+    /// MPS's `get_text_features` computes them.
+    pub fn text_token_features(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let out = self.text.forward(input_ids, attention_mask);
+        let tokens = self.text.project(&out.last_hidden_state);
+        let eos = out
+            .text_embeds
+            .expect("CLIPModel's text tower has a projection");
+        (tokens, eos)
+    }
+
+    /// Every token's projected image state `[B, 1 + patches, projection_dim]`:
+    /// `visual_projection` of the last layer's output (no `post_layernorm`), as MPS's
+    /// `get_image_features` computes it.
+    pub fn image_token_features(&self, pixel_values: &Tensor) -> Tensor {
+        let out = self.vision.vision_model.forward(pixel_values);
+        self.vision.project(&out.last_hidden_state)
+    }
+
     /// `exp(logit_scale)`, the temperature of `logits_per_image`.
     pub fn logit_scale_exp(&self) -> Tensor {
         self.logit_scale.exp()

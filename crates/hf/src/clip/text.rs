@@ -183,6 +183,16 @@ impl ClipTextModel {
         )?)
     }
 
+    /// `text_projection` of `states` (the last dimension the tower's width).
+    ///
+    /// Panics without a projection ([`ClipTextModel::has_projection`]).
+    pub fn project(&self, states: &Tensor) -> Tensor {
+        self.text_projection
+            .as_ref()
+            .expect("a projected text model")
+            .forward(states)
+    }
+
     /// Whether `forward` fills `text_embeds`.
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()

@@ -144,6 +144,11 @@ impl ClipVisionModelWithProjection {
         }
     }
 
+    /// `visual_projection` of `states` (the last dimension the tower's width).
+    pub fn project(&self, states: &Tensor) -> Tensor {
+        self.visual_projection.forward(states)
+    }
+
     /// The tower's outputs and the projected image embedding `[B, projection_dim]`.
     pub fn forward(&self, pixel_values: &Tensor) -> (ClipVisionOutput, Tensor) {
         let out = self.vision_model.forward(pixel_values);

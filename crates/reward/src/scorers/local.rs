@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::{aesthetic, clip_score, image_reward};
+use super::{aesthetic, clip_score, image_reward, mps};
 use crate::{RewardError, ScoreItem, Scorer};
 
 /// The scorers this crate runs locally.
@@ -23,6 +23,8 @@ pub enum LocalScorerKind {
     Hpsv2,
     /// ImageReward: BLIP and its reward head (scripts/convert_imagereward.py).
     Imagereward,
+    /// MPS's overall score: CLIP-H and its cross model (scripts/convert_mps.py).
+    Mps,
 }
 
 /// The distinct prompts of `items` in first-seen order, and each item's row among them: a
@@ -68,5 +70,6 @@ pub fn load_local(
         LocalScorerKind::Imagereward => {
             Box::new(image_reward::ImageRewardScorer::load(dir, device)?)
         }
+        LocalScorerKind::Mps => Box::new(mps::MpsScorer::load(dir, device)?),
     })
 }

@@ -10,6 +10,8 @@ pub mod composite;
 pub mod image_reward;
 #[cfg(feature = "local")]
 mod local;
+#[cfg(feature = "local")]
+pub mod mps;
 pub mod pixel;
 
 #[cfg(feature = "local")]
