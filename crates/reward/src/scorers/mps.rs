@@ -64,10 +64,21 @@ fn swiglu(x: &Tensor) -> Tensor {
     halves[1].silu() * &halves[0]
 }
 
-/// Softmax over the last axis after subtracting its maximum, as the cross model writes it.
-fn stable_softmax(sim: &Tensor) -> Tensor {
-    let shifted = sim - sim.amax([-1], true);
-    shifted.softmax(-1, shifted.kind())
+/// Multi-query attention: scaled queries [B, h, n, d] over one key / value head [B, m, d], with
+/// an additive mask [B, n, m]; the softmax after subtracting the row maximum, as the cross
+/// model writes it. Returns [B, n, h·d].
+fn multi_query(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let (b, h, n, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let mut sim = q.matmul(&k.unsqueeze(1).transpose(-1, -2));
+    if let Some(m) = mask {
+        sim += m.unsqueeze(1);
+    }
+    let shifted = &sim - sim.amax([-1], true);
+    shifted
+        .softmax(-1, shifted.kind())
+        .matmul(&v.unsqueeze(1))
+        .transpose(1, 2)
+        .reshape([b, n, h * d])
 }
 
 /// Multi-query cross-attention (one key / value head) with a parallel SwiGLU feed-forward.
@@ -110,11 +121,7 @@ impl CrossAttention {
             .transpose(1, 2)
             * (self.dim_head as f64).powf(-0.5);
         let kv = self.to_kv.forward(context).chunk(2, -1);
-        let sim = q.matmul(&kv[0].unsqueeze(1).transpose(-1, -2)) + mask.unsqueeze(1);
-        let out = stable_softmax(&sim)
-            .matmul(&kv[1].unsqueeze(1))
-            .transpose(1, 2)
-            .reshape([b, n, self.heads * self.dim_head]);
+        let out = multi_query(&q, &kv[0], &kv[1], Some(mask));
         let out =
             self.to_out.forward(&out) + self.ff_out.forward(&swiglu(&self.ff_in.forward(&normed)));
         x + out
@@ -165,11 +172,7 @@ impl ParallelBlock {
         let rotate = |t: &Tensor| t * &cos + rotate_half(t) * &sin;
         let q = rotate(&q) * (dh as f64).powf(-0.5);
         let k = rotate(&parts[1]);
-        let sim = q.matmul(&k.unsqueeze(1).transpose(-1, -2));
-        let out = stable_softmax(&sim)
-            .matmul(&parts[2].unsqueeze(1))
-            .transpose(1, 2)
-            .reshape([b, n, h * dh]);
+        let out = multi_query(&q, &k, &parts[2], None);
         x + self.attn_out.forward(&out) + self.ff_out.forward(&swiglu(&parts[3]))
     }
 }
