@@ -666,3 +666,22 @@ fn recomputed_blocks_give_the_same_gradients() {
         assert!(zero <= 2, "{name}: {zero} tensors without gradient");
     }
 }
+
+/// `pso bench learn` finishes recomputed blocks' backward too (a forgotten finish now panics).
+#[test]
+fn bench_learn_runs_a_flow_model_with_recomputed_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = run_config(dir.path(), "sd3/with_t5", "renoise", "online_pso");
+    let out = ok(&[
+        "bench",
+        "learn",
+        "--config",
+        s(&cfg),
+        "--set",
+        "learner.recompute_blocks=true",
+        "--repeats",
+        "2",
+    ]);
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(v["seconds_per_step"].as_f64().unwrap() > 0.0, "{v}");
+}

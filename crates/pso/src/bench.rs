@@ -139,13 +139,18 @@ pub fn online_step_seconds(
     let prepared = trainer.prepare(round)?;
     let chosen: Vec<&Prepared> = prepared.iter().collect();
     let transitions = trainer.stochastic_steps().to_vec();
+    let backbone = &trainer.pipeline.backbone;
     let mut step = || -> Result<f64, RunError> {
-        let report = learner.step_over(transitions.len() as u32, |micro| {
-            let at = vec![transitions[micro as usize]; chosen.len()];
-            trainer
-                .loss(&chosen, &at)
-                .map_err(|e| LearnerError::Batch(Box::new(e)))
-        })?;
+        let report = learner.step_over_then(
+            transitions.len() as u32,
+            |micro| {
+                let at = vec![transitions[micro as usize]; chosen.len()];
+                trainer
+                    .loss(&chosen, &at)
+                    .map_err(|e| LearnerError::Batch(Box::new(e)))
+            },
+            &|| backbone.finish_recomputation(),
+        )?;
         Ok(report.seconds)
     };
     step()?;

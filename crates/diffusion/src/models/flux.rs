@@ -484,16 +484,19 @@ impl FluxTransformer2DModel {
             sequence
         });
         let (out, temb_post) = (recompute::leaf(&out), recompute::leaf(&temb));
-        self.recompute.push(FluxPass {
-            x,
-            c,
-            temb,
-            temb_post: temb_post.shallow_clone(),
-            rope,
-            double_inputs,
-            single_inputs,
-            out: out.shallow_clone(),
-        });
+        self.recompute.push(
+            FluxPass {
+                x,
+                c,
+                temb,
+                temb_post: temb_post.shallow_clone(),
+                rope,
+                double_inputs,
+                single_inputs,
+                out: out.shallow_clone(),
+            },
+            |pass| &pass.out,
+        );
         (out, temb_post)
     }
 

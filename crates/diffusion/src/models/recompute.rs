@@ -39,8 +39,21 @@ impl<P> Recompute<P> {
         self.on.load(Ordering::Relaxed) && grad_enabled()
     }
 
-    /// Keeps a pass for [`Recompute::take`].
-    pub fn push(&self, pass: P) {
+    /// Keeps a pass for [`Recompute::take`]; `out` names a pass's output leaf. Panics when a
+    /// kept pass already received its gradient but was never finished: its blocks would get no
+    /// gradient (a caller that forgot `finish_recomputation` after a backward).
+    pub fn push(&self, pass: P, out: impl Fn(&P) -> &Tensor) {
+        let unfinished = self
+            .pending
+            .lock()
+            .expect("the recompute lock is never poisoned")
+            .iter()
+            .any(|p| grad_of(out(p)).is_some());
+        assert!(
+            !unfinished,
+            "a forward pass with recomputed blocks was backpropagated but never finished: call \
+             Backbone::finish_recomputation after each backward (Learner::step_over_then)"
+        );
         self.pending
             .lock()
             .expect("the recompute lock is never poisoned")
@@ -104,16 +117,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grad_mode_is_detected() {
+    fn grad_mode_is_detected_and_an_unfinished_pass_is_refused() {
         assert!(grad_enabled());
         tch::no_grad(|| assert!(!grad_enabled()));
-        let r: Recompute<u8> = Recompute::default();
+        let r: Recompute<Tensor> = Recompute::default();
         r.set(true);
         assert!(r.applies());
         tch::no_grad(|| assert!(!r.applies()));
-        r.push(1);
-        r.push(2);
-        assert_eq!(r.take(), [2, 1]);
+        let zero = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+        r.push(leaf(&zero), |t| t);
+        r.push(leaf(&(&zero + 1.0)), |t| t);
+        let taken: Vec<f64> = r.take().iter().map(|t| t.double_value(&[0])).collect();
+        assert_eq!(taken, [1.0, 0.0], "last first");
         assert!(r.take().is_empty());
+        // A pass whose output got a gradient must be finished before the next one.
+        let out = leaf(&zero);
+        r.push(out.shallow_clone(), |t| t);
+        (&out * 2.0).sum(Kind::Float).backward();
+        let again =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.push(leaf(&zero), |t| t)));
+        assert!(again.is_err());
     }
 }

@@ -635,14 +635,17 @@ impl SD3Transformer2DModel {
             x
         });
         let (out, temb_post) = (recompute::leaf(&out), recompute::leaf(&temb));
-        self.recompute.push(Sd3Pass {
-            x,
-            c,
-            temb,
-            temb_post: temb_post.shallow_clone(),
-            inputs,
-            out: out.shallow_clone(),
-        });
+        self.recompute.push(
+            Sd3Pass {
+                x,
+                c,
+                temb,
+                temb_post: temb_post.shallow_clone(),
+                inputs,
+                out: out.shallow_clone(),
+            },
+            |pass| &pass.out,
+        );
         (out, temb_post)
     }
 
