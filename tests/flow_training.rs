@@ -533,6 +533,36 @@ fn offline_objectives_train_a_flow_model_on_stored_pairs() {
         assert_eq!(l.len(), 2, "{objective}: {l:?}");
         assert!(l.iter().all(|(_, l)| l.is_finite()), "{objective}: {l:?}");
     }
+    // Subject tuning on training images against a reference pool (`pso_db`): images encoded by
+    // the 16-channel VAE with its shift, references sampled by the flow scheduler.
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for i in 0..2u8 {
+        let img = image::RgbImage::from_fn(24, 24, |x, y| {
+            image::Rgb([x as u8 * 10, y as u8 * 10, 60 * i])
+        });
+        img.save(images.join(format!("{i}.png"))).unwrap();
+    }
+    let cfg = run_config(dir.path(), model, "renoise", "pso_db");
+    let out = dir.path().join("pso_db");
+    ok(&[
+        "offline",
+        "--config",
+        s(&cfg),
+        "--train-images",
+        s(&images),
+        "--prompt",
+        "a photo of sks",
+        "--class-prompt",
+        "a photo",
+        "--out",
+        s(&out),
+        "--max-steps",
+        "2",
+    ]);
+    let l = losses(&out);
+    assert_eq!(l.len(), 2, "pso_db: {l:?}");
+    assert!(l.iter().all(|(_, l)| l.is_finite()), "pso_db: {l:?}");
 }
 
 #[test]
