@@ -8,14 +8,16 @@ use std::path::{Path, PathBuf};
 use crate::HfError;
 
 /// Component folders of the pipelines this crate runs, and the files they need besides weights.
-const COMPONENTS: [&str; 8] = [
+const COMPONENTS: [&str; 10] = [
     "unet",
     "transformer",
     "vae",
     "text_encoder",
     "text_encoder_2",
+    "text_encoder_3",
     "tokenizer",
     "tokenizer_2",
+    "tokenizer_3",
     "scheduler",
 ];
 const SMALL_FILES: [&str; 7] = [
@@ -466,6 +468,49 @@ mod tests {
         std::fs::write(&local, b"x").unwrap();
         let spec = local.to_str().unwrap();
         assert_eq!(resolve_file(spec, &[".pt"]).unwrap(), local);
+    }
+
+    #[test]
+    fn flow_pipelines_fetch_their_t5_encoders_and_sharded_weights() {
+        // The file lists of stabilityai/stable-diffusion-3.5-large-turbo and
+        // black-forest-labs/FLUX.1-schnell (weights shortened to what the rules see).
+        let sd3: Vec<String> = [
+            "model_index.json",
+            "sd3.5_large_turbo.safetensors",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.safetensors",
+            "text_encoder_3/config.json",
+            "text_encoder_3/model-00001-of-00002.safetensors",
+            "text_encoder_3/model-00002-of-00002.safetensors",
+            "text_encoder_3/model.safetensors.index.json",
+            "tokenizer/merges.txt",
+            "tokenizer/vocab.json",
+            "tokenizer_3/spiece.model",
+            "tokenizer_3/tokenizer.json",
+            "tokenizer_3/tokenizer_config.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "transformer/diffusion_pytorch_model.safetensors.index.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        let needed = needed_files(&sd3, None);
+        for f in [
+            "text_encoder_3/model-00001-of-00002.safetensors",
+            "text_encoder_3/model.safetensors.index.json",
+            "tokenizer_3/tokenizer.json",
+            "transformer/diffusion_pytorch_model.safetensors.index.json",
+        ] {
+            assert!(needed.contains(&f), "{f} missing from {needed:?}");
+        }
+        assert!(!needed.contains(&"sd3.5_large_turbo.safetensors"));
+        assert!(!needed.contains(&"tokenizer_3/spiece.model"));
+        assert!(components_without_weights(&sd3, None).is_empty());
     }
 
     #[test]
