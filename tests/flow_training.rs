@@ -715,3 +715,13 @@ fn bench_learn_runs_a_flow_model_with_recomputed_blocks() {
     let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(v["seconds_per_step"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+#[test]
+fn an_sd3_folder_without_t5_says_so() {
+    assert!(load("sd3/with_t5").warnings().is_empty());
+    let warnings = load("sd3/no_t5").warnings();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("no text_encoder_3/ (T5)"),
+        "{warnings:?}"
+    );
+}

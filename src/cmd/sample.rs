@@ -208,6 +208,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .transpose()?;
     let mut pipeline =
         Pipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    for warning in pipeline.warnings() {
+        tracing::warn!("{}: {warning}", root.display());
+    }
     if let Some(kind) = args.sampler {
         pipeline.scheduler_config.kind = kind;
     }

@@ -299,6 +299,19 @@ impl Pipeline {
         })
     }
 
+    /// What the loaded folder lacks that changes its images, for the caller to log.
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.conditioner {
+            Conditioner::Sd3(encoders) if !encoders.has_t5() => vec![
+                "this SD3 folder has no text_encoder_3/ (T5): prompts condition on the two CLIPs \
+                 and zeros in T5's place, as diffusers does without it; add T5 for the model's \
+                 full prompt following"
+                    .into(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
     /// The device the models run on.
     pub fn device(&self) -> Device {
         self.device

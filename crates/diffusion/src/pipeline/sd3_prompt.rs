@@ -74,6 +74,11 @@ impl Sd3TextEncoders {
         })
     }
 
+    /// Whether the folder has T5 (`text_encoder_3/`); without it its tokens are zeros.
+    pub fn has_t5(&self) -> bool {
+        self.t5.is_some()
+    }
+
     /// Encodes prompts: `embeds` [B, 77 + max_sequence_length, width of T5] and `pooled`
     /// [B, projection L + projection G].
     pub fn encode(&self, prompts: &[&str], device: Device) -> Result<PromptEmbeds, PipelineError> {

@@ -70,6 +70,9 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             )));
         }
     }
+    for warning in pipeline.warnings() {
+        tracing::warn!("{}: {warning}", root.display());
+    }
     pipeline
         .backbone
         .set_recompute(config.learner.recompute_blocks)
