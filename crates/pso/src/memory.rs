@@ -55,7 +55,8 @@ pub struct MemoryEstimate {
     pub total_bytes: u64,
 }
 
-/// Parameters per weight file of a component folder, by tensor name.
+/// Every tensor's name and shape in a component folder's weight files, read from the headers
+/// alone (the safetensors crate wants the whole file, which the estimate must not need).
 fn tensor_shapes(dir: &Path) -> Result<Vec<(String, Vec<u64>)>, MemoryError> {
     let err = |why: String| MemoryError {
         path: dir.display().to_string(),

@@ -82,18 +82,7 @@ impl Backbone {
     /// Refuses a latent of `height` × `width` the model cannot take, saying why.
     pub fn check_latent_size(&self, height: i64, width: i64) -> Result<(), String> {
         match self {
-            Backbone::SD3(m) => {
-                let c = m.config();
-                let (p, max) = (c.patch_size, c.pos_embed_max_size);
-                if height % p != 0 || width % p != 0 || height > max * p || width > max * p {
-                    return Err(format!(
-                        "a {height}x{width} latent: SD3 needs sides that are multiples of \
-                         patch_size {p} and at most pos_embed_max_size × patch_size = {}",
-                        max * p
-                    ));
-                }
-                Ok(())
-            }
+            Backbone::SD3(m) => m.check_latent_size(height, width),
             Backbone::Flux(_) if height % 2 != 0 || width % 2 != 0 => Err(format!(
                 "a {height}x{width} latent: FLUX packs 2 × 2 patches, so both sides must be even"
             )),

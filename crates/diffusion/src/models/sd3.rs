@@ -684,6 +684,19 @@ impl SD3Transformer2DModel {
         }
     }
 
+    /// Refuses a latent of `height` × `width` the patches and stored positions cannot cover.
+    pub fn check_latent_size(&self, height: i64, width: i64) -> Result<(), String> {
+        let (p, max) = (self.config.patch_size, self.config.pos_embed_max_size);
+        if height % p != 0 || width % p != 0 || height > max * p || width > max * p {
+            return Err(format!(
+                "a {height}x{width} latent: SD3 needs sides that are multiples of patch_size {p} \
+                 and at most pos_embed_max_size × patch_size = {}",
+                max * p
+            ));
+        }
+        Ok(())
+    }
+
     /// The positional embedding of an h × w token grid: the centre crop of the stored grid
     /// (`PatchEmbed.cropped_pos_embed`).
     fn cropped_pos_embed(&self, h: i64, w: i64) -> Tensor {
@@ -709,16 +722,9 @@ impl SD3Transformer2DModel {
     ) -> Result<Tensor, String> {
         let size = latents.size();
         let (b, height, width) = (size[0], size[2], size[3]);
+        self.check_latent_size(height, width)?;
         let p = self.config.patch_size;
         let (h, w) = (height / p, width / p);
-        let max = self.config.pos_embed_max_size;
-        if height % p != 0 || width % p != 0 || h > max || w > max {
-            return Err(format!(
-                "a {height}x{width} latent: its sides must be multiples of patch_size {p} and at \
-                 most pos_embed_max_size × patch_size = {}",
-                max * p
-            ));
-        }
         // 1. Patches to tokens, plus the cropped positions.
         let tokens = self
             .patch_proj

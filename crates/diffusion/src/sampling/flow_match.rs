@@ -329,17 +329,6 @@ impl FlowMatchEuler {
         Ok((self.sigmas[step], self.sigmas[step + 1]))
     }
 
-    /// x_σ = (1 − σ)·x0 + σ·ε at step `step` (diffusers' `scale_noise`).
-    pub fn add_noise(
-        &self,
-        step: usize,
-        x0: &Tensor,
-        noise: &Tensor,
-    ) -> Result<Tensor, SamplingError> {
-        let (sigma, _) = self.check(step)?;
-        Ok(x0 * (1.0 - sigma) + noise * sigma)
-    }
-
     /// diffusers' deterministic `step`: x + (σ' − σ)·v, in fp32.
     pub fn step(
         &self,

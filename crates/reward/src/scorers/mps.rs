@@ -224,11 +224,19 @@ impl CrossModel {
     }
 }
 
+/// The models and the condition prompt's projected tokens [1, T, dim], encoded once.
+#[derive(Debug)]
+struct MpsModels {
+    clip: ClipModel,
+    cross: CrossModel,
+    condition: Tensor,
+}
+
 /// The MPS scorer.
 #[derive(Debug)]
 pub struct MpsScorer {
     // tch tensors are Send but not Sync; the lock also serialises use of the device.
-    models: Mutex<(ClipModel, CrossModel)>,
+    models: Mutex<MpsModels>,
     tokenizer: ClipTokenizer,
     processor: ClipImageProcessor,
     config: MpsConfig,
@@ -259,8 +267,14 @@ impl MpsScorer {
             hf::load::build_and_load(&[dir.join("mps.safetensors")], device, Kind::Float, |p| {
                 CrossModel::new(&p / "cross_model", &config)
             })?;
+        let condition_ids = tokenizer.encode_batch(&[config.condition.as_str()], device)?;
+        let condition = tch::no_grad(|| clip.text_token_features(&condition_ids.input_ids, None).0);
         Ok(MpsScorer {
-            models: Mutex::new((clip, cross)),
+            models: Mutex::new(MpsModels {
+                clip,
+                cross,
+                condition,
+            }),
             tokenizer,
             processor,
             config,
@@ -287,19 +301,15 @@ impl Scorer for MpsScorer {
         let (unique, rows) = super::local::prompt_rows(items);
         let rows = Tensor::from_slice(&rows).to_device(self.device);
         let prompts = self.tokenizer.encode_batch(&unique, self.device)?;
-        let condition = self
-            .tokenizer
-            .encode_batch(&[self.config.condition.as_str()], self.device)?;
         let pixels = self
             .processor
             .preprocess(items.iter().map(|it| it.image))
             .to_device(self.device);
         let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        let (clip, cross) = (&models.0, &models.1);
+        let (clip, cross, condition) = (&models.clip, &models.cross, &models.condition);
         let _guard = tch::no_grad_guard();
         // 1. Prompt tokens, as the official code encodes them (no attention mask).
         let (text, eos) = clip.text_token_features(&prompts.input_ids, None);
-        let (condition, _) = clip.text_token_features(&condition.input_ids, None);
         // 2. Each prompt token's best similarity to a condition token, over the prompt's
         //    largest; tokens at or below the threshold are masked.
         let sim = text
