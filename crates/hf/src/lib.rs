@@ -2,7 +2,7 @@
 //! and transformers folders and their safetensors loaded into `tch` ([`load`]), safetensors
 //! written with metadata ([`tensor_file`]), CLIP's tokenizer and towers ([`clip`]), shared by
 //! the diffusion models' text encoders and the reward models, and the T5 encoder of SD3 and FLUX
-//! ([`t5`]).
+//! ([`t5`]), and Qwen3, Z-Image's text encoder ([`qwen3`]).
 
 pub mod blip;
 pub mod clip;
@@ -10,6 +10,7 @@ mod error;
 pub mod hub;
 pub mod load;
 pub mod padded_tokenizer;
+pub mod qwen3;
 pub mod t5;
 pub mod tensor_file;
 

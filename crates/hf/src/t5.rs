@@ -119,6 +119,14 @@ impl RmsNorm {
         }
     }
 
+    /// Multiplies the weight by `by` in place (folding a per-channel scale into the norm).
+    pub fn scale_weight(&self, by: &Tensor) {
+        tch::no_grad(|| {
+            let mut w = self.weight.shallow_clone();
+            let _ = w.g_mul_(&by.to_kind(w.kind()));
+        });
+    }
+
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let variance = x

@@ -1,7 +1,9 @@
 //! The denoiser a pipeline drives, behind one interface: the text-conditioned UNet of SD / SDXL,
-//! the class-conditional DiT, or the flow-matching transformers of SD3 / SD3.5 (MMDiT) and FLUX.
+//! the class-conditional DiT, or the flow-matching transformers of SD3 / SD3.5 (MMDiT), FLUX and
+//! Z-Image.
 //! Samplers, PEFT, the objectives and the loop see only this, and always latents
-//! [B, C, h, w] (FLUX's 2 × 2 packing happens inside).
+//! [B, C, h, w] (FLUX's 2 × 2 packing happens inside), and every flow model as predicting the
+//! velocity at the scheduler's timestep σ·1000 (Z-Image's own convention is converted inside).
 
 use tch::{nn, Tensor};
 
@@ -13,6 +15,7 @@ use super::linear::Linear;
 use super::sd3::SD3Transformer2DModel;
 use super::transformer::ScaledBlock;
 use super::unet::{AddedCond, UNet2DConditionModel};
+use super::z_image::ZImageTransformer2DModel;
 
 /// What a backbone is conditioned on, one row per sample.
 #[derive(Debug)]
@@ -39,6 +42,13 @@ pub enum Condition {
         /// A guidance-distilled FLUX model's embedded guidance scale [B].
         guidance: Option<Tensor>,
     },
+    /// Z-Image's prompt: each row's own number of Qwen3 tokens, batched to the longest.
+    Captions {
+        /// Prompt tokens [B, L, cap_feat_dim], zeros after each row's length.
+        tokens: Tensor,
+        /// The real tokens of each row.
+        lengths: Vec<i64>,
+    },
 }
 
 impl Condition {
@@ -48,6 +58,7 @@ impl Condition {
             Condition::Text { embeds, .. } => embeds.size()[0],
             Condition::Classes(labels) => labels.size()[0],
             Condition::Joint { context, .. } => context.size()[0],
+            Condition::Captions { tokens, .. } => tokens.size()[0],
         }
     }
 }
@@ -63,6 +74,8 @@ pub enum Backbone {
     SD3(Box<SD3Transformer2DModel>),
     /// diffusers' `FluxTransformer2DModel`.
     Flux(Box<FluxTransformer2DModel>),
+    /// diffusers' `ZImageTransformer2DModel`.
+    ZImage(Box<ZImageTransformer2DModel>),
 }
 
 impl Backbone {
@@ -70,19 +83,25 @@ impl Backbone {
     pub fn folder(&self) -> &'static str {
         match self {
             Backbone::UNet(_) => "unet",
-            Backbone::DiT(_) | Backbone::SD3(_) | Backbone::Flux(_) => "transformer",
+            Backbone::DiT(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => {
+                "transformer"
+            }
         }
     }
 
     /// Whether it is a rectified-flow model (predicts a velocity, samples with flow matching).
     pub fn is_flow(&self) -> bool {
-        matches!(self, Backbone::SD3(_) | Backbone::Flux(_))
+        matches!(
+            self,
+            Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_)
+        )
     }
 
     /// Refuses a latent of `height` × `width` the model cannot take, saying why.
     pub fn check_latent_size(&self, height: i64, width: i64) -> Result<(), String> {
         match self {
             Backbone::SD3(m) => m.check_latent_size(height, width),
+            Backbone::ZImage(m) => m.check_latent_size(height, width),
             Backbone::Flux(_) if height % 2 != 0 || width % 2 != 0 => Err(format!(
                 "a {height}x{width} latent: FLUX packs 2 × 2 patches, so both sides must be even"
             )),
@@ -97,6 +116,7 @@ impl Backbone {
             Backbone::DiT(d) => d.config.in_channels,
             Backbone::SD3(m) => m.config().in_channels,
             Backbone::Flux(m) => m.config().in_channels / 4,
+            Backbone::ZImage(m) => m.config().in_channels,
         }
     }
 
@@ -104,7 +124,7 @@ impl Backbone {
     /// with learned sigma).
     pub fn learns_variance(&self) -> bool {
         match self {
-            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => false,
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => false,
             Backbone::DiT(d) => d.config.out_channels() == 2 * d.config.in_channels,
         }
     }
@@ -113,7 +133,7 @@ impl Backbone {
     /// never reads the other blocks' copies, so they neither train nor get gradients).
     pub fn reads(&self, name: &str) -> bool {
         match self {
-            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => true,
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => true,
             Backbone::DiT(d) => d.reads(name),
         }
     }
@@ -179,9 +199,15 @@ impl Backbone {
                 };
                 run().unwrap_or_else(|e| panic!("FLUX transformer: {e}"))
             }
+            (Backbone::ZImage(m), Condition::Captions { tokens, lengths }) => {
+                // Z-Image's t runs from 0 (noise) to 1 and its output is the negated velocity.
+                let t = (1000.0 - per_row().to_kind(tch::Kind::Float)) / 1000.0;
+                -m.forward(x, &t, tokens, lengths)
+                    .unwrap_or_else(|e| panic!("Z-Image transformer: {e}"))
+            }
             _ => panic!(
-                "a UNet takes text conditioning, a DiT class labels, and SD3 / FLUX joint \
-                 prompt conditioning"
+                "a UNet takes text conditioning, a DiT class labels, SD3 / FLUX joint prompt \
+                 conditioning, and Z-Image its captions"
             ),
         }
     }
@@ -194,6 +220,9 @@ impl Backbone {
             Backbone::SD3(m) => Backbone::SD3(Box::new(SD3Transformer2DModel::new(vs, m.config()))),
             Backbone::Flux(m) => {
                 Backbone::Flux(Box::new(FluxTransformer2DModel::new(vs, m.config())))
+            }
+            Backbone::ZImage(m) => {
+                Backbone::ZImage(Box::new(ZImageTransformer2DModel::new(vs, m.config())))
             }
         }
     }
@@ -210,6 +239,7 @@ impl Backbone {
             Backbone::DiT(d) => d.blocks().iter().flat_map(|b| b.linears()).collect(),
             Backbone::SD3(m) => m.lora_candidates(),
             Backbone::Flux(m) => m.lora_candidates(),
+            Backbone::ZImage(m) => m.lora_candidates(),
         }
     }
 
@@ -225,19 +255,21 @@ impl Backbone {
             Backbone::DiT(d) => d.blocks().iter().map(|b| b as &dyn ScaledBlock).collect(),
             Backbone::SD3(m) => m.scaled_blocks(),
             Backbone::Flux(m) => m.scaled_blocks(),
+            Backbone::ZImage(m) => m.scaled_blocks(),
         }
     }
 
-    /// Turns activation recomputation per transformer block on or off (SD3 / FLUX; see
+    /// Turns activation recomputation per transformer block on or off (SD3 / FLUX / Z-Image; see
     /// [`crate::models::recompute`]); an error naming the backbone for the others.
     pub fn set_recompute(&self, on: bool) -> Result<(), String> {
         match self {
             Backbone::SD3(m) => m.set_recompute(on),
             Backbone::Flux(m) => m.set_recompute(on),
+            Backbone::ZImage(m) => m.set_recompute(on),
             Backbone::UNet(_) | Backbone::DiT(_) if on => {
                 return Err(
-                    "activation recomputation is implemented for the SD3 and FLUX transformers, \
-                     not for UNets or DiT"
+                    "activation recomputation is implemented for the SD3, FLUX and Z-Image \
+                     transformers, not for UNets or DiT"
                         .into(),
                 )
             }
@@ -252,6 +284,7 @@ impl Backbone {
         match self {
             Backbone::SD3(m) => m.finish_recomputation(),
             Backbone::Flux(m) => m.finish_recomputation(),
+            Backbone::ZImage(m) => m.finish_recomputation(),
             Backbone::UNet(_) | Backbone::DiT(_) => {}
         }
     }

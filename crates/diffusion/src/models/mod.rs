@@ -1,5 +1,5 @@
 //! The diffusion stack in tch, laid out exactly like diffusers' modules so that diffusers'
-//! weights load by name: building blocks, the VAE, the UNet, DiT and SD3's MMDiT.
+//! weights load by name: building blocks, the VAE, the UNet, DiT, SD3's MMDiT, FLUX and Z-Image.
 
 pub mod attention;
 pub mod backbone;
@@ -13,6 +13,7 @@ pub mod sd3;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
+pub mod z_image;
 
 /// Model-folder loading (configs, safetensors) is shared with the reward models.
 pub use hf::load;

@@ -1,11 +1,12 @@
-//! The backbone's per-request conditioning (text embeddings, class labels, or a flow
-//! transformer's joint prompt) and its source.
+//! The backbone's per-request conditioning (text embeddings, class labels, a flow
+//! transformer's joint prompt, or Z-Image's captions) and its source.
 
 use tch::Tensor;
 
 use super::flux_prompt::FluxTextEncoders;
 use super::prompt::TextEncoders;
 use super::sd3_prompt::Sd3TextEncoders;
+use super::z_image_prompt::ZImageTextEncoder;
 use super::{dit, PipelineError};
 use crate::models::backbone::Condition;
 use crate::models::unet::AddedCond;
@@ -23,6 +24,8 @@ pub(super) enum Conditioner {
     Sd3(Box<Sd3TextEncoders>),
     /// CLIP-L's pooled output and T5 (FLUX).
     Flux(Box<FluxTextEncoders>),
+    /// Qwen3's chat-formatted prompt tokens (Z-Image).
+    ZImage(Box<ZImageTextEncoder>),
 }
 
 /// Per-request conditioning, computed once and reused at every step.
@@ -126,6 +129,16 @@ impl Conditioning {
                     guidance: stack(guidance)?,
                 }
             }
+            Condition::Captions { .. } => {
+                let mut rows = Vec::new();
+                for part in parts {
+                    let Condition::Captions { tokens, lengths } = &part.inputs else {
+                        return Err(mixed());
+                    };
+                    rows.push((tokens, lengths.as_slice()));
+                }
+                captions_cat(&rows)
+            }
         };
         Ok(Conditioning { inputs, cfg: None })
     }
@@ -165,6 +178,10 @@ impl Conditioning {
                 }
                 out
             }
+            Condition::Captions { tokens, lengths } => vec![
+                ("cap_feats".to_string(), tokens.shallow_clone()),
+                ("cap_lens".into(), Tensor::from_slice(lengths)),
+            ],
         }
     }
 
@@ -198,10 +215,28 @@ impl Conditioning {
                 pooled: rep(pooled),
                 guidance: guidance.as_ref().map(rep),
             },
+            Condition::Captions { tokens, lengths } => Condition::Captions {
+                tokens: rep(tokens),
+                lengths: (0..times).flat_map(|_| lengths.iter().copied()).collect(),
+            },
         };
         Conditioning {
             inputs,
             cfg: self.cfg,
         }
+    }
+}
+
+/// Caption rows of several conditionings as one batch: each part's tokens zero-padded to the
+/// longest part, the lengths in order.
+pub(super) fn captions_cat(parts: &[(&Tensor, &[i64])]) -> Condition {
+    let longest = parts.iter().map(|(t, _)| t.size()[1]).max().unwrap_or(0);
+    let padded: Vec<Tensor> = parts
+        .iter()
+        .map(|(t, _)| t.constant_pad_nd([0, 0, 0, longest - t.size()[1]]))
+        .collect();
+    Condition::Captions {
+        tokens: Tensor::cat(&padded, 0),
+        lengths: parts.iter().flat_map(|(_, l)| l.iter().copied()).collect(),
     }
 }

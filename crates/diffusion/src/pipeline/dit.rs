@@ -160,11 +160,12 @@ impl Pipeline {
     pub fn classes(&self) -> Result<&ClassNames, PipelineError> {
         match &self.conditioner {
             Conditioner::Classes(names) => Ok(names),
-            Conditioner::Text { .. } | Conditioner::Sd3(_) | Conditioner::Flux(_) => {
-                Err(PipelineError::Request(
-                    "this is a text-to-image pipeline: give prompts, not class labels".into(),
-                ))
-            }
+            Conditioner::Text { .. }
+            | Conditioner::Sd3(_)
+            | Conditioner::Flux(_)
+            | Conditioner::ZImage(_) => Err(PipelineError::Request(
+                "this is a text-to-image pipeline: give prompts, not class labels".into(),
+            )),
         }
     }
 
@@ -185,7 +186,7 @@ impl Pipeline {
     fn dit(&self) -> Result<&DiTTransformer2DModel, PipelineError> {
         match &self.backbone {
             Backbone::DiT(d) => Ok(d),
-            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => {
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => {
                 Err(PipelineError::Request(
                     "this is a text-to-image pipeline: give prompts, not class labels".into(),
                 ))

@@ -1,6 +1,7 @@
-//! SD3 / SD3.5 (`StableDiffusion3Pipeline`) and FLUX (`FluxPipeline`) folders as a
-//! [`Pipeline`]: the flow transformer as the backbone, the joint prompt conditioning
-//! (`encode_prompt` of each pipeline), and the sigma schedule each pipeline asks its
+//! SD3 / SD3.5 (`StableDiffusion3Pipeline`), FLUX (`FluxPipeline`) and Z-Image
+//! (`ZImagePipeline`) folders as a [`Pipeline`]: the flow transformer as the backbone, the
+//! prompt conditioning (`encode_prompt` of each pipeline), and the sigma schedule each pipeline
+//! asks its
 //! `FlowMatchEulerDiscreteScheduler` for. Sampling and decoding are the shared ones: the
 //! scheduler's default kernel is diffusers' deterministic Euler step, and the VAE decodes
 //! `latents / scaling_factor + shift_factor`.
@@ -9,9 +10,11 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use super::conditioning::captions_cat;
 use super::flux_prompt::FluxTextEncoders;
 use super::prompt_cache::{self, PromptCache};
 use super::sd3_prompt::Sd3TextEncoders;
+use super::z_image_prompt::ZImageTextEncoder;
 use super::{
     load_backbone, Conditioner, Conditioning, ImageCodec, LoadOptions, Pipeline, PipelineError,
 };
@@ -20,7 +23,7 @@ use crate::sampling::scheduler::flow_steps;
 use crate::sampling::{FlowSchedule, SamplingError, Scheduler, SchedulerConfig, Timesteps};
 
 /// The diffusers pipeline classes of flow-matching folders.
-pub const CLASSES: [&str; 2] = ["StableDiffusion3Pipeline", "FluxPipeline"];
+pub const CLASSES: [&str; 3] = ["StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline"];
 
 /// SD3's default T5 length (`max_sequence_length=256`).
 const SD3_MAX_SEQUENCE_LENGTH: usize = 256;
@@ -28,8 +31,10 @@ const SD3_MAX_SEQUENCE_LENGTH: usize = 256;
 const FLUX_SCHNELL_MAX_SEQUENCE_LENGTH: usize = 256;
 /// FLUX.1-dev's T5 length.
 const FLUX_DEV_MAX_SEQUENCE_LENGTH: usize = 512;
+/// ZImagePipeline's most Qwen3 tokens per prompt.
+const Z_IMAGE_MAX_SEQUENCE_LENGTH: usize = 512;
 
-/// Loads an SD3 / SD3.5 or FLUX folder (transformer/, vae/, scheduler/, the text encoders and
+/// Loads an SD3 / SD3.5, FLUX or Z-Image folder (transformer/, vae/, scheduler/, the text encoders and
 /// tokenizers) as `opts` say; `class` is its model_index.json `_class_name`.
 pub(super) fn load(
     root: &Path,
@@ -74,6 +79,13 @@ pub(super) fn load(
                 variant,
             )?))
         }
+        Backbone::ZImage(_) => Conditioner::ZImage(Box::new(ZImageTextEncoder::load(
+            root,
+            opts.max_sequence_length
+                .unwrap_or(Z_IMAGE_MAX_SEQUENCE_LENGTH),
+            opts.text_device(),
+            opts.kind,
+        )?)),
         Backbone::UNet(_) | Backbone::DiT(_) => {
             return Err(PipelineError::Folder {
                 path: root.join("transformer"),
@@ -95,10 +107,11 @@ pub(super) fn load(
 }
 
 impl Pipeline {
-    /// The joint prompt conditioning of `num_images` images: SD3 with classifier-free guidance
+    /// The prompt conditioning of `num_images` images: SD3 with classifier-free guidance
     /// against `negative_prompt` (default empty) when `guidance > 1`, the unconditional half
     /// first; FLUX with `guidance` embedded when the model is guidance-distilled (dev), no
-    /// negative prompt.
+    /// negative prompt; Z-Image with guidance as `ZImagePipeline` scales it (`guidance > 0`
+    /// guides, the prediction pos + guidance · (pos − neg); Turbo samples with 0).
     pub(super) fn condition_joint(
         &self,
         prompt: &str,
@@ -131,6 +144,35 @@ impl Pipeline {
                     pooled = Tensor::cat(&[repeat(&pooled_of(negative.pooled)?), pooled], 0);
                 }
                 (context, pooled, cfg, None)
+            }
+            (Conditioner::ZImage(_), _) => {
+                let caption = |text: &str| -> Result<(Tensor, Vec<i64>), PipelineError> {
+                    let embeds = self.encode_prompt(text)?.embeds;
+                    let len = embeds.size()[1];
+                    Ok((repeat(&embeds), vec![len; num_images as usize]))
+                };
+                let positive = caption(prompt)?;
+                // pos + g (pos − neg) is the usual neg + (g + 1)(pos − neg).
+                let cfg = (guidance > 0.0).then_some(guidance + 1.0);
+                let inputs = if cfg.is_some() {
+                    let negative = caption(negative_prompt.unwrap_or(""))?;
+                    captions_cat(&[
+                        (&negative.0, negative.1.as_slice()),
+                        (&positive.0, positive.1.as_slice()),
+                    ])
+                } else {
+                    captions_cat(&[(&positive.0, positive.1.as_slice())])
+                };
+                let Condition::Captions { tokens, lengths } = inputs else {
+                    unreachable!("captions_cat returns captions")
+                };
+                return Ok(Conditioning {
+                    inputs: Condition::Captions {
+                        tokens: tokens.to_kind(self.kind),
+                        lengths,
+                    },
+                    cfg,
+                });
             }
             (Conditioner::Flux(_), Backbone::Flux(m)) => {
                 if negative_prompt.is_some() {
@@ -165,8 +207,8 @@ impl Pipeline {
     }
 
     /// The flow-matching scheduler for a `height` × `width` image (pixels): SD3 spaces
-    /// `num_inference_steps`, FLUX passes sigmas linspace(1, 1/n, n); under dynamic shifting
-    /// both shift by the `mu` of the image's token count.
+    /// `num_inference_steps`, FLUX and Z-Image pass sigmas linspace(1, 1/n, n); under dynamic
+    /// shifting each shifts by the `mu` of the image's token count.
     pub(super) fn flow_scheduler(
         &self,
         timesteps: Timesteps,
@@ -178,7 +220,7 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let (h, w) = (height / f, width / f);
         let (schedule, tokens) = match &self.backbone {
-            Backbone::Flux(_) => {
+            Backbone::Flux(_) | Backbone::ZImage(_) => {
                 let n = steps as f64;
                 // numpy's linspace(1, 1/n, n): i·step + 1, the last value exactly 1/n.
                 let sigmas = (0..steps)

@@ -14,6 +14,7 @@ use crate::models::dit::DiTTransformer2DModel;
 use crate::models::flux::FluxTransformer2DModel;
 use crate::models::sd3::SD3Transformer2DModel;
 use crate::models::unet::UNet2DConditionModel;
+use crate::models::z_image::ZImageTransformer2DModel;
 use crate::sampling::SchedulerConfig;
 
 /// How to load a pipeline.
@@ -28,7 +29,8 @@ pub struct LoadOptions {
     /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
     /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
     pub backbone_weights: Option<PathBuf>,
-    /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512).
+    /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512), at most
+    /// Qwen3 tokens per prompt of a Z-Image folder (default 512).
     pub max_sequence_length: Option<usize>,
     /// Where the text encoders run, when not on `device` (e.g. T5-XXL on the CPU to leave
     /// the GPU to the denoiser); their outputs move to `device`.
@@ -78,6 +80,15 @@ pub fn load_backbone(
     if flow::CLASSES.contains(&class.as_str()) {
         let dir = root.join("transformer");
         let (device, kind) = (opts.device, opts.kind);
+        if class == "ZImagePipeline" {
+            let (vs, m) = match files {
+                None => ZImageTransformer2DModel::load(&dir, device, kind, variant)?,
+                Some(files) => {
+                    ZImageTransformer2DModel::load_with_weights(&dir, files, device, kind)?
+                }
+            };
+            return Ok((vs, Backbone::ZImage(Box::new(m))));
+        }
         let sd3 = class == "StableDiffusion3Pipeline";
         return Ok(match (sd3, files) {
             (true, None) => {

@@ -3,8 +3,8 @@
 //! [`crate::models`], prompt encoding, classifier-free guidance (or LCM's guidance embedding), the
 //! few-step sampler of [`crate::sampling`], and VAE decoding to 8-bit images. The same
 //! [`Pipeline`] loads diffusers' class-conditional `DiTPipeline` ([`dit`]): its "prompts" are class
-//! ids or names; and the flow-matching `StableDiffusion3Pipeline` and `FluxPipeline` folders
-//! ([`flow`]). Everything downstream drives any of them through [`Backbone`].
+//! ids or names; and the flow-matching `StableDiffusion3Pipeline`, `FluxPipeline` and
+//! `ZImagePipeline` folders ([`flow`]). Everything downstream drives any of them through [`Backbone`].
 
 mod codec;
 mod conditioning;
@@ -17,6 +17,7 @@ mod load;
 pub mod prompt;
 pub mod prompt_cache;
 pub mod sd3_prompt;
+pub mod z_image_prompt;
 
 pub use codec::ImageCodec;
 pub use conditioning::Conditioning;
@@ -63,7 +64,7 @@ pub enum PipelineError {
     Request(String),
 }
 
-/// A loaded pipeline: text-to-image (SD, SDXL, SD3, FLUX) or class-conditional (DiT).
+/// A loaded pipeline: text-to-image (SD, SDXL, SD3, FLUX, Z-Image) or class-conditional (DiT).
 pub struct Pipeline {
     /// The denoiser.
     pub backbone: Backbone,
@@ -160,8 +161,9 @@ impl Pipeline {
                 let side = m.config().sample_size * f;
                 (side, side)
             }
-            // FluxPipeline's default_sample_size.
+            // FluxPipeline's default_sample_size; ZImagePipeline's 1024 pixels.
             Backbone::Flux(_) => (128 * f, 128 * f),
+            Backbone::ZImage(_) => (1024, 1024),
         }
     }
 
@@ -183,7 +185,7 @@ impl Pipeline {
                          (and pick its kernel with sampler.flow_kernel)"
                     )
                 } else {
-                    "is flow_match_euler, which only flow-matching models (SD3, FLUX) sample \
+                    "is flow_match_euler, which only flow-matching models (SD3, FLUX, Z-Image) sample \
                      with; use the folder's own scheduler or euler_ancestral, lcm, ddim"
                         .into()
                 },
@@ -327,6 +329,7 @@ impl Pipeline {
                 Conditioner::Text { encoders, .. } => encoders.encode(&[prompt], text),
                 Conditioner::Sd3(encoders) => encoders.encode(&[prompt], text),
                 Conditioner::Flux(encoders) => encoders.encode(&[prompt], text),
+                Conditioner::ZImage(encoder) => encoder.encode(prompt, text),
                 Conditioner::Classes(_) => Err(PipelineError::Request(
                     "a class-conditional pipeline has no text encoder; give class labels".into(),
                 )),
@@ -351,7 +354,7 @@ impl Pipeline {
         let c = self.backbone.in_channels();
         let eps = out.narrow(1, 0, c);
         match &self.backbone {
-            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => {
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => {
                 let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
                 &uncond + (&text - &uncond) * g
             }

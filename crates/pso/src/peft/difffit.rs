@@ -1,8 +1,8 @@
 //! DiffFit (method.md §4): train the biases, the norms' affine parameters, the conditioning
 //! embeddings and new per-channel γ (init 1.0) on the residual branches of the transformer
 //! blocks (a UNet's attn1, attn2 and ff; DiT's attn1 and ff, after the adaLN-Zero gate; the
-//! image stream's attention and ff of SD3's joint and FLUX's double-stream blocks); everything
-//! else stays frozen.
+//! image stream's attention and ff of SD3's joint and FLUX's double-stream blocks; every Z-Image
+//! block's attention and ff, after their post-norms); everything else stays frozen.
 //!
 //! On DiT the conditioning embedding is the class table (`class_embedder`); the timestep MLP
 //! trains only its biases. When the blocks' embedding copies are one shared embedding
@@ -43,12 +43,20 @@ pub fn trains_flow(name: &str) -> bool {
     is_bias_or_norm(name) || name.starts_with("time_text_embed.")
 }
 
+/// Whether DiffFit trains the Z-Image variable `name`: biases (adaLN's modulation included),
+/// norm affines (the blocks' RMS norms, their qk-norms, the caption norm `cap_embedder.0`) and
+/// the timestep and caption embedders.
+pub fn trains_z_image(name: &str) -> bool {
+    is_bias_or_norm(name) || name.starts_with("t_embedder.") || name.starts_with("cap_embedder.")
+}
+
 fn trains_in(backbone: &Backbone, name: &str) -> bool {
     backbone.reads(name)
         && match backbone {
             Backbone::UNet(_) => trains(name),
             Backbone::DiT(_) => trains_dit(name),
             Backbone::SD3(_) | Backbone::Flux(_) => trains_flow(name),
+            Backbone::ZImage(_) => trains_z_image(name),
         }
 }
 
@@ -56,7 +64,9 @@ fn trains_in(backbone: &Backbone, name: &str) -> bool {
 /// flow transformer's, the first half of DiT's (reported best there, method.md §4).
 fn default_gamma_blocks(backbone: &Backbone, blocks: usize) -> [u32; 2] {
     match backbone {
-        Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => [0, blocks as u32],
+        Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => {
+            [0, blocks as u32]
+        }
         Backbone::DiT(_) => [0, blocks.div_ceil(2) as u32],
     }
 }
