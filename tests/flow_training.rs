@@ -1,6 +1,6 @@
-//! Training the flow-matching models (SD3 / SD3.5 and FLUX) through the same backbone interface
-//! as the UNets, on tiny random folders from the oracle (scripts/oracle/make_sd3_text.py,
-//! make_flux_pipeline.py): LoRA exports that diffusers' `load_lora_weights` loads with the same
+//! Training the flow-matching models (SD3 / SD3.5, FLUX and Z-Image) through the same backbone
+//! interface as the UNets, on tiny random folders from the oracle (scripts/oracle/make_sd3_text.py,
+//! make_flux_pipeline.py, make_z_image.py): LoRA exports that diffusers' `load_lora_weights` loads with the same
 //! transformer output, DiffFit's tensors and γ merging exactly, and `pso online` / `pso offline`
 //! runs with the flow kernels, resumed, exported and sampled back.
 
@@ -22,7 +22,7 @@ use pso::peft::{lora, Adapter, PeftKind};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-/// OUT/sd3/{with_t5,no_t5} and OUT/flux/{schnell,dev}.
+/// OUT/sd3/{with_t5,no_t5}, OUT/flux/{schnell,dev} and OUT/zimage/{turbo,cfg}.
 fn folders() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -31,6 +31,7 @@ fn folders() -> &'static Path {
         for (script, sub) in [
             ("make_sd3_text.py", "sd3"),
             ("make_flux_pipeline.py", "flux"),
+            ("make_z_image.py", "zimage"),
         ] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
             common::oracle(script, &[dir.join(sub).as_os_str()]);
@@ -109,6 +110,7 @@ fn lora_exports_load_in_diffusers_with_the_same_transformer_output() {
         ("sd3/with_t5", ["ff.net.2", "add_q_proj"]),
         ("flux/dev", ["ff.net.2", "proj_mlp"]),
         ("flux/schnell", ["ff_context.net.2", "proj_out"]),
+        ("zimage/turbo", ["feed_forward.w1", "w3"]),
     ] {
         let p = load(name);
         let i = inputs(&p);
@@ -167,7 +169,31 @@ fn lora_exports_load_in_diffusers_with_the_same_transformer_output() {
 
 #[test]
 fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
-    for (name, gamma_blocks) in [("sd3/with_t5", 1), ("flux/schnell", 1)] {
+    // (folder, blocks with γ, the timestep embedding, qk-norms, a trained bias).
+    for (name, gamma_blocks, embedding, qk_norm, bias) in [
+        (
+            "sd3/with_t5",
+            1,
+            "time_text_embed.",
+            false,
+            "attn.to_q.bias",
+        ),
+        (
+            "flux/schnell",
+            1,
+            "time_text_embed.",
+            true,
+            "attn.to_q.bias",
+        ),
+        // Every Z-Image block: 1 noise refiner, 1 context refiner, 2 main blocks.
+        (
+            "zimage/turbo",
+            4,
+            "t_embedder.",
+            true,
+            "adaLN_modulation.0.bias",
+        ),
+    ] {
         let p = load(name);
         let s = PeftSection {
             kind: PeftKind::Difffit,
@@ -176,22 +202,15 @@ fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
         let adapter = Adapter::new(&p.backbone, &p.backbone_vs, &s, 0).unwrap();
         let names: Vec<String> = adapter.params().iter().map(|(n, _)| n.clone()).collect();
         let has = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
-        assert!(
-            has(&|n| n.starts_with("time_text_embed.")),
-            "{name}: {names:?}"
-        );
-        // The tiny SD3 has no qk-norm (SD3.0), FLUX always has one.
-        let qk_norm = name.starts_with("flux");
+        assert!(has(&|n| n.starts_with(embedding)), "{name}: {names:?}");
+        // The tiny SD3 has no qk-norm (SD3.0); FLUX and Z-Image always have one.
         assert_eq!(
             has(&|n| n.ends_with("norm_q.weight")),
             qk_norm,
             "{name}: {names:?}"
         );
-        assert!(has(&|n| n.ends_with("attn.to_q.bias")), "{name}: {names:?}");
-        assert!(
-            !has(&|n| n.ends_with("attn.to_q.weight")),
-            "{name}: {names:?}"
-        );
+        assert!(has(&|n| n.ends_with(bias)), "{name}: {names:?}");
+        assert!(!has(&|n| n.ends_with("to_q.weight")), "{name}: {names:?}");
         let gammas = names.iter().filter(|n| n.contains("gamma_")).count();
         assert_eq!(gammas, 2 * gamma_blocks, "{name}: {names:?}");
         let i = inputs(&p);
@@ -326,7 +345,11 @@ flush_every_pairs = 2
 #[test]
 fn the_learner_loss_matches_the_flow_samplers_recorded_kernels() {
     let dir = tempfile::tempdir().unwrap();
-    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/schnell", "sde")] {
+    for (model, kernel) in [
+        ("sd3/with_t5", "renoise"),
+        ("flux/schnell", "sde"),
+        ("zimage/turbo", "renoise"),
+    ] {
         let path = run_config(dir.path(), model, kernel, "online_pso");
         let config = pso::config::RunConfig::load(&path, &["sampler.steps=3".into()]).unwrap();
         common::learner_loss_matches_recorded_kernels(&config);
@@ -334,9 +357,13 @@ fn the_learner_loss_matches_the_flow_samplers_recorded_kernels() {
 }
 
 #[test]
-fn online_pso_trains_sd3_and_flux_resumes_exactly_and_exports_what_diffusers_loads() {
+fn online_pso_trains_sd3_flux_and_z_image_resumes_exactly_and_exports_what_diffusers_loads() {
     let dir = tempfile::tempdir().unwrap();
-    for (model, kernel) in [("sd3/with_t5", "renoise"), ("flux/schnell", "sde")] {
+    for (model, kernel) in [
+        ("sd3/with_t5", "renoise"),
+        ("flux/schnell", "sde"),
+        ("zimage/turbo", "sde"),
+    ] {
         let cfg = run_config(dir.path(), model, kernel, "online_pso");
         let tag = model.replace('/', "-");
         let straight = dir.path().join(format!("{tag}-straight"));
@@ -359,7 +386,7 @@ fn online_pso_trains_sd3_and_flux_resumes_exactly_and_exports_what_diffusers_loa
             s(&split),
             "--resume",
         ]);
-        if model.starts_with("sd3") {
+        if !model.starts_with("flux") {
             // Recomputing the blocks in the backward pass trains the same (to rounding).
             let recomputed = dir.path().join(format!("{tag}-recomputed"));
             ok(&[
@@ -663,7 +690,7 @@ fn gradients(p: &Pipeline, adapter: &Adapter, i: &Inputs) -> Vec<(String, Tensor
 
 #[test]
 fn recomputed_blocks_give_the_same_gradients() {
-    for name in ["sd3/with_t5", "flux/dev"] {
+    for name in ["sd3/with_t5", "flux/dev", "zimage/turbo"] {
         let p = load(name);
         let s = PeftSection {
             kind: PeftKind::Full,

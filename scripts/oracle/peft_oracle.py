@@ -10,9 +10,10 @@
       (`sample`, `timestep`, `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`) and
       writes its output as `sample` to OUT.
   peft_oracle.py flow_lora PIPELINE LORA_FILE INPUTS OUT
-      the same for an SD3 or FLUX folder: `pipe.transformer` on INPUTS (`sample` [B, C, h, w],
-      `timestep` (σ·1000), `encoder_hidden_states`, `pooled_projections`, FLUX-dev's `guidance`;
-      FLUX packed, with its position ids) and the output (FLUX unpacked) as `sample`.
+      the same for an SD3, FLUX or Z-Image folder: `pipe.transformer` on INPUTS (`sample`
+      [B, C, h, w], `timestep` (σ·1000), `encoder_hidden_states`, `pooled_projections`, FLUX-dev's
+      `guidance`; FLUX packed, with its position ids; Z-Image's `cap_feats` with `cap_lens`, at its
+      t = 1 − σ) and the output (FLUX unpacked; Z-Image's negated, the velocity) as `sample`.
   peft_oracle.py transformer FOLDER INPUTS OUT
       loads the DiTTransformer2DModel FOLDER (a merged export), runs it on INPUTS (`sample`,
       `timestep`, `class_labels`) and writes its output as `sample` to OUT.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FluxPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline)
+                       StableDiffusionXLPipeline, ZImagePipeline)
 from safetensors.torch import load_file, save_file
 
 from make_dit import randomize
@@ -88,6 +89,11 @@ def flow_lora(pipeline: str, lora_file: str, inputs: str, out: str):
                                       img_ids=img_ids).sample
             result = FluxPipeline._unpack_latents(result, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
                                                   pipe.vae_scale_factor)
+        elif isinstance(pipe, ZImagePipeline):
+            caps = [x["cap_feats"][i, :n] for i, n in enumerate(x["cap_lens"].tolist())]
+            rows = pipe.transformer(list(sample.unsqueeze(2).unbind(0)), (1000 - t) / 1000, caps,
+                                    return_dict=False)[0]
+            result = -torch.stack(rows).squeeze(2)
         else:
             result = pipe.transformer(hidden_states=sample, timestep=t, pooled_projections=x["pooled_projections"],
                                       encoder_hidden_states=x["encoder_hidden_states"]).sample
