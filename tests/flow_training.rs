@@ -668,6 +668,28 @@ fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
         text.contains("memory of the run") && text.contains("learner activations"),
         "{text}"
     );
+    // Z-Image: 36 image tokens padded to 64 and 12 prompt tokens to 32, 2 main blocks of width
+    // 32; its 1 + 1 refiner blocks keep their activations even when the main ones recompute.
+    let z = run_config(dir.path(), "zimage/turbo", "renoise", "online_pso");
+    let z_report = |sets: &[&str]| -> Value {
+        let mut args = vec!["doctor", "--json", "--config", s(&z)];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let block = 96 * 32 * 30 * 4;
+    assert_eq!(
+        part(&z_report(&[]), "learner activations"),
+        4 * (2 * block + block)
+    );
+    assert_eq!(
+        part(
+            &z_report(&["learner.recompute_blocks=true"]),
+            "learner activations"
+        ),
+        4 * (2 * 96 * 32 * 4 + block + block)
+    );
 }
 
 /// Every trainable tensor's gradient of a loss through `p`'s backbone, after zeroing them.

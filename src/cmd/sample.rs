@@ -46,7 +46,7 @@ pub struct SampleArgs {
     /// Images per sampler call with --per-class.
     #[arg(long, default_value_t = 16, requires = "per_class")]
     batch_size: usize,
-    /// Negative prompt (used only with --guidance > 1).
+    /// Negative prompt (used only with guidance: --guidance > 1, for Z-Image > 0).
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Denoising steps, spaced as the model's scheduler config says.
@@ -55,7 +55,8 @@ pub struct SampleArgs {
     /// Explicit timesteps instead of --steps, noisiest first: --timesteps 999,749,499,249.
     #[arg(long, value_delimiter = ',')]
     timesteps: Option<Vec<u32>>,
-    /// Classifier-free guidance scale; ≤ 1 means none (the distilled models' default).
+    /// Classifier-free guidance scale; ≤ 1 means none (the distilled models' default). Z-Image
+    /// reads it as ZImagePipeline's guidance_scale: any value > 0 guides (Turbo samples with 0).
     #[arg(long, default_value_t = 0.0)]
     guidance: f64,
     /// Seed of the initial noise and of every noise the sampler draws (as diffusers'

@@ -514,6 +514,42 @@ mod tests {
     }
 
     #[test]
+    fn a_z_image_pipeline_fetches_its_sharded_qwen3_and_tokenizer() {
+        // The file list of Tongyi-MAI/Z-Image-Turbo (weights shortened to what the rules see).
+        let files: Vec<String> = [
+            "model_index.json",
+            "README.md",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model-00001-of-00003.safetensors",
+            "text_encoder/model-00003-of-00003.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "tokenizer/merges.txt",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/vocab.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+            "transformer/diffusion_pytorch_model.safetensors.index.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        let needed = needed_files(&files, None);
+        for f in [
+            "text_encoder/model-00003-of-00003.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "tokenizer/tokenizer.json",
+            "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        ] {
+            assert!(needed.contains(&f), "{f} missing from {needed:?}");
+        }
+        assert!(!needed.contains(&"README.md"));
+        assert!(components_without_weights(&files, None).is_empty());
+    }
+
+    #[test]
     fn revisions_parse_and_pickled_only_components_are_named() {
         let repo = parse_repo("facebook/DiT-XL-2-256@refs/pr/1").unwrap();
         assert_eq!(repo.revision(), "refs/pr/1");

@@ -17,6 +17,7 @@ use diffusion::models::dit::DiTTransformer2DConfig;
 use diffusion::models::flux::FluxTransformer2DConfig;
 use diffusion::models::sd3::SD3Transformer2DConfig;
 use diffusion::models::vae::AutoencoderKLConfig;
+use diffusion::models::z_image::ZImageTransformer2DConfig;
 
 /// Saved values per token and channel of one transformer block in a training forward pass.
 const ACTIVATION_VALUES_PER_TOKEN_CHANNEL: u64 = 30;
@@ -105,6 +106,14 @@ struct Shape {
     blocks: u64,
     width: u64,
     tokens: u64,
+    /// Tokens × blocks of blocks that run before the recomputed ones and always keep their
+    /// activations (Z-Image's refiners of the image and of the prompt).
+    refined_tokens: u64,
+}
+
+/// `n` rounded up to a multiple of 32 (Z-Image pads its image and prompt tokens so).
+fn padded32(n: u64) -> u64 {
+    n.div_ceil(32) * 32
 }
 
 fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, MemoryError> {
@@ -125,7 +134,8 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
         u64::from(config.sampler.height) / f,
         u64::from(config.sampler.width) / f,
     );
-    let t5 = config.model.max_sequence_length.unwrap_or(256) as u64;
+    let prompt_tokens = config.model.max_sequence_length.map(|n| n as u64);
+    let t5 = prompt_tokens.unwrap_or(256);
     let transformer = root.join("transformer");
     let (denoiser_dir, shape) = if transformer.join("config.json").is_file() {
         let class: serde_json::Value = read_config(&transformer)?;
@@ -137,6 +147,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                     blocks: c.num_layers as u64,
                     width: c.inner_dim() as u64,
                     tokens: (h / p) * (w / p) + 77 + t5,
+                    refined_tokens: 0,
                 };
                 (transformer, Some(shape))
             }
@@ -146,6 +157,20 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                     blocks: (c.num_layers + c.num_single_layers) as u64,
                     width: c.inner_dim() as u64,
                     tokens: (h / 2) * (w / 2) + t5,
+                    refined_tokens: 0,
+                };
+                (transformer, Some(shape))
+            }
+            "ZImageTransformer2DModel" => {
+                let c: ZImageTransformer2DConfig = read_config(&transformer)?;
+                // At most max_sequence_length (default 512) Qwen3 tokens per prompt.
+                let image = padded32((h / 2) * (w / 2));
+                let prompt = padded32(prompt_tokens.unwrap_or(512));
+                let shape = Shape {
+                    blocks: c.n_layers as u64,
+                    width: c.dim as u64,
+                    tokens: image + prompt,
+                    refined_tokens: c.n_refiner_layers as u64 * (image + prompt),
                 };
                 (transformer, Some(shape))
             }
@@ -156,6 +181,7 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                     blocks: c.num_layers as u64,
                     width: c.inner_dim() as u64,
                     tokens: (h / p) * (w / p),
+                    refined_tokens: 0,
                 };
                 (transformer, Some(shape))
             }
@@ -251,18 +277,28 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
         };
     match shape {
         Some(s) => {
-            let block = s.tokens * s.width * ACTIVATION_VALUES_PER_TOKEN_CHANNEL * dtype_bytes;
+            let per_token = s.width * ACTIVATION_VALUES_PER_TOKEN_CHANNEL * dtype_bytes;
+            let block = s.tokens * per_token;
+            let refiners = s.refined_tokens * per_token;
             let (per_sample, how) = if config.learner.recompute_blocks {
                 // Each block's input kept, one block's activations alive at a time.
                 (
-                    s.blocks * s.tokens * s.width * dtype_bytes + block,
+                    s.blocks * s.tokens * s.width * dtype_bytes + block + refiners,
                     "recomputed: block inputs + one block's".to_string(),
                 )
             } else {
                 (
-                    s.blocks * block,
+                    s.blocks * block + refiners,
                     format!("~{ACTIVATION_VALUES_PER_TOKEN_CHANNEL} saved values each"),
                 )
+            };
+            let how = if refiners > 0 {
+                format!(
+                    "{how}; plus the refiners' {} token-blocks",
+                    s.refined_tokens
+                )
+            } else {
+                how
             };
             parts.push(Part {
                 what: "learner activations".into(),

@@ -169,7 +169,8 @@ pub struct SamplerSection {
     pub steps: u32,
     /// Explicit timesteps (first to last); overrides `steps` when not empty.
     pub timesteps: Vec<u32>,
-    /// Classifier-free guidance scale; ≤ 1 means none.
+    /// Classifier-free guidance scale; ≤ 1 means none (Z-Image: ZImagePipeline's scale, any
+    /// value > 0 guides).
     pub guidance: f32,
     /// Image height in pixels.
     pub height: u32,
