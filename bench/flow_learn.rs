@@ -1,7 +1,7 @@
 //! The online-PSO learner step on flow-matching models vs PyTorch: one step (LoRA r4 on
 //! to_q/to_k/to_v/to_out.0, reference = adapters off, the re-noise kernel's means of one stored
 //! transition per trajectory, the clamped likelihood ratio and the PSO loss, backward, grad-norm
-//! clip, AdamW) on the small random-weight SD3-like and FLUX-like models of bench/flow_sample
+//! clip, AdamW) on the small random-weight SD3-, FLUX- and Z-Image-like models of bench/flow_sample
 //! (128² images, 32² latents), same shapes, fp32, CPU, 2 threads, in one run; pso also with
 //! `learner.recompute_blocks`. `bench/flow_learn_pytorch.py` writes the step with diffusers + peft
 //! + torch.optim.AdamW. Median of STEPS steps after 2 warm-up steps.
@@ -51,7 +51,7 @@ fn main() {
         "| model | pairs | pso s/step | pso recomputed s/step | PyTorch s/step | pso / PyTorch |"
     );
     println!("|---|---|---|---|---|---|");
-    for name in ["sd3", "flux"] {
+    for name in ["sd3", "flux", "zimage"] {
         let text = format!(
             "[model]\nid = \"{}\"\ndevice = \"cpu\"\nmax_sequence_length = 32\n[sampler]\n\
              name = \"flow_match_euler\"\nflow_kernel = \"renoise\"\nsteps = 4\nheight = 128\n\

@@ -3,8 +3,8 @@
 mu = (1 - s') (x - s v) of one stored transition per trajectory, the clamped likelihood ratio and
 -log sigmoid(beta (log r_w - log r_l)), backward, clip_grad_norm_, AdamW), written with diffusers + peft.
 
-Usage: flow_learn_pytorch.py OUTDIR CASES_JSON STEPS. Builds the two pipelines of bench/flow_sample
-(OUTDIR/sd3, OUTDIR/flux) for the Rust side to load, then prints JSON: per model and pairs per step the
+Usage: flow_learn_pytorch.py OUTDIR CASES_JSON STEPS. Builds the three pipelines of bench/flow_sample
+(OUTDIR/sd3, OUTDIR/flux, OUTDIR/zimage) for the Rust side to load, then prints JSON: per model and pairs per step the
 median seconds per step, and this process's peak RSS in MiB.
 """
 import json
@@ -49,6 +49,10 @@ def main():
                 embeds, _, pooled, _ = pipe.encode_prompt("a photo of a cat", None, None,
                                                           do_classifier_free_guidance=False, max_sequence_length=32)
                 pipe.scheduler.set_timesteps(4)
+            elif name == "zimage":
+                embeds, pooled = pipe._encode_prompt(["a photo of a cat"], device="cpu", max_sequence_length=32)[0], None
+                # ZImagePipeline's linspace(1, 1/n, n) (the static shift 3 of this model applies).
+                pipe.scheduler.set_timesteps(sigmas=[1.0 - i / 4 for i in range(4)])
             else:
                 embeds, pooled, text_ids = pipe.encode_prompt("a photo of a cat", None, max_sequence_length=32)
                 # FluxPipeline's linspace(1, 1/n, n); the static shift 1 of this model.
@@ -58,10 +62,16 @@ def main():
             gen = torch.Generator().manual_seed(pairs)
             x = torch.randn(2 * pairs, 16, side, side, generator=gen)
             nxt = torch.randn(2 * pairs, 16, side, side, generator=gen)
-            ctx, pool = embeds.repeat(2 * pairs, 1, 1), pooled.repeat(2 * pairs, 1)
+            ctx = embeds.repeat(2 * pairs, 1, 1) if name != "zimage" else None
+            pool = pooled.repeat(2 * pairs, 1) if pooled is not None else None
             t = torch.full((2 * pairs,), sigma * 1000)
 
             def velocity():
+                if name == "zimage":
+                    # Z-Image's t = 1 - sigma and negated output, as pso's backbone converts them.
+                    rows = model(list(x.unsqueeze(2).unbind(0)), (1000 - t) / 1000, [embeds] * x.shape[0],
+                                 return_dict=False)[0]
+                    return -torch.stack(rows).squeeze(2)
                 if name == "sd3":
                     return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pool,
                                  timestep=t).sample

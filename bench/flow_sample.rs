@@ -1,7 +1,8 @@
-//! pso's SD3 and FLUX pipelines vs diffusers' `StableDiffusion3Pipeline` and `FluxPipeline`:
-//! images/s on small random-weight SD3-like and FLUX-like models (128×128, fp32, CPU, 2 threads),
-//! 1 and 4 steps, batch 1 and 4, from the same latents, in one run. Both sides time prompt
-//! encoding (CLIP + T5), sampling and decoding to 8-bit images; best of 3 after a warm-up.
+//! pso's SD3, FLUX and Z-Image pipelines vs diffusers' `StableDiffusion3Pipeline`,
+//! `FluxPipeline` and `ZImagePipeline`: images/s on small random-weight SD3-, FLUX- and
+//! Z-Image-like models (128×128, fp32, CPU, 2 threads), 1 and 4 steps, batch 1 and 4, from the
+//! same latents, in one run. Both sides time prompt encoding (CLIP + T5, or Qwen3), sampling and
+//! decoding to 8-bit images; best of 3 after a warm-up.
 //!
 //! Run: `cargo bench --bench flow_sample`. Prints a Markdown table.
 
@@ -44,18 +45,20 @@ fn main() {
         max_sequence_length: Some(32),
         text_encoder_device: None,
     };
-    let sd3 = Pipeline::load(&out.join("sd3"), &opts).unwrap();
-    let flux = Pipeline::load(&out.join("flux"), &opts).unwrap();
+    let names = ["sd3", "flux", "zimage"];
+    let pipes: Vec<Pipeline> = names
+        .iter()
+        .map(|name| Pipeline::load(&out.join(name), &opts).unwrap())
+        .collect();
     println!("| model | steps | batch | pso images/s | diffusers images/s | pso / diffusers |");
     println!("|---|---|---|---|---|---|");
-    for name in ["sd3", "flux"] {
+    for (name, pipe) in names.iter().zip(&pipes) {
         for (steps, batch) in CASES {
             let latents =
                 Tensor::read_safetensors(out.join(format!("latents-{name}-{batch}.safetensors")))
                     .unwrap()
                     .remove(0)
                     .1;
-            let pipe = if name == "sd3" { &sd3 } else { &flux };
             let f = pipe.vae_scale_factor();
             let size = latents.size();
             // One prompt for the whole batch: encoded once, as diffusers repeats one prompt's

@@ -1,8 +1,9 @@
-"""Builds small random-weight SD3-like and FLUX-like pipelines for bench/flow_sample.rs and times
-diffusers on them (fp32, CPU). Usage: flow_sample_diffusers.py OUTDIR CASES_JSON, CASES_JSON a list of
-[steps, batch]. Writes OUTDIR/{sd3,flux} (save_pretrained folders) and OUTDIR/latents-{sd3,flux}-B.safetensors
-(the latents both sides start from) and prints {"sd3": {"S,B": images/s}, "flux": {...}}: best of 3 after
-a warm-up, prompt encoding, sampling and decoding to 8-bit images included.
+"""Builds small random-weight SD3-like, FLUX-like and Z-Image-like pipelines for bench/flow_sample.rs and
+times diffusers on them (fp32, CPU). Usage: flow_sample_diffusers.py OUTDIR CASES_JSON, CASES_JSON a list of
+[steps, batch]. Writes OUTDIR/{sd3,flux,zimage} (save_pretrained folders) and
+OUTDIR/latents-{sd3,flux,zimage}-B.safetensors (the latents both sides start from) and prints
+{"sd3": {"S,B": images/s}, "flux": {...}, "zimage": {...}}: best of 3 after a warm-up, prompt encoding,
+sampling and decoding to 8-bit images included.
 """
 import json
 import sys
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, ZImagePipeline, ZImageTransformer2DModel)
+from transformers import Qwen3Config, Qwen3Model
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "oracle"))
 from make_t5 import tiny_t5  # noqa: E402
+from make_z_image import tiny_tokenizer  # noqa: E402
 from tiny_models import randomize, text_encoder, tokenizer  # noqa: E402
 
 SIZE = 128  # pixels; the VAE below downsamples by 4, so 32 x 32 latents
@@ -29,8 +32,9 @@ def vae():
 
 
 def build(out: Path) -> dict:
-    """The two pipelines, saved under OUT/sd3 and OUT/flux (also used by bench/flow_learn)."""
+    """The three pipelines, saved under OUT/sd3, OUT/flux and OUT/zimage (also used by bench/flow_learn)."""
     _, t5_tok, t5 = tiny_t5(d_model=128)
+    qwen_tok, qwen_fast = tiny_tokenizer()
     torch.manual_seed(0)
     pipes = {
         "sd3": StableDiffusion3Pipeline(
@@ -50,6 +54,15 @@ def build(out: Path) -> dict:
                                                          num_attention_heads=4, joint_attention_dim=128,
                                                          pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)), 0.02),
             vae=vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)),
+        "zimage": ZImagePipeline(
+            tokenizer=qwen_fast,
+            text_encoder=randomize(Qwen3Model(Qwen3Config(
+                vocab_size=qwen_tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, rope_theta=1000000.0)), 0.02),
+            transformer=randomize(ZImageTransformer2DModel(in_channels=16, dim=128, n_layers=4, n_refiner_layers=1,
+                                                           n_heads=4, n_kv_heads=4, cap_feat_dim=128,
+                                                           axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]), 0.02),
+            vae=vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)),
     }
     for name, pipe in pipes.items():
         pipe.save_pretrained(out / name, safe_serialization=True)
@@ -67,7 +80,8 @@ def main():
         for steps, batch in cases:
             latents = torch.randn(batch, 16, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(batch))
             save_file({"latents": latents}, out / f"latents-{name}-{batch}.safetensors")
-            given = latents if name == "sd3" else FluxPipeline._pack_latents(latents, batch, 16, SIZE // 4, SIZE // 4)
+            given = (FluxPipeline._pack_latents(latents, batch, 16, SIZE // 4, SIZE // 4) if name == "flux"
+                     else latents)
 
             def run():
                 with torch.no_grad():
