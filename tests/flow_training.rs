@@ -528,9 +528,14 @@ fn a_guidance_embedding_flux_is_refused_for_training_with_the_reason() {
 }
 
 #[test]
-fn offline_objectives_train_a_flow_model_on_stored_pairs() {
+fn offline_objectives_train_flow_models_on_stored_pairs() {
+    for model in ["sd3/with_t5", "zimage/turbo"] {
+        offline_objectives_train(model);
+    }
+}
+
+fn offline_objectives_train(model: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let model = "sd3/with_t5";
     let online = run_config(dir.path(), model, "renoise", "online_pso");
     let pairs_run = dir.path().join("pairs-run");
     ok(&[
@@ -557,8 +562,11 @@ fn offline_objectives_train_a_flow_model_on_stored_pairs() {
             "2",
         ]);
         let l = losses(&out);
-        assert_eq!(l.len(), 2, "{objective}: {l:?}");
-        assert!(l.iter().all(|(_, l)| l.is_finite()), "{objective}: {l:?}");
+        assert_eq!(l.len(), 2, "{model} {objective}: {l:?}");
+        assert!(
+            l.iter().all(|(_, l)| l.is_finite()),
+            "{model} {objective}: {l:?}"
+        );
     }
     // Subject tuning on training images against a reference pool (`pso_db`): images encoded by
     // the 16-channel VAE with its shift, references sampled by the flow scheduler.
@@ -588,8 +596,11 @@ fn offline_objectives_train_a_flow_model_on_stored_pairs() {
         "2",
     ]);
     let l = losses(&out);
-    assert_eq!(l.len(), 2, "pso_db: {l:?}");
-    assert!(l.iter().all(|(_, l)| l.is_finite()), "pso_db: {l:?}");
+    assert_eq!(l.len(), 2, "{model} pso_db: {l:?}");
+    assert!(
+        l.iter().all(|(_, l)| l.is_finite()),
+        "{model} pso_db: {l:?}"
+    );
 }
 
 #[test]

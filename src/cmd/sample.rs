@@ -100,7 +100,7 @@ pub struct SampleArgs {
     /// Regenerates a stored pair's image with its seed.
     #[arg(long, value_parser = scheduler_kind())]
     sampler: Option<SchedulerKind>,
-    /// SD3 / FLUX only: how the sampler steps: ode (diffusers' deterministic Euler, the
+    /// Flow-matching folders (SD3, FLUX, Z-Image) only: how the sampler steps: ode (diffusers' deterministic Euler, the
     /// default), or the stochastic kernels an online run samples with, renoise or sde
     /// (regenerates a stored pair's image with its seed).
     #[arg(long, value_enum)]
@@ -108,12 +108,12 @@ pub struct SampleArgs {
     /// --flow-kernel sde: Flow-GRPO's noise level a.
     #[arg(long, default_value_t = 0.7)]
     noise_level: f64,
-    /// Where the text encoders run, when not on --device (e.g. cpu: T5-XXL's 9.5 GB stay off
-    /// the GPU).
+    /// Where the text encoders run, when not on --device (e.g. cpu: T5-XXL's 9.5 GB or Z-Image's
+    /// Qwen3-4B's 8 GB stay off the GPU).
     #[arg(long)]
     text_encoder_device: Option<String>,
     /// T5 tokens per prompt of an SD3 / FLUX folder (default 256; FLUX.1-dev, whose transformer
-    /// embeds guidance, 512).
+    /// embeds guidance, 512); the most Qwen3 tokens of a Z-Image prompt (default 512).
     #[arg(long)]
     max_sequence_length: Option<usize>,
     /// Output directory: 000000.png, 000001.png, …
@@ -218,7 +218,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if let Some(kernel) = args.flow_kernel {
         anyhow::ensure!(
             pipeline.backbone.is_flow(),
-            "--flow-kernel is for flow-matching (SD3, FLUX) folders; {} samples with --sampler",
+            "--flow-kernel is for flow-matching (SD3, FLUX, Z-Image) folders; {} samples with \
+             --sampler",
             root.display()
         );
         pipeline.scheduler_config.flow_kernel = kernel.kernel(args.noise_level);

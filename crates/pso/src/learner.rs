@@ -98,7 +98,7 @@ pub struct LearnerSection {
     /// or gradient.
     pub max_nonfinite_steps: u32,
     /// Recompute each transformer block's activations in the backward pass instead of keeping
-    /// them (SD3 / FLUX): the learner's activation memory drops to the block boundaries, for
+    /// them (SD3 / FLUX / Z-Image): the learner's activation memory drops to the block boundaries, for
     /// about a third more compute.
     pub recompute_blocks: bool,
 }

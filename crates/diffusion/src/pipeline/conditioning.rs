@@ -145,7 +145,8 @@ impl Conditioning {
 
     /// The tensors as diffusers' models name their arguments: `encoder_hidden_states`, and for
     /// SDXL `text_embeds` and `time_ids` (`timestep_cond` for LCM); `class_labels` for DiT;
-    /// `encoder_hidden_states`, `pooled_projections` (and FLUX-dev's `guidance`) for SD3 / FLUX.
+    /// `encoder_hidden_states`, `pooled_projections` (and FLUX-dev's `guidance`) for SD3 / FLUX;
+    /// `cap_feats` (zero-padded) and `cap_lens` for Z-Image.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         match &self.inputs {
             Condition::Classes(labels) => vec![("class_labels".into(), labels.shallow_clone())],

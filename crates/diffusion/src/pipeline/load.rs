@@ -65,7 +65,7 @@ pub fn backbone_folder(root: &Path) -> &'static str {
     }
 }
 
-/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiT, SD3 or FLUX
+/// Loads the denoiser of the pipeline folder `root`: `transformer/` of a DiT, SD3, FLUX or Z-Image
 /// pipeline, else `unet/`, with `opts.backbone_weights` in place of the folder's weights when
 /// given.
 pub fn load_backbone(

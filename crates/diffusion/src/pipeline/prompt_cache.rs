@@ -1,7 +1,7 @@
 //! Prompt embeddings kept between requests: an online run samples and trains on the same
-//! prompts round after round, and T5-XXL (SD3, FLUX) on a CPU takes seconds per prompt. Entries
-//! live on the CPU (so a GPU holds none of them) under a byte budget, least recently used out
-//! first; a hit is bit-identical to encoding again.
+//! prompts round after round, and T5-XXL (SD3, FLUX) or Qwen3-4B (Z-Image) on a CPU takes seconds
+//! per prompt. Entries live on the CPU (so a GPU holds none of them) under a byte budget, least
+//! recently used out first; a hit is bit-identical to encoding again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -68,7 +68,8 @@ pub struct ModelSection {
     pub device: String,
     /// A safetensors file replacing `unet/`'s weights (e.g. DMD2's UNet in an SDXL folder).
     pub unet: Option<PathBuf>,
-    /// T5 tokens per prompt of an SD3 / FLUX model (default 256; FLUX.1-dev 512).
+    /// T5 tokens per prompt of an SD3 / FLUX model (default 256; FLUX.1-dev 512); the most Qwen3
+    /// tokens of a Z-Image prompt (default 512).
     pub max_sequence_length: Option<usize>,
     /// Where the text encoders run when not on `device` (`cpu`, `cuda:N`): T5-XXL (9.5 GB in
     /// bf16) on the CPU leaves the GPU to the transformer; prompts are cached after the first
@@ -159,7 +160,8 @@ impl FlowKernelName {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplerSection {
-    /// `euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`, or `flow_match_euler` (SD3, FLUX).
+    /// `euler`, `euler_ancestral`, `lcm`, `ddim`, `ddpm`, or `flow_match_euler` (SD3, FLUX,
+    /// Z-Image).
     pub name: SchedulerKind,
     /// `flow_match_euler` only: `renoise`, `sde` or `ode`.
     pub flow_kernel: FlowKernelName,

@@ -34,7 +34,7 @@ pub enum TrainingSchedule {
         /// ε, v or x0.
         prediction: PredictionType,
     },
-    /// Rectified flow (SD3, FLUX): σ_t; the model predicts the velocity.
+    /// Rectified flow (SD3, FLUX, Z-Image): σ_t; the model predicts the velocity.
     Flow {
         /// σ_t, rising with t.
         sigmas: Vec<f64>,
