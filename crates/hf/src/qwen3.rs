@@ -15,7 +15,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::load::{build_and_load, read_config, weight_files, LoadError};
+use crate::load::{build_and_load_with_prefix, read_config, weight_files, LoadError};
 use crate::t5::RmsNorm;
 use crate::HfError;
 
@@ -340,16 +340,21 @@ impl Qwen3Model {
     }
 
     /// Loads a transformers `Qwen3Model` folder (config.json + model.safetensors, sharded or
-    /// not).
+    /// not); a `Qwen3ForCausalLM` checkpoint (names under `model.`, its `lm_head` unused) loads
+    /// too.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self), LoadError> {
         let config: Qwen3Config = read_config(dir)?;
         config.check().map_err(|why| LoadError::Unsupported {
             path: dir.join("config.json"),
             why,
         })?;
-        build_and_load(&weight_files(dir, None)?, device, kind, |vs| {
-            Qwen3Model::new(vs, &config)
-        })
+        build_and_load_with_prefix(
+            &weight_files(dir, None)?,
+            device,
+            kind,
+            Some("model"),
+            |vs| Qwen3Model::new(&vs / "model", &config),
+        )
     }
 
     /// The config.
@@ -455,5 +460,76 @@ impl Qwen3Tokenizer {
             .map(|&id| i64::from(id))
             .collect();
         Ok(Tensor::from_slice(&ids).unsqueeze(0).to_device(device))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny config.json and random weights named as `save` says, in a temporary folder.
+    fn folder(save: impl Fn(&str) -> String) -> (tempfile::TempDir, Tensor) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 4, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}"#,
+        )
+        .unwrap();
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config: Qwen3Config = read_config(dir.path()).unwrap();
+        let model = Qwen3Model::new(vs.root() / "model", &config);
+        let ids = Tensor::from_slice(&[1i64, 4, 2, 9]).unsqueeze(0);
+        let expected = tch::no_grad(|| model.penultimate_hidden_states(&ids));
+        let named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (save(&name), t))
+            .collect();
+        Tensor::write_safetensors(&named, dir.path().join("model.safetensors")).unwrap();
+        (dir, expected)
+    }
+
+    #[test]
+    fn qwen3_model_and_causal_lm_checkpoints_load_alike() {
+        let ids = Tensor::from_slice(&[1i64, 4, 2, 9]).unsqueeze(0);
+        let bare = |name: &str| name.strip_prefix("model.").unwrap().to_owned();
+        for save in [bare as fn(&str) -> String, |name: &str| name.to_owned()] {
+            let (dir, expected) = folder(save);
+            let (_vs, model) = Qwen3Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+            let out = tch::no_grad(|| model.penultimate_hidden_states(&ids));
+            assert!(out.equal(&expected));
+        }
+    }
+
+    #[test]
+    fn unsupported_configs_are_named() {
+        let base = Qwen3Config {
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            ..Qwen3Config::default()
+        };
+        assert!(base.check().is_ok());
+        let one_layer = Qwen3Config {
+            num_hidden_layers: 1,
+            ..base.clone()
+        };
+        assert!(one_layer.check().unwrap_err().contains("at least 2"));
+        let groups = Qwen3Config {
+            num_key_value_heads: 3,
+            ..base.clone()
+        };
+        assert!(groups.check().unwrap_err().contains("multiple"));
+        let scaled = Qwen3Config {
+            rope_scaling: Some(serde_json::json!({"rope_type": "yarn"})),
+            ..base
+        };
+        assert!(scaled.check().unwrap_err().contains("plain RoPE"));
     }
 }
