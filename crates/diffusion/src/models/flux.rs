@@ -526,13 +526,7 @@ impl FluxTransformer2DModel {
                 gx = recompute::grad_of(&x).expect("a block's output depends on its input");
                 gc = recompute::grad_of(&c).expect("a block's output depends on its input");
             }
-            let g_temb = match (
-                recompute::grad_of(&temb),
-                recompute::grad_of(&pass.temb_post),
-            ) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
-            };
+            let g_temb = recompute::summed_grad(&temb, &pass.temb_post);
             recompute::backward(&[
                 (&pass.x, Some(&gx)),
                 (&pass.c, Some(&gc)),

@@ -92,6 +92,15 @@ pub fn grad_of(t: &Tensor) -> Option<Tensor> {
     g.defined().then_some(g)
 }
 
+/// The sum of the gradients autograd left in the leaves `a` and `b` (one tensor used by both
+/// the recomputed blocks and the output stage), if either has one.
+pub fn summed_grad(a: &Tensor, b: &Tensor) -> Option<Tensor> {
+    match (grad_of(a), grad_of(b)) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Σ ⟨output, gradient⟩ over the pairs with a gradient: its backward sends each gradient into
 /// its output's graph. `None` when nothing carries a gradient.
 pub fn surrogate(pairs: &[(&Tensor, Option<&Tensor>)]) -> Option<Tensor> {

@@ -669,13 +669,7 @@ impl SD3Transformer2DModel {
                 gx = recompute::grad_of(&x).expect("a block's output depends on its input");
                 gc = recompute::grad_of(&c);
             }
-            let g_temb = match (
-                recompute::grad_of(&temb),
-                recompute::grad_of(&pass.temb_post),
-            ) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
-            };
+            let g_temb = recompute::summed_grad(&temb, &pass.temb_post);
             recompute::backward(&[
                 (&pass.x, Some(&gx)),
                 (&pass.c, gc.as_ref()),

@@ -813,13 +813,7 @@ impl ZImageTransformer2DModel {
                 recompute::backward(&[(&out, Some(&g))]);
                 g = recompute::grad_of(&input).expect("a block's output depends on its input");
             }
-            let g_adaln = match (
-                recompute::grad_of(&adaln),
-                recompute::grad_of(&pass.adaln_post),
-            ) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
-            };
+            let g_adaln = recompute::summed_grad(&adaln, &pass.adaln_post);
             recompute::backward(&[(&pass.unified, Some(&g)), (&pass.adaln, g_adaln.as_ref())]);
         }
     }
