@@ -606,14 +606,15 @@ fn offline_objectives_train(model: &str) {
 #[test]
 fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = run_config(dir.path(), "flux/schnell", "renoise", "online_pso");
-    let report = |sets: &[&str]| -> Value {
-        let mut args = vec!["doctor", "--json", "--config", s(&cfg)];
+    let flux = run_config(dir.path(), "flux/schnell", "renoise", "online_pso");
+    let doctor = |cfg: &Path, sets: &[&str]| -> Value {
+        let mut args = vec!["doctor", "--json", "--config", s(cfg)];
         for set in sets {
             args.extend(["--set", set]);
         }
         serde_json::from_str(&ok(&args)).unwrap()
     };
+    let report = |sets: &[&str]| doctor(&flux, sets);
     let part = |r: &Value, what: &str| -> u64 {
         r["memory"]["parts"]
             .as_array()
@@ -674,7 +675,7 @@ fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
     };
     let total = bytes(false).sum::<u64>() + bytes(true).max().unwrap();
     assert_eq!(small["memory"]["total_bytes"].as_u64().unwrap(), total);
-    let text = ok(&["doctor", "--config", s(&cfg)]);
+    let text = ok(&["doctor", "--config", s(&flux)]);
     assert!(
         text.contains("memory of the run") && text.contains("learner activations"),
         "{text}"
@@ -682,13 +683,7 @@ fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
     // Z-Image: 36 image tokens padded to 64 and 12 prompt tokens to 32, 2 main blocks of width
     // 32; its 1 + 1 refiner blocks keep their activations even when the main ones recompute.
     let z = run_config(dir.path(), "zimage/turbo", "renoise", "online_pso");
-    let z_report = |sets: &[&str]| -> Value {
-        let mut args = vec!["doctor", "--json", "--config", s(&z)];
-        for set in sets {
-            args.extend(["--set", set]);
-        }
-        serde_json::from_str(&ok(&args)).unwrap()
-    };
+    let z_report = |sets: &[&str]| doctor(&z, sets);
     let block = 96 * 32 * 30 * 4;
     assert_eq!(
         part(&z_report(&[]), "learner activations"),
