@@ -169,14 +169,16 @@ fn lora_exports_load_in_diffusers_with_the_same_transformer_output() {
 
 #[test]
 fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
-    // (folder, blocks with γ, the timestep embedding, qk-norms, a trained bias).
-    for (name, gamma_blocks, embedding, qk_norm, bias) in [
+    // (folder, blocks with γ, the timestep embedding, qk-norms, a trained bias, the prompt
+    // projection that stays frozen).
+    for (name, gamma_blocks, embedding, qk_norm, bias, prompt_projection) in [
         (
             "sd3/with_t5",
             1,
             "time_text_embed.",
             false,
             "attn.to_q.bias",
+            "context_embedder.weight",
         ),
         (
             "flux/schnell",
@@ -184,6 +186,7 @@ fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
             "time_text_embed.",
             true,
             "attn.to_q.bias",
+            "context_embedder.weight",
         ),
         // Every Z-Image block: 1 noise refiner, 1 context refiner, 2 main blocks.
         (
@@ -192,6 +195,7 @@ fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
             "t_embedder.",
             true,
             "adaLN_modulation.0.bias",
+            "cap_embedder.1.weight",
         ),
     ] {
         let p = load(name);
@@ -211,6 +215,7 @@ fn difffit_trains_biases_norms_embeddings_and_gamma_and_merges_exactly() {
         );
         assert!(has(&|n| n.ends_with(bias)), "{name}: {names:?}");
         assert!(!has(&|n| n.ends_with("to_q.weight")), "{name}: {names:?}");
+        assert!(!has(&|n| n == prompt_projection), "{name}: {names:?}");
         let gammas = names.iter().filter(|n| n.contains("gamma_")).count();
         assert_eq!(gammas, 2 * gamma_blocks, "{name}: {names:?}");
         let i = inputs(&p);
@@ -528,6 +533,27 @@ fn a_guidance_embedding_flux_is_refused_for_training_with_the_reason() {
 }
 
 #[test]
+fn z_image_training_refuses_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = run_config(dir.path(), "zimage/turbo", "renoise", "online_pso");
+    let out = pso(&[
+        "online",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&dir.path().join("run")),
+        "--set",
+        "sampler.guidance=0.5",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sampler.guidance = 0.5") && err.contains("guidance_scale"),
+        "{err}"
+    );
+}
+
+#[test]
 fn offline_objectives_train_flow_models_on_stored_pairs() {
     for model in ["sd3/with_t5", "zimage/turbo"] {
         offline_objectives_train(model);
@@ -650,6 +676,27 @@ fn doctor_estimates_a_flow_runs_memory_from_the_folder() {
     .unwrap();
     let trainable: i64 = adapter.params().iter().map(|(_, t)| t.numel() as i64).sum();
     assert_eq!(part(&small, "trainable + AdamW"), 16 * trainable as u64);
+    // DiffFit: exactly the variables it trains (the γ left out).
+    let difffit = Adapter::new(
+        &p.backbone,
+        &p.backbone_vs,
+        &PeftSection {
+            kind: PeftKind::Difffit,
+            ..PeftSection::default()
+        },
+        0,
+    )
+    .unwrap();
+    let variables: i64 = difffit
+        .params()
+        .iter()
+        .filter(|(n, _)| !n.contains(".gamma_"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    assert_eq!(
+        part(&report(&["peft.kind=\"difffit\""]), "trainable + AdamW"),
+        16 * variables as u64
+    );
     // Activations grow with the image: 24² → 48² is 36 → 144 image tokens (+ 12 of T5).
     let large = report(&["sampler.height=48", "sampler.width=48"]);
     let (a, b) = (

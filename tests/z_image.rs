@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use diffusion::models::z_image::ZImageTransformer2DModel;
 use diffusion::pipeline::z_image_prompt::ZImageTextEncoder;
+use diffusion::pipeline::{LoadOptions, Pipeline};
 use hf::qwen3::Qwen3Tokenizer;
 use tch::{Device, Kind, Tensor};
 
@@ -78,6 +79,33 @@ fn the_transformer_matches_diffusers_on_a_padded_masked_batch() {
     assert!(odd.unwrap_err().contains("even"));
     let long = model.forward(&io["x"], &io["t"], &io["cap_feats"], &[5, 38]);
     assert!(long.unwrap_err().contains("1..=37"));
+    // axes_lens[0] = 96 places captions up to 64 tokens (padded 64, the image at 65), not 65.
+    assert!(model.check_caption_length(64).is_ok());
+    let e = model.check_caption_length(65).unwrap_err();
+    assert!(
+        e.contains("0..96") && e.contains("max_sequence_length"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_prompt_length_the_transformer_cannot_place_is_refused_at_load() {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        variant: None,
+        backbone_weights: None,
+        // Padded to 64, the image at 65: beyond this transformer's axes_lens[0] = 64.
+        max_sequence_length: Some(40),
+        text_encoder_device: None,
+    };
+    let e = Pipeline::load(&folders().join("turbo"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("transformer/config.json") && e.contains("axes_lens"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -47,10 +47,10 @@ pub struct Qwen3Config {
     pub num_hidden_layers: i64,
     /// Query heads.
     pub num_attention_heads: i64,
-    /// Key / value heads (grouped-query attention).
-    pub num_key_value_heads: i64,
-    /// Width per head (`hidden_size / num_attention_heads` when absent).
-    pub head_dim: Option<i64>,
+    /// Key / value heads (grouped-query attention; `num_attention_heads` when absent).
+    pub num_key_value_heads: Option<i64>,
+    /// Width per head.
+    pub head_dim: i64,
     /// Bias on the attention projections.
     pub attention_bias: bool,
     /// Epsilon of the RMS norms.
@@ -75,8 +75,8 @@ impl Default for Qwen3Config {
             intermediate_size: 22016,
             num_hidden_layers: 32,
             num_attention_heads: 32,
-            num_key_value_heads: 32,
-            head_dim: None,
+            num_key_value_heads: Some(32),
+            head_dim: 128,
             attention_bias: false,
             rms_norm_eps: 1e-6,
             rope_theta: None,
@@ -89,10 +89,9 @@ impl Default for Qwen3Config {
 }
 
 impl Qwen3Config {
-    /// Width per head.
-    pub fn head_dim(&self) -> i64 {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    /// Key / value heads.
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
     /// The rotary base: `rope_parameters.rope_theta`, else `rope_theta`, else transformers'
@@ -111,8 +110,8 @@ impl Qwen3Config {
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim()),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim),
         ];
         if let Some((key, v)) = sizes.iter().find(|(_, v)| *v < 1) {
             return Err(format!("{key} {v}: it must be at least 1"));
@@ -124,10 +123,11 @@ impl Qwen3Config {
                 self.num_hidden_layers
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
+                self.num_attention_heads,
+                self.kv_heads()
             ));
         }
         if self.hidden_act != "silu" {
@@ -190,7 +190,7 @@ struct Qwen3Attention {
 
 impl Qwen3Attention {
     fn new(vs: nn::Path, c: &Qwen3Config) -> Self {
-        let d = c.head_dim();
+        let d = c.head_dim;
         Qwen3Attention {
             q_proj: linear(
                 &vs / "q_proj",
@@ -201,13 +201,13 @@ impl Qwen3Attention {
             k_proj: linear(
                 &vs / "k_proj",
                 c.hidden_size,
-                c.num_key_value_heads * d,
+                c.kv_heads() * d,
                 c.attention_bias,
             ),
             v_proj: linear(
                 &vs / "v_proj",
                 c.hidden_size,
-                c.num_key_value_heads * d,
+                c.kv_heads() * d,
                 c.attention_bias,
             ),
             o_proj: linear(
@@ -219,7 +219,7 @@ impl Qwen3Attention {
             q_norm: RmsNorm::new(&vs / "q_norm", d, c.rms_norm_eps),
             k_norm: RmsNorm::new(&vs / "k_norm", d, c.rms_norm_eps),
             heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
+            kv_heads: c.kv_heads(),
             head_dim: d,
         }
     }
@@ -377,7 +377,7 @@ impl Qwen3Model {
     /// cos and sin [n, head_dim] of positions 0..n, computed in fp32 as transformers does and
     /// cast to the activations' dtype.
     fn rotary(&self, n: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
-        let d = self.config.head_dim();
+        let d = self.config.head_dim;
         let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device))
             .to_kind(Kind::Float)
             / d as f64;
@@ -512,7 +512,8 @@ mod tests {
             intermediate_size: 12,
             num_hidden_layers: 2,
             num_attention_heads: 2,
-            num_key_value_heads: 1,
+            num_key_value_heads: Some(1),
+            head_dim: 4,
             ..Qwen3Config::default()
         };
         assert!(base.check().is_ok());
@@ -522,7 +523,7 @@ mod tests {
         };
         assert!(one_layer.check().unwrap_err().contains("at least 2"));
         let groups = Qwen3Config {
-            num_key_value_heads: 3,
+            num_key_value_heads: Some(3),
             ..base.clone()
         };
         assert!(groups.check().unwrap_err().contains("multiple"));

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::objective::ObjectiveKind;
-use crate::peft::{lora, PeftKind};
+use crate::peft::{difffit, lora, PeftKind};
 use diffusion::models::dit::DiTTransformer2DConfig;
 use diffusion::models::flux::FluxTransformer2DConfig;
 use diffusion::models::sd3::SD3Transformer2DConfig;
@@ -137,58 +137,61 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
     let prompt_tokens = config.model.max_sequence_length.map(|n| n as u64);
     let t5 = prompt_tokens.unwrap_or(256);
     let transformer = root.join("transformer");
-    let (denoiser_dir, shape) = if transformer.join("config.json").is_file() {
-        let class: serde_json::Value = read_config(&transformer)?;
-        match class["_class_name"].as_str().unwrap_or_default() {
-            "SD3Transformer2DModel" => {
-                let c: SD3Transformer2DConfig = read_config(&transformer)?;
-                let p = c.patch_size as u64;
-                let shape = Shape {
-                    blocks: c.num_layers as u64,
-                    width: c.inner_dim() as u64,
-                    tokens: (h / p) * (w / p) + 77 + t5,
-                    refined_tokens: 0,
-                };
-                (transformer, Some(shape))
+    // The folder, the activation shape, and which variables DiffFit trains.
+    type Trains = fn(&str) -> bool;
+    let (denoiser_dir, shape, difffit_trains): (_, _, Trains) =
+        if transformer.join("config.json").is_file() {
+            let class: serde_json::Value = read_config(&transformer)?;
+            match class["_class_name"].as_str().unwrap_or_default() {
+                "SD3Transformer2DModel" => {
+                    let c: SD3Transformer2DConfig = read_config(&transformer)?;
+                    let p = c.patch_size as u64;
+                    let shape = Shape {
+                        blocks: c.num_layers as u64,
+                        width: c.inner_dim() as u64,
+                        tokens: (h / p) * (w / p) + 77 + t5,
+                        refined_tokens: 0,
+                    };
+                    (transformer, Some(shape), difffit::trains_flow)
+                }
+                "FluxTransformer2DModel" => {
+                    let c: FluxTransformer2DConfig = read_config(&transformer)?;
+                    let shape = Shape {
+                        blocks: (c.num_layers + c.num_single_layers) as u64,
+                        width: c.inner_dim() as u64,
+                        tokens: (h / 2) * (w / 2) + t5,
+                        refined_tokens: 0,
+                    };
+                    (transformer, Some(shape), difffit::trains_flow)
+                }
+                "ZImageTransformer2DModel" => {
+                    let c: ZImageTransformer2DConfig = read_config(&transformer)?;
+                    // At most max_sequence_length (default 512) Qwen3 tokens per prompt.
+                    let image = padded32((h / 2) * (w / 2));
+                    let prompt = padded32(prompt_tokens.unwrap_or(512));
+                    let shape = Shape {
+                        blocks: c.n_layers as u64,
+                        width: c.dim as u64,
+                        tokens: image + prompt,
+                        refined_tokens: c.n_refiner_layers as u64 * (image + prompt),
+                    };
+                    (transformer, Some(shape), difffit::trains_z_image)
+                }
+                _ => {
+                    let c: DiTTransformer2DConfig = read_config(&transformer)?;
+                    let p = c.patch_size as u64;
+                    let shape = Shape {
+                        blocks: c.num_layers as u64,
+                        width: c.inner_dim() as u64,
+                        tokens: (h / p) * (w / p),
+                        refined_tokens: 0,
+                    };
+                    (transformer, Some(shape), difffit::trains_dit)
+                }
             }
-            "FluxTransformer2DModel" => {
-                let c: FluxTransformer2DConfig = read_config(&transformer)?;
-                let shape = Shape {
-                    blocks: (c.num_layers + c.num_single_layers) as u64,
-                    width: c.inner_dim() as u64,
-                    tokens: (h / 2) * (w / 2) + t5,
-                    refined_tokens: 0,
-                };
-                (transformer, Some(shape))
-            }
-            "ZImageTransformer2DModel" => {
-                let c: ZImageTransformer2DConfig = read_config(&transformer)?;
-                // At most max_sequence_length (default 512) Qwen3 tokens per prompt.
-                let image = padded32((h / 2) * (w / 2));
-                let prompt = padded32(prompt_tokens.unwrap_or(512));
-                let shape = Shape {
-                    blocks: c.n_layers as u64,
-                    width: c.dim as u64,
-                    tokens: image + prompt,
-                    refined_tokens: c.n_refiner_layers as u64 * (image + prompt),
-                };
-                (transformer, Some(shape))
-            }
-            _ => {
-                let c: DiTTransformer2DConfig = read_config(&transformer)?;
-                let p = c.patch_size as u64;
-                let shape = Shape {
-                    blocks: c.num_layers as u64,
-                    width: c.inner_dim() as u64,
-                    tokens: (h / p) * (w / p),
-                    refined_tokens: 0,
-                };
-                (transformer, Some(shape))
-            }
-        }
-    } else {
-        (root.join("unet"), None)
-    };
+        } else {
+            (root.join("unet"), None, difffit::trains)
+        };
     let mut parts = Vec::new();
     let denoiser = tensor_shapes(&denoiser_dir)?;
     let denoiser_params: u64 = denoiser.iter().map(|(_, s)| numel(s)).sum();
@@ -252,9 +255,10 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                 (targeted && s.len() == 2).then(|| u64::from(config.peft.rank) * (s[0] + s[1]))
             })
             .sum(),
+        // The variables DiffFit trains; the γ (a few channels per block) are left out.
         PeftKind::Difffit => denoiser
             .iter()
-            .filter(|(name, _)| name.ends_with(".bias") || name.contains("norm"))
+            .filter(|(name, _)| difffit_trains(name))
             .map(|(_, s)| numel(s))
             .sum(),
         PeftKind::Full => denoiser_params,

@@ -609,6 +609,22 @@ impl ZImageTransformer2DModel {
         Ok(())
     }
 
+    /// Refuses prompts of `tokens` Qwen3 tokens when the caption axis's rotary table cannot place
+    /// them and the image after them (positions 1..=padded length + 1), saying why.
+    pub fn check_caption_length(&self, tokens: i64) -> Result<(), String> {
+        let last = padded(tokens) + 1;
+        let table = self.config.axes_lens[0];
+        if last >= table {
+            return Err(format!(
+                "{tokens} prompt tokens are {} once padded, and the image after them sits at \
+                 position {last}; the caption axis's rotary table covers 0..{table} (axes_lens[0]): \
+                 use fewer tokens (max_sequence_length)",
+                padded(tokens)
+            ));
+        }
+        Ok(())
+    }
+
     /// The model output [B, C, H, W] (the negated velocity) for latents `x` [B, C, H, W] at
     /// `t` [B] (1 − σ), given prompt tokens `captions` [B, L, cap_feat_dim] of which row i's
     /// first `caption_lens[i]` are real.
@@ -635,17 +651,10 @@ impl ZImageTransformer2DModel {
                 "a caption length of {bad}: each row needs 1..={longest} prompt tokens"
             ));
         }
-        let cap_padded: Vec<i64> = caption_lens.iter().map(|&l| padded(l)).collect();
-        if let Some(p) = cap_padded
-            .iter()
-            .find(|&&p| p + 1 > self.config.axes_lens[0])
-        {
-            return Err(format!(
-                "{p} padded prompt tokens: the caption axis's rotary table covers {} positions \
-                 (axes_lens[0])",
-                self.config.axes_lens[0]
-            ));
+        for &l in caption_lens {
+            self.check_caption_length(l)?;
         }
+        let cap_padded: Vec<i64> = caption_lens.iter().map(|&l| padded(l)).collect();
         let (device, kind, dim) = (x.device(), x.kind(), self.config.dim);
         let cap_max = *cap_padded.iter().max().expect("at least one row");
         let (rows, cols) = (h / PATCH, w / PATCH);

@@ -52,8 +52,8 @@ impl Conditioning {
         }
         let mixed = || {
             PipelineError::Request(
-                "batched conditioning mixes text, class and joint-prompt conditioning, or parts \
-                 with and without an optional input"
+                "batched conditioning mixes text, class, joint-prompt and caption conditioning, \
+                 or parts with and without an optional input"
                     .into(),
             )
         };

@@ -1,9 +1,8 @@
 //! SD3 / SD3.5 (`StableDiffusion3Pipeline`), FLUX (`FluxPipeline`) and Z-Image
 //! (`ZImagePipeline`) folders as a [`Pipeline`]: the flow transformer as the backbone, the
 //! prompt conditioning (`encode_prompt` of each pipeline), and the sigma schedule each pipeline
-//! asks its
-//! `FlowMatchEulerDiscreteScheduler` for. Sampling and decoding are the shared ones: the
-//! scheduler's default kernel is diffusers' deterministic Euler step, and the VAE decodes
+//! asks its `FlowMatchEulerDiscreteScheduler` for. Sampling and decoding are the shared ones:
+//! the scheduler's default kernel is diffusers' deterministic Euler step, and the VAE decodes
 //! `latents / scaling_factor + shift_factor`.
 
 use std::path::Path;
@@ -79,13 +78,28 @@ pub(super) fn load(
                 variant,
             )?))
         }
-        Backbone::ZImage(_) => Conditioner::ZImage(Box::new(ZImageTextEncoder::load(
-            root,
-            opts.max_sequence_length
-                .unwrap_or(Z_IMAGE_MAX_SEQUENCE_LENGTH),
-            opts.text_device(),
-            opts.kind,
-        )?)),
+        Backbone::ZImage(m) => {
+            let max_tokens = opts
+                .max_sequence_length
+                .unwrap_or(Z_IMAGE_MAX_SEQUENCE_LENGTH);
+            let folder =
+                |path: std::path::PathBuf, why: String| PipelineError::Folder { path, why };
+            m.check_caption_length(max_tokens as i64)
+                .map_err(|why| folder(root.join("transformer/config.json"), why))?;
+            let encoder = ZImageTextEncoder::load(root, max_tokens, opts.text_device(), opts.kind)?;
+            if encoder.width() != m.config().cap_feat_dim {
+                return Err(folder(
+                    root.join("text_encoder/config.json"),
+                    format!(
+                        "hidden_size {} but the transformer's cap_feat_dim is {}: the text \
+                         encoder is not the one this transformer was trained with",
+                        encoder.width(),
+                        m.config().cap_feat_dim
+                    ),
+                ));
+            }
+            Conditioner::ZImage(Box::new(encoder))
+        }
         Backbone::UNet(_) | Backbone::DiT(_) => {
             return Err(PipelineError::Folder {
                 path: root.join("transformer"),
@@ -222,7 +236,8 @@ impl Pipeline {
         let (schedule, tokens) = match &self.backbone {
             Backbone::Flux(_) | Backbone::ZImage(_) => {
                 let n = steps as f64;
-                // numpy's linspace(1, 1/n, n): i·step + 1, the last value exactly 1/n.
+                // numpy's linspace(1, 1/n, n): i·step + 1, the last value exactly 1/n (FLUX;
+                // ZImagePipeline's fp32 torch.linspace agrees to an fp32 rounding).
                 let sigmas = (0..steps)
                     .map(|i| {
                         if i + 1 == steps {

@@ -29,8 +29,8 @@ pub struct LoadOptions {
     /// A safetensors file replacing the denoiser's weights (e.g. DMD2's UNet in an SDXL folder,
     /// or a merged export); the layout comes from the folder's unet/ or transformer/ config.
     pub backbone_weights: Option<PathBuf>,
-    /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512), at most
-    /// Qwen3 tokens per prompt of a Z-Image folder (default 512).
+    /// T5 tokens per prompt of an SD3 / FLUX folder (default: 256; FLUX.1-dev 512); for a
+    /// Z-Image folder, the most Qwen3 tokens per prompt (default 512).
     pub max_sequence_length: Option<usize>,
     /// Where the text encoders run, when not on `device` (e.g. T5-XXL on the CPU to leave
     /// the GPU to the denoiser); their outputs move to `device`.

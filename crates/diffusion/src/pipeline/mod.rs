@@ -101,7 +101,7 @@ pub struct GenerateRequest<'a> {
     pub negative_prompt: Option<&'a str>,
     /// Steps, or an explicit timestep list.
     pub timesteps: Timesteps,
-    /// Guidance scale; ≤ 1 means none.
+    /// Guidance scale; ≤ 1 means none (Z-Image: `ZImagePipeline`'s scale, > 0 guides).
     pub guidance: f64,
     /// Image height in pixels.
     pub height: i64,
@@ -203,8 +203,9 @@ impl Pipeline {
     }
 
     /// Encodes `prompt` for `num_images` images, with guidance when `guidance > 1` (and the UNet
-    /// has no LCM guidance embedding, which takes the scale instead). For a DiT pipeline the
-    /// prompt is a class id or `id2label` name, and there is no negative prompt.
+    /// has no LCM guidance embedding, which takes the scale instead; Z-Image guides when
+    /// `guidance > 0`, as `ZImagePipeline` does). For a DiT pipeline the prompt is a class id or
+    /// `id2label` name, and there is no negative prompt.
     pub fn condition(
         &self,
         prompt: &str,
@@ -354,7 +355,13 @@ impl Pipeline {
         let c = self.backbone.in_channels();
         let eps = out.narrow(1, 0, c);
         match &self.backbone {
-            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) | Backbone::ZImage(_) => {
+            // ZImagePipeline guides in fp32.
+            Backbone::ZImage(_) => {
+                let eps = eps.to_kind(Kind::Float);
+                let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                &uncond + (&text - &uncond) * g
+            }
+            Backbone::UNet(_) | Backbone::SD3(_) | Backbone::Flux(_) => {
                 let (uncond, text) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
                 &uncond + (&text - &uncond) * g
             }

@@ -37,6 +37,11 @@ impl ZImageTextEncoder {
         })
     }
 
+    /// Width of the prompt tokens (Qwen3's hidden size).
+    pub fn width(&self) -> i64 {
+        self.model.config().hidden_size
+    }
+
     /// Encodes one prompt: `embeds` [1, n, hidden_size] for its n chat-formatted tokens, no
     /// pooled embedding.
     pub fn encode(&self, prompt: &str, device: Device) -> Result<PromptEmbeds, PipelineError> {

@@ -45,9 +45,10 @@ pub fn trains_flow(name: &str) -> bool {
 
 /// Whether DiffFit trains the Z-Image variable `name`: biases (adaLN's modulation included),
 /// norm affines (the blocks' RMS norms, their qk-norms, the caption norm `cap_embedder.0`) and
-/// the timestep and caption embedders.
+/// the timestep embedder; the caption projection's weight stays frozen, as SD3's and FLUX's
+/// `context_embedder` does.
 pub fn trains_z_image(name: &str) -> bool {
-    is_bias_or_norm(name) || name.starts_with("t_embedder.") || name.starts_with("cap_embedder.")
+    is_bias_or_norm(name) || name.starts_with("t_embedder.") || name == "cap_embedder.0.weight"
 }
 
 fn trains_in(backbone: &Backbone, name: &str) -> bool {

@@ -70,6 +70,18 @@ pub fn load_pipeline(config: &RunConfig, device: tch::Device) -> Result<Pipeline
             )));
         }
     }
+    if matches!(
+        pipeline.backbone,
+        diffusion::models::backbone::Backbone::ZImage(_)
+    ) && config.sampler.guidance > 0.0
+    {
+        return Err(RunError::Config(format!(
+            "sampler.guidance = {}: Z-Image reads it as ZImagePipeline's guidance_scale, where \
+             any value above 0 guides, and pso trains on unguided samples; set it to 0 \
+             (Z-Image-Turbo's own setting)",
+            config.sampler.guidance
+        )));
+    }
     for warning in pipeline.warnings() {
         tracing::warn!("{}: {warning}", root.display());
     }
