@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU proof in one prepared run (bench/gpu/check.py says what it measures; bench/RESULTS.md
-# holds the numbers). Three uses:
+# holds the numbers). Its uses:
 #
 #   scripts/gpu-check.sh prepare    here: builds pso in release, strips it and compresses it into
 #                                   .gpu/ (ignored by git, carried to the GPU machine), with the
@@ -16,6 +16,10 @@
 #                                   `run` from .gpu/ with tiny models on the CPU: rehearses the
 #                                   device path (unpacking, wheels, libtorch) where python3 has
 #                                   PyTorch (here: PATH=.venv/bin:$PATH OUT=/tmp/x).
+#   scripts/gpu-check.sh run --stages=flow   (or --dry-run --stages=flow)
+#                                   the flow-matching stages instead: Z-Image-Turbo's 6.15 B
+#                                   transformer at 1024² in bf16 (parity, sampling speed, learner
+#                                   step with blocks kept and recomputed); one device call of its own.
 #
 # PSO_GPU_CHECK_SECONDS (default 480) bounds the run's stages; the timeout is a minute above it.
 set -euo pipefail
@@ -55,18 +59,18 @@ run)
   "$work/pso" doctor --json > "$out/doctor.json"
   set -o pipefail
   timeout -k 10 $((seconds + 60)) python3 -u bench/gpu/check.py --pso "$work/pso" --out "$out" \
-    --work "$work" --budget "$seconds" ${2:+"$2"} 2>&1 | tee "$out/gpu-check.log"
+    --work "$work" --budget "$seconds" "${@:2}" 2>&1 | tee "$out/gpu-check.log"
   ;;
 --dry-run)
   scripts/setup.sh > /dev/null
   cargo build --locked --bin pso
   out=target/gpu-check-dry
   rm -rf "$out"
-  .venv/bin/python -u bench/gpu/check.py --pso target/debug/pso --out "$out" --dry-run --budget 600
+  .venv/bin/python -u bench/gpu/check.py --pso target/debug/pso --out "$out" --dry-run --budget 600 "${@:2}"
   echo "results: $out/results.json"
   ;;
 *)
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

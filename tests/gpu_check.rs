@@ -6,8 +6,9 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn the_gpu_check_runs_every_stage_on_tiny_models() {
+/// The dry run of `stages` (unet or flow); its results.json, every stage of `names` run
+/// without an error.
+fn dry_run(stages: &str, names: &[&str]) -> serde_json::Value {
     let out = tempfile::tempdir().unwrap();
     let script = common::workspace_root().join("bench/gpu/check.py");
     let run = Command::new(common::python())
@@ -18,6 +19,8 @@ fn the_gpu_check_runs_every_stage_on_tiny_models() {
             "--dry-run",
             "--budget",
             "600",
+            "--stages",
+            stages,
         ])
         .arg("--out")
         .arg(out.path())
@@ -28,21 +31,33 @@ fn the_gpu_check_runs_every_stage_on_tiny_models() {
     assert!(run.status.success(), "{log}");
     let text = std::fs::read_to_string(out.path().join("results.json")).unwrap();
     let results: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let stages = results["stages"].as_object().unwrap();
-    for name in [
-        "build",
-        "parity",
-        "sample_speed",
-        "learn",
-        "score_speed",
-        "online_loop",
-    ] {
-        let stage = &stages[name];
+    for name in names {
+        let stage = &results["stages"][name];
         assert!(
-            stage.get("error").is_none() && stage.get("skipped").is_none(),
+            stage.is_object() && stage.get("error").is_none() && stage.get("skipped").is_none(),
             "{name}: {stage}"
         );
     }
+    results["stages"].clone()
+}
+
+fn positive(v: &serde_json::Value) -> bool {
+    v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite())
+}
+
+#[test]
+fn the_gpu_check_runs_every_stage_on_tiny_models() {
+    let stages = dry_run(
+        "unet",
+        &[
+            "build",
+            "parity",
+            "sample_speed",
+            "learn",
+            "score_speed",
+            "online_loop",
+        ],
+    );
     // fp32 parity with diffusers, on every pipeline and step count.
     let parity = stages["parity"]["rows"].as_array().unwrap();
     assert_eq!(parity.len(), 6, "{parity:?}");
@@ -50,7 +65,6 @@ fn the_gpu_check_runs_every_stage_on_tiny_models() {
         assert_eq!(row["pass"], true, "{row}");
         assert!(row["max_abs"].as_i64().unwrap() <= 3, "{row}");
     }
-    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
     for row in stages["sample_speed"]["rows"].as_array().unwrap() {
         if row.get("ratio").is_some() {
             assert!(
@@ -76,5 +90,43 @@ fn the_gpu_check_runs_every_stage_on_tiny_models() {
             positive(&row["pairs_per_hour"]) && positive(&row["learner_busy"]),
             "{row}"
         );
+    }
+}
+
+#[test]
+fn the_gpu_checks_flow_stages_run_on_a_tiny_z_image() {
+    let stages = dry_run(
+        "flow",
+        &[
+            "flow_build",
+            "flow_parity",
+            "flow_sample_speed",
+            "flow_learn",
+        ],
+    );
+    // fp32 parity with ZImagePipeline at 4 and 9 steps.
+    let parity = stages["flow_parity"]["rows"].as_array().unwrap();
+    assert_eq!(parity.len(), 2, "{parity:?}");
+    for row in parity {
+        assert_eq!(row["pass"], true, "{row}");
+    }
+    for row in stages["flow_sample_speed"]["rows"].as_array().unwrap() {
+        if row.get("ratio").is_some() {
+            assert!(
+                positive(&row["pso_images_per_s"]) && positive(&row["diffusers_images_per_s"]),
+                "{row}"
+            );
+        }
+    }
+    // Blocks kept and recomputed; both sides train the same LoRA.
+    let learn = stages["flow_learn"]["rows"].as_array().unwrap();
+    assert_eq!(learn.len(), 2, "{learn:?}");
+    for row in learn {
+        assert!(
+            positive(&row["pso_seconds_per_step"]) && positive(&row["pytorch_seconds_per_step"]),
+            "{row}"
+        );
+        assert_eq!(row["trainable_pso"], row["trainable_pytorch"], "{row}");
+        assert_eq!(row["transitions"], 3, "{row}");
     }
 }

@@ -14,11 +14,17 @@ and says so, once the time budget is spent):
 5. the online loop: `pso online` for a fixed time with the local PickScore-architecture scorer,
    actor alternating and concurrent: pairs per hour and the learner's busy fraction.
 
+With `--stages flow` it measures the flow-matching path instead, on Z-Image-Turbo's transformer
+(6.15 B, random weights, bf16) at 1024²: parity of `pso sample --init-noise` with ZImagePipeline
+(4 and 9 steps), sampling speed against ZImagePipeline, and the online-PSO learner step (re-noise
+kernel, LoRA r32, blocks kept and recomputed) against the same step in diffusers + peft
+(bench/gpu/learn_flow_pytorch.py), with peak GPU memory.
+
 Results go to OUT/results.json after every stage (a run cut short keeps what it measured).
 `--dry-run` does all of it on the CPU with the `tiny` overrides, fp32, in about a minute: the
 test suite runs it so that the script cannot rot.
 
-Usage: check.py --pso BIN --out DIR [--dry-run] [--budget SECONDS]
+Usage: check.py --pso BIN --out DIR [--dry-run] [--budget SECONDS] [--stages unet|flow]
 """
 import argparse
 import copy
@@ -55,7 +61,7 @@ def merged(base, override):
 
 def architectures(tiny):
     spec = json.loads((ROOT / "bench" / "gpu" / "architectures.json").read_text())
-    names = ["sd-turbo", "sdxl-turbo", "dit-xl-2-256", "pickscore"]
+    names = ["sd-turbo", "sdxl-turbo", "dit-xl-2-256", "pickscore", "z-image-turbo"]
     return {n: merged(spec[n], spec["tiny"][n]) if tiny else spec[n] for n in names}
 
 
@@ -94,6 +100,7 @@ class Check:
         self.device = "cpu" if self.dry else "cuda"
         self.dtypes = ["f32"] if self.dry else ["f16", "bf16"]
         self.size = 64 if self.dry else 512
+        self.flow_size = 64 if self.dry else 1024
         self.out = Path(args.out)
         self.work = Path(args.work or self.out / "work")
         self.work.mkdir(parents=True, exist_ok=True)
@@ -430,7 +437,159 @@ every = 0
             log(f"  {rows[-1]}")
         return {"rows": rows}
 
+    # ---- flow models (--stages flow) -------------------------------------------------------
+
+    def flow_build(self):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+        from make_z_image import tiny_tokenizer
+        from transformers import Qwen3Config, Qwen3Model
+
+        spec = self.spec["z-image-turbo"]
+        tok, fast = tiny_tokenizer()
+        scheduler = {k: v for k, v in spec["scheduler"].items() if k != "class"}
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            pipe = ZImagePipeline(
+                transformer=ZImageTransformer2DModel.from_config(spec["transformer"]),
+                vae=AutoencoderKL.from_config(spec["vae"]),
+                text_encoder=Qwen3Model(Qwen3Config(**spec["text_encoder"], vocab_size=tok.get_vocab_size())),
+                tokenizer=fast, scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler))
+            pipe.to(torch.float32 if self.dry else torch.bfloat16).save_pretrained(self.work / "z-image-turbo")
+            built = sum(p.numel() for p in pipe.transformer.parameters())
+            del pipe
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"parameters": {"z-image-turbo": built}}
+
+    def flow_dtype(self):
+        return ("f32", torch.float32) if self.dry else ("bf16", torch.bfloat16)
+
+    def flow_parity(self):
+        from PIL import Image
+        from safetensors.torch import save_file
+        dtype, torch_dtype = self.flow_dtype()
+        pipe = self.diffusers_pipeline("z-image-turbo", torch_dtype)
+        size, rows = self.flow_size, []
+        side = 2 * (size // 16)
+        for steps in [4, 9]:
+            latents = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(steps))
+            noise = self.work / f"flow-noise-{steps}.safetensors"
+            save_file({"latents": latents.contiguous()}, str(noise))
+            out = self.work / f"flow-parity-{steps}"
+            self.pso("sample", "--model", self.work / "z-image-turbo", "--prompt", PROMPT, "--steps", steps,
+                     "--init-noise", noise, "--height", size, "--width", size, "--dtype", dtype, "--device",
+                     self.device, "--out", out)
+            with torch.no_grad():
+                theirs = pipe(PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=size, width=size,
+                              latents=latents.to(self.device), output_type="np").images
+            theirs = (theirs[0] * 255).round().astype(np.int16)
+            ours = np.asarray(Image.open(out / "000000.png").convert("RGB")).astype(np.int16)
+            diff = np.abs(ours - theirs)
+            rows.append({"model": "z-image-turbo", "dtype": dtype, "steps": steps, "max_abs": int(diff.max()),
+                         "mean_abs": round(float(diff.mean()), 4), "p99_abs": float(np.percentile(diff, 99))})
+            log(f"  {rows[-1]}")
+        del pipe
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        bar = {"f32": ("max_abs", 3), "bf16": ("mean_abs", 6)}
+        for row in rows:
+            key, limit = bar[row["dtype"]]
+            row["pass"] = row[key] <= limit
+        return {"rows": rows, "bar": {k: f"{m} <= {v}/255" for k, (m, v) in bar.items()}}
+
+    def flow_sample_speed(self):
+        dtype, torch_dtype = self.flow_dtype()
+        cases = [(4, 1), (9, 1), (4, 4)] if not self.dry else [(1, 1), (2, 2)]
+        size, rows = self.flow_size, []
+        stdout, pso_mib = self.pso("bench", "sample", "--model", self.work / "z-image-turbo", "--steps",
+                                   ",".join(sorted({str(s) for s, _ in cases})), "--batch",
+                                   ",".join(sorted({str(b) for _, b in cases})), "--size", size, "--dtype", dtype,
+                                   "--device", self.device, "--repeats", 3, peak=True)
+        ours = {(c["steps"], c["batch"]): c["images_per_s"] for c in json.loads(stdout)["cases"]}
+        pipe = self.diffusers_pipeline("z-image-turbo", torch_dtype)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for steps, batch in cases:
+            def run():
+                self.sync()
+                start = time.perf_counter()
+                with torch.no_grad():
+                    pipe(PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=size, width=size,
+                         num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(0),
+                         output_type="np")
+                self.sync()
+                return time.perf_counter() - start
+            run()
+            theirs = batch / min(run() for _ in range(3))
+            rows.append({"model": "z-image-turbo", "dtype": dtype, "size": size, "steps": steps, "batch": batch,
+                         "pso_images_per_s": ours[(steps, batch)], "diffusers_images_per_s": theirs,
+                         "ratio": ours[(steps, batch)] / theirs})
+            log(f"  {rows[-1]}")
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+        rows.append({"model": "z-image-turbo", "pso_peak_process_mib": pso_mib, "diffusers_peak_allocated_mib": peak})
+        del pipe
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"rows": rows}
+
+    def flow_learn(self):
+        dtype, _ = self.flow_dtype()
+        pairs, steps, rows = 1, 4, []
+        for recompute in [False, True]:
+            config = self.work / f"flow-learn-{int(recompute)}.toml"
+            config.write_text(f"""[model]
+id = "{self.work / 'z-image-turbo'}"
+dtype = "{dtype}"
+device = "{self.device}"
+[sampler]
+name = "flow_match_euler"
+flow_kernel = "renoise"
+steps = {steps}
+height = {self.flow_size}
+width = {self.flow_size}
+samples_per_prompt = 2
+[peft]
+kind = "lora"
+rank = 32
+alpha = 32.0
+[objective]
+kind = "online_pso"
+[learner]
+batch_size = {pairs}
+recompute_blocks = {str(recompute).lower()}
+""")
+            stdout, pso_mib = self.pso("bench", "learn", "--config", config, "--pairs", pairs, "--repeats", 3,
+                                       peak=True)
+            ours = json.loads(stdout)
+            script = ROOT / "bench" / "gpu" / "learn_flow_pytorch.py"
+            process = subprocess.Popen([sys.executable, str(script), str(self.work / "z-image-turbo"), self.device,
+                                        dtype, str(self.flow_size), str(pairs), str(steps), str(int(recompute)), "3"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            poller = Peak(process.pid) if not self.dry else None
+            stdout, stderr = process.communicate(timeout=max(1, self.left()))
+            torch_mib = poller.stop() if poller else None
+            if process.returncode != 0:
+                raise RuntimeError(f"{script.name} exited {process.returncode}:\n{stderr[-3000:]}")
+            theirs = json.loads(stdout)
+            rows.append({"recompute_blocks": recompute, "pairs": pairs, "transitions": ours["transitions"],
+                         "trainable_pso": ours["trainable"], "trainable_pytorch": theirs["trainable"],
+                         "pso_seconds_per_step": ours["seconds_per_step"],
+                         "pytorch_seconds_per_step": theirs["seconds_per_step"],
+                         "ratio": ours["seconds_per_step"] / theirs["seconds_per_step"],
+                         "pso_peak_process_mib": pso_mib, "pytorch_peak_process_mib": torch_mib,
+                         "pytorch_peak_allocated_mib": theirs.get("peak_allocated_mib")})
+            log(f"  {rows[-1]}")
+        return {"rows": rows}
+
     def run(self):
+        if self.args.stages == "flow":
+            self.stage("flow_build", 120, self.flow_build)
+            if "error" in self.results["stages"]["flow_build"]:
+                return
+            self.stage("flow_parity", 60, self.flow_parity)
+            self.stage("flow_sample_speed", 90, self.flow_sample_speed)
+            self.stage("flow_learn", 90, self.flow_learn)
+            return
         self.stage("build", 60, self.build)
         if "error" in self.results["stages"]["build"]:
             return
@@ -448,6 +607,8 @@ def main():
     parser.add_argument("--work", help="models and runs (default OUT/work)")
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, fp32")
     parser.add_argument("--budget", type=float, default=450, help="seconds for all stages")
+    parser.add_argument("--stages", choices=["unet", "flow"], default="unet",
+                        help="unet: the UNet / DiT / scorer / loop stages; flow: Z-Image-Turbo's")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     check = Check(args)
