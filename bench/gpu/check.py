@@ -533,11 +533,22 @@ every = 0
         return {"rows": rows}
 
     def flow_learn(self):
+        """Recomputed blocks first: kept ones may not fit an 80 GB GPU at 1024², and a row that fails
+        (out of memory on either side) is recorded as such."""
+        rows = []
+        for recompute in [True, False]:
+            try:
+                rows.append(self.flow_learn_row(recompute))
+            except Exception:  # noqa: BLE001 - one failed row is a result; the other still runs
+                rows.append({"recompute_blocks": recompute, "error": traceback.format_exc(limit=3)[-3000:]})
+            log(f"  {rows[-1]}")
+        return {"rows": rows}
+
+    def flow_learn_row(self, recompute):
         dtype, _ = self.flow_dtype()
-        pairs, steps, rows = 1, 4, []
-        for recompute in [False, True]:
-            config = self.work / f"flow-learn-{int(recompute)}.toml"
-            config.write_text(f"""[model]
+        pairs, steps = 1, 4
+        config = self.work / f"flow-learn-{int(recompute)}.toml"
+        config.write_text(f"""[model]
 id = "{self.work / 'z-image-turbo'}"
 dtype = "{dtype}"
 device = "{self.device}"
@@ -558,28 +569,26 @@ kind = "online_pso"
 batch_size = {pairs}
 recompute_blocks = {str(recompute).lower()}
 """)
-            stdout, pso_mib = self.pso("bench", "learn", "--config", config, "--pairs", pairs, "--repeats", 3,
-                                       peak=True)
-            ours = json.loads(stdout)
-            script = ROOT / "bench" / "gpu" / "learn_flow_pytorch.py"
-            process = subprocess.Popen([sys.executable, str(script), str(self.work / "z-image-turbo"), self.device,
-                                        dtype, str(self.flow_size), str(pairs), str(steps), str(int(recompute)), "3"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            poller = Peak(process.pid) if not self.dry else None
-            stdout, stderr = process.communicate(timeout=max(1, self.left()))
-            torch_mib = poller.stop() if poller else None
-            if process.returncode != 0:
-                raise RuntimeError(f"{script.name} exited {process.returncode}:\n{stderr[-3000:]}")
-            theirs = json.loads(stdout)
-            rows.append({"recompute_blocks": recompute, "pairs": pairs, "transitions": ours["transitions"],
-                         "trainable_pso": ours["trainable"], "trainable_pytorch": theirs["trainable"],
-                         "pso_seconds_per_step": ours["seconds_per_step"],
-                         "pytorch_seconds_per_step": theirs["seconds_per_step"],
-                         "ratio": ours["seconds_per_step"] / theirs["seconds_per_step"],
-                         "pso_peak_process_mib": pso_mib, "pytorch_peak_process_mib": torch_mib,
-                         "pytorch_peak_allocated_mib": theirs.get("peak_allocated_mib")})
-            log(f"  {rows[-1]}")
-        return {"rows": rows}
+        stdout, pso_mib = self.pso("bench", "learn", "--config", config, "--pairs", pairs, "--repeats", 3,
+                                   peak=True)
+        ours = json.loads(stdout)
+        script = ROOT / "bench" / "gpu" / "learn_flow_pytorch.py"
+        process = subprocess.Popen([sys.executable, str(script), str(self.work / "z-image-turbo"), self.device,
+                                    dtype, str(self.flow_size), str(pairs), str(steps), str(int(recompute)), "3"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        poller = Peak(process.pid) if not self.dry else None
+        stdout, stderr = process.communicate(timeout=max(1, self.left()))
+        torch_mib = poller.stop() if poller else None
+        if process.returncode != 0:
+            raise RuntimeError(f"{script.name} exited {process.returncode}:\n{stderr[-3000:]}")
+        theirs = json.loads(stdout)
+        return {"recompute_blocks": recompute, "pairs": pairs, "transitions": ours["transitions"],
+                "trainable_pso": ours["trainable"], "trainable_pytorch": theirs["trainable"],
+                "pso_seconds_per_step": ours["seconds_per_step"],
+                "pytorch_seconds_per_step": theirs["seconds_per_step"],
+                "ratio": ours["seconds_per_step"] / theirs["seconds_per_step"],
+                "pso_peak_process_mib": pso_mib, "pytorch_peak_process_mib": torch_mib,
+                "pytorch_peak_allocated_mib": theirs.get("peak_allocated_mib")}
 
     def run(self):
         if self.args.stages == "flow":
