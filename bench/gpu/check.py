@@ -151,6 +151,18 @@ class Check:
             raise RuntimeError(f"pso {' '.join(map(str, args))} exited {process.returncode}:\n{stderr[-3000:]}")
         return stdout, mib
 
+    def reference(self, script, *args):
+        """Runs the PyTorch reference bench/gpu/SCRIPT; returns (its JSON, the process's peak GPU MiB)."""
+        path = ROOT / "bench" / "gpu" / script
+        process = subprocess.Popen([sys.executable, str(path), *map(str, args)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        poller = Peak(process.pid) if not self.dry else None
+        stdout, stderr = process.communicate(timeout=max(1, self.left()))
+        mib = poller.stop() if poller else None
+        if process.returncode != 0:
+            raise RuntimeError(f"{script} exited {process.returncode}:\n{stderr[-3000:]}")
+        return json.loads(stdout), mib
+
     def sync(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -357,16 +369,8 @@ batch_size = 1
         stdout, pso_mib = self.pso("bench", "learn", "--config", self.run_config("learn"), "--pairs", pairs,
                                    "--repeats", 5, peak=True)
         ours = json.loads(stdout)
-        script = ROOT / "bench" / "gpu" / "learn_online_pytorch.py"
-        process = subprocess.Popen([sys.executable, str(script), str(self.work / "sd-turbo"), self.device,
-                                    "f32" if self.dry else "bf16", str(self.size), str(pairs), "5"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        poller = Peak(process.pid) if not self.dry else None
-        stdout, stderr = process.communicate(timeout=max(1, self.left()))
-        torch_mib = poller.stop() if poller else None
-        if process.returncode != 0:
-            raise RuntimeError(f"{script.name} exited {process.returncode}:\n{stderr[-3000:]}")
-        theirs = json.loads(stdout)
+        theirs, torch_mib = self.reference("learn_online_pytorch.py", self.work / "sd-turbo", self.device,
+                                           "f32" if self.dry else "bf16", self.size, pairs, 5)
         return {"pairs": pairs, "transitions": ours["transitions"], "trainable_pso": ours["trainable"],
                 "trainable_pytorch": theirs["trainable"], "pso_seconds_per_step": ours["seconds_per_step"],
                 "pytorch_seconds_per_step": theirs["seconds_per_step"],
@@ -572,16 +576,8 @@ recompute_blocks = {str(recompute).lower()}
         stdout, pso_mib = self.pso("bench", "learn", "--config", config, "--pairs", pairs, "--repeats", 3,
                                    peak=True)
         ours = json.loads(stdout)
-        script = ROOT / "bench" / "gpu" / "learn_flow_pytorch.py"
-        process = subprocess.Popen([sys.executable, str(script), str(self.work / "z-image-turbo"), self.device,
-                                    dtype, str(self.flow_size), str(pairs), str(steps), str(int(recompute)), "3"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        poller = Peak(process.pid) if not self.dry else None
-        stdout, stderr = process.communicate(timeout=max(1, self.left()))
-        torch_mib = poller.stop() if poller else None
-        if process.returncode != 0:
-            raise RuntimeError(f"{script.name} exited {process.returncode}:\n{stderr[-3000:]}")
-        theirs = json.loads(stdout)
+        theirs, torch_mib = self.reference("learn_flow_pytorch.py", self.work / "z-image-turbo", self.device, dtype,
+                                           self.flow_size, pairs, steps, int(recompute), 3)
         return {"recompute_blocks": recompute, "pairs": pairs, "transitions": ours["transitions"],
                 "trainable_pso": ours["trainable"], "trainable_pytorch": theirs["trainable"],
                 "pso_seconds_per_step": ours["seconds_per_step"],

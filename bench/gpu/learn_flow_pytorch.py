@@ -14,15 +14,15 @@ random latents; the prompt is encoded outside the timing (as pso prepares it bef
 Usage: learn_flow_pytorch.py PIPELINE DEVICE DTYPE SIZE PAIRS STEPS RECOMPUTE REPEATS. Prints JSON: the
 median seconds per step (after one warm-up), trainable parameters, peak allocated GPU memory in MiB.
 """
-import json
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import ZImagePipeline
 from peft import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from online_step import pso_step, report  # noqa: E402
 
 folder, device, dtype_name, size, pairs, steps, recompute, repeats = sys.argv[1:9]
 size, pairs, steps, repeats = int(size), int(pairs), int(steps), int(repeats)
@@ -47,7 +47,6 @@ sigmas = pipe.scheduler.sigmas.double().tolist()
 side = 2 * (size // 16)
 winner = torch.randn(steps + 1, pairs, 16, side, side, device=device)
 loser = torch.randn(steps + 1, pairs, 16, side, side, device=device)
-beta, eps = 50.0, 0.1
 
 
 def velocity(x, sigma):
@@ -64,37 +63,4 @@ def log_prob(x, x_next, i):
 
 stochastic = [i for i in range(steps) if sigmas[i + 1] > 0]
 
-
-def step():
-    for i in stochastic:
-        x = torch.cat([winner[i], loser[i]])
-        x_next = torch.cat([winner[i + 1], loser[i + 1]])
-        with torch.no_grad():
-            model.disable_adapters()
-            reference = log_prob(x, x_next, i)
-            model.enable_adapters()
-        policy = log_prob(x, x_next, i)
-        ratio = (policy - reference).clamp(min=torch.log(torch.tensor(1 - eps)), max=torch.log(torch.tensor(1 + eps)))
-        rw, rl = ratio.chunk(2)
-        loss = -F.logsigmoid(beta * (rw - rl)).mean() / len(stochastic)
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def timed():
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-timed()
-seconds = statistics.median(timed() for _ in range(max(1, repeats)))
-peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
-print(json.dumps({"seconds_per_step": seconds, "trainable": sum(p.numel() for p in params),
-                  "peak_allocated_mib": peak}))
+report(lambda: pso_step(model, params, opt, winner, loser, stochastic, log_prob), params, device, repeats)

@@ -11,16 +11,15 @@ encoded outside the timing (as pso prepares them before the step).
 Usage: learn_online_pytorch.py PIPELINE DEVICE DTYPE SIZE PAIRS REPEATS. Prints JSON: the median
 seconds per step (after one warm-up), trainable parameters, peak allocated GPU memory in MiB.
 """
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from peft import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from online_step import pso_step, report  # noqa: E402
 
 folder, device, dtype_name, size, pairs, repeats = sys.argv[1:7]
 size, pairs, repeats = int(size), int(pairs), int(repeats)
@@ -43,7 +42,6 @@ steps = len(timesteps)
 winner = torch.randn(steps + 1, pairs, 4, side, side, device=device)
 loser = torch.randn(steps + 1, pairs, 4, side, side, device=device)
 cond = torch.randn(2 * pairs, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-beta, eps = 50.0, 0.1
 
 
 def kernel(i):
@@ -64,37 +62,4 @@ def log_prob(x, x_next, i):
 
 stochastic = [i for i in range(steps) if kernel(i)[2] > 0]
 
-
-def step():
-    for i in stochastic:
-        x = torch.cat([winner[i], loser[i]])
-        x_next = torch.cat([winner[i + 1], loser[i + 1]])
-        with torch.no_grad():
-            unet.disable_adapters()
-            reference = log_prob(x, x_next, i)
-            unet.enable_adapters()
-        policy = log_prob(x, x_next, i)
-        ratio = (policy - reference).clamp(min=torch.log(torch.tensor(1 - eps)), max=torch.log(torch.tensor(1 + eps)))
-        rw, rl = ratio.chunk(2)
-        loss = -F.logsigmoid(beta * (rw - rl)).mean() / len(stochastic)
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def timed():
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-timed()
-seconds = statistics.median(timed() for _ in range(max(1, repeats)))
-peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
-print(json.dumps({"seconds_per_step": seconds, "trainable": sum(p.numel() for p in params),
-                  "peak_allocated_mib": peak}))
+report(lambda: pso_step(unet, params, opt, winner, loser, stochastic, log_prob), params, device, repeats)
