@@ -436,29 +436,7 @@ fn online_pso_trains_sd3_flux_and_z_image_resumes_exactly_and_exports_what_diffu
         assert_eq!(first.policy_version, Some(0));
         let regen = dir.path().join(format!("{tag}-regen"));
         let seed = first.sides[0].seed.unwrap().to_string();
-        ok(&[
-            "sample",
-            "--model",
-            s(&folders().join(model)),
-            "--prompt",
-            &first.prompt,
-            "--steps",
-            "2",
-            "--height",
-            "24",
-            "--width",
-            "24",
-            "--max-sequence-length",
-            "12",
-            "--flow-kernel",
-            kernel,
-            "--seed",
-            &seed,
-            "--device",
-            "cpu",
-            "--out",
-            s(&regen),
-        ]);
+        sample(model, &first.prompt, kernel, &["--seed", &seed], &regen);
         let again = image::open(regen.join("000000.png")).unwrap().to_rgb8();
         let kept = image::load_from_memory(&first.sides[0].image)
             .unwrap()
@@ -484,33 +462,44 @@ fn online_pso_trains_sd3_flux_and_z_image_resumes_exactly_and_exports_what_diffu
             s(&lora_file),
         ]);
         let images = dir.path().join(format!("{tag}-images"));
-        ok(&[
-            "sample",
-            "--model",
-            s(&folders().join(model)),
-            "--prompt",
+        sample(
+            model,
             "a red cat",
-            "--steps",
-            "2",
-            "--height",
-            "24",
-            "--width",
-            "24",
-            "--max-sequence-length",
-            "12",
-            "--flow-kernel",
             kernel,
-            "--text-encoder-device",
-            "cpu",
-            "--adapter",
-            s(&lora_file),
-            "--device",
-            "cpu",
-            "--out",
-            s(&images),
-        ]);
+            &["--text-encoder-device", "cpu", "--adapter", s(&lora_file)],
+            &images,
+        );
         assert!(images.join("000000.png").exists());
     }
+}
+
+/// `pso sample` of `prompt` from the oracle folder `model` as the run configs sample (2 steps,
+/// 24², 12 tokens, `kernel`, on the CPU) with `extra` flags, into `out`.
+fn sample(model: &str, prompt: &str, kernel: &str, extra: &[&str], out: &Path) {
+    let folder = folders().join(model);
+    let mut args = vec![
+        "sample",
+        "--model",
+        s(&folder),
+        "--prompt",
+        prompt,
+        "--steps",
+        "2",
+        "--height",
+        "24",
+        "--width",
+        "24",
+        "--max-sequence-length",
+        "12",
+        "--flow-kernel",
+        kernel,
+        "--device",
+        "cpu",
+        "--out",
+        s(out),
+    ];
+    args.extend(extra);
+    ok(&args);
 }
 
 /// `pso online` on `model` with `sets` exits 1 before training, saying each of `needles`.

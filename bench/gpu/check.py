@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT / "scripts" / "oracle"))
 import tiny_clip_vocab  # noqa: E402
 
 PROMPT = "a photo of a cat"
+# Steps of the trajectories the learner stages train on (both sides).
+TRAINING_STEPS = 4
 
 
 def log(message):
@@ -339,17 +341,19 @@ class Check:
 
     # ---- 3. learner step ------------------------------------------------------------------
 
-    def run_config(self, name, extra=""):
+    def run_config(self, name, extra="", model="sd-turbo", sampler='name = "euler_ancestral"', size=None,
+                   learner="batch_size = 1"):
+        """A TRAINING_STEPS-step online-PSO run config with LoRA r32 for the folder `model`; `extra` is appended."""
         dtype = "f32" if self.dry else "bf16"
         text = f"""[model]
-id = "{self.work / 'sd-turbo'}"
+id = "{self.work / model}"
 dtype = "{dtype}"
 device = "{self.device}"
 [sampler]
-name = "euler_ancestral"
-steps = 4
-height = {self.size}
-width = {self.size}
+{sampler}
+steps = {TRAINING_STEPS}
+height = {size or self.size}
+width = {size or self.size}
 samples_per_prompt = 2
 [peft]
 kind = "lora"
@@ -358,7 +362,7 @@ alpha = 32.0
 [objective]
 kind = "online_pso"
 [learner]
-batch_size = 1
+{learner}
 {extra}"""
         path = self.work / f"{name}.toml"
         path.write_text(text)
@@ -550,34 +554,15 @@ every = 0
 
     def flow_learn_row(self, recompute):
         dtype, _ = self.flow_dtype()
-        pairs, steps = 1, 4
-        config = self.work / f"flow-learn-{int(recompute)}.toml"
-        config.write_text(f"""[model]
-id = "{self.work / 'z-image-turbo'}"
-dtype = "{dtype}"
-device = "{self.device}"
-[sampler]
-name = "flow_match_euler"
-flow_kernel = "renoise"
-steps = {steps}
-height = {self.flow_size}
-width = {self.flow_size}
-samples_per_prompt = 2
-[peft]
-kind = "lora"
-rank = 32
-alpha = 32.0
-[objective]
-kind = "online_pso"
-[learner]
-batch_size = {pairs}
-recompute_blocks = {str(recompute).lower()}
-""")
+        pairs = 1
+        config = self.run_config(f"flow-learn-{int(recompute)}", model="z-image-turbo",
+                                 sampler='name = "flow_match_euler"\nflow_kernel = "renoise"', size=self.flow_size,
+                                 learner=f"batch_size = {pairs}\nrecompute_blocks = {str(recompute).lower()}")
         stdout, pso_mib = self.pso("bench", "learn", "--config", config, "--pairs", pairs, "--repeats", 3,
                                    peak=True)
         ours = json.loads(stdout)
         theirs, torch_mib = self.reference("learn_flow_pytorch.py", self.work / "z-image-turbo", self.device, dtype,
-                                           self.flow_size, pairs, steps, int(recompute), 3)
+                                           self.flow_size, pairs, TRAINING_STEPS, int(recompute), 3)
         return {"recompute_blocks": recompute, "pairs": pairs, "transitions": ours["transitions"],
                 "trainable_pso": ours["trainable"], "trainable_pytorch": theirs["trainable"],
                 "pso_seconds_per_step": ours["seconds_per_step"],

@@ -17,7 +17,7 @@ use diffusion::models::dit::DiTTransformer2DConfig;
 use diffusion::models::flux::FluxTransformer2DConfig;
 use diffusion::models::sd3::SD3Transformer2DConfig;
 use diffusion::models::vae::AutoencoderKLConfig;
-use diffusion::models::z_image::ZImageTransformer2DConfig;
+use diffusion::models::z_image::{self, ZImageTransformer2DConfig};
 
 /// Saved values per token and channel of one transformer block in a training forward pass.
 const ACTIVATION_VALUES_PER_TOKEN_CHANNEL: u64 = 30;
@@ -111,11 +111,6 @@ struct Shape {
     refined_tokens: u64,
 }
 
-/// `n` rounded up to a multiple of 32 (Z-Image pads its image and prompt tokens so).
-fn padded32(n: u64) -> u64 {
-    n.div_ceil(32) * 32
-}
-
 fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, MemoryError> {
     hf::load::read_config(dir).map_err(|e| MemoryError {
         path: dir.display().to_string(),
@@ -167,8 +162,9 @@ pub fn estimate(config: &RunConfig, root: &Path) -> Result<MemoryEstimate, Memor
                 "ZImageTransformer2DModel" => {
                     let c: ZImageTransformer2DConfig = read_config(&transformer)?;
                     // At most max_sequence_length (default 512) Qwen3 tokens per prompt.
-                    let image = padded32((h / 2) * (w / 2));
-                    let prompt = padded32(prompt_tokens.unwrap_or(512));
+                    let padded = |n: u64| z_image::padded(n as i64) as u64;
+                    let image = padded((h / 2) * (w / 2));
+                    let prompt = padded(prompt_tokens.unwrap_or(512));
                     let shape = Shape {
                         blocks: c.n_layers as u64,
                         width: c.dim as u64,

@@ -465,8 +465,8 @@ struct ZImagePass {
     out: Tensor,
 }
 
-/// `n` rounded up to a multiple of [`SEQ_MULTI_OF`].
-fn padded(n: i64) -> i64 {
+/// `n` image or prompt tokens rounded up to a multiple of 32, as the model pads them.
+pub fn padded(n: i64) -> i64 {
     n + (-n).rem_euclid(SEQ_MULTI_OF)
 }
 

@@ -137,7 +137,8 @@ impl Conditioning {
                     };
                     rows.push((tokens, lengths.as_slice()));
                 }
-                captions_cat(&rows)
+                let (tokens, lengths) = captions_cat(&rows);
+                Condition::Captions { tokens, lengths }
             }
         };
         Ok(Conditioning { inputs, cfg: None })
@@ -229,15 +230,15 @@ impl Conditioning {
 }
 
 /// Caption rows of several conditionings as one batch: each part's tokens zero-padded to the
-/// longest part, the lengths in order.
-pub(super) fn captions_cat(parts: &[(&Tensor, &[i64])]) -> Condition {
+/// longest part, and the lengths in order.
+pub(super) fn captions_cat(parts: &[(&Tensor, &[i64])]) -> (Tensor, Vec<i64>) {
     let longest = parts.iter().map(|(t, _)| t.size()[1]).max().unwrap_or(0);
     let padded: Vec<Tensor> = parts
         .iter()
         .map(|(t, _)| t.constant_pad_nd([0, 0, 0, longest - t.size()[1]]))
         .collect();
-    Condition::Captions {
-        tokens: Tensor::cat(&padded, 0),
-        lengths: parts.iter().flat_map(|(_, l)| l.iter().copied()).collect(),
-    }
+    (
+        Tensor::cat(&padded, 0),
+        parts.iter().flat_map(|(_, l)| l.iter().copied()).collect(),
+    )
 }

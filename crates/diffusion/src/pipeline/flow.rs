@@ -168,17 +168,14 @@ impl Pipeline {
                 let positive = caption(prompt)?;
                 // pos + g (pos − neg) is the usual neg + (g + 1)(pos − neg).
                 let cfg = (guidance > 0.0).then_some(guidance + 1.0);
-                let inputs = if cfg.is_some() {
+                let (tokens, lengths) = if cfg.is_some() {
                     let negative = caption(negative_prompt.unwrap_or(""))?;
                     captions_cat(&[
                         (&negative.0, negative.1.as_slice()),
                         (&positive.0, positive.1.as_slice()),
                     ])
                 } else {
-                    captions_cat(&[(&positive.0, positive.1.as_slice())])
-                };
-                let Condition::Captions { tokens, lengths } = inputs else {
-                    unreachable!("captions_cat returns captions")
+                    positive
                 };
                 return Ok(Conditioning {
                     inputs: Condition::Captions {
